@@ -1,0 +1,57 @@
+"""The `ssd` command: one entry point, one module per subcommand family.
+
+Each module in SUBCOMMAND_MODULES exposes `register(subparsers)`, which adds its subcommand(s)
+and sets `func` (returning an exit code) on the parsed namespace. Modules are imported lazily
+at registration so `ssd --help` stays cheap and a missing optional extra only breaks its own
+subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+SUBCOMMAND_MODULES = (
+    "ssd_cli.generate_cmd",  # ssd generate
+    "ssd_cli.train_cmd",  # ssd train-pair, ssd models
+    "ssd_cli.client_cmd",  # ssd client ...
+    "ssd_cli.serve_cmd",  # ssd serve ..., ssd up
+    "ssd_cli.bench_cmd",  # ssd bench
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssd", description="Speculative speculative decoding (SSD / Saguaro)")
+    parser.add_argument("--log-level", default="WARNING", help="python logging level (default WARNING)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # subcommand not built yet
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"ssd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
