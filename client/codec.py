@@ -1,0 +1,186 @@
+"""Request building and response parsing shared by the sync and async clients."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from client.errors import Internal, from_status
+from client.types import GenerationResult, ModelInfo, SpeculationStats, StreamDelta, Usage
+from ssd_protos.ssd.v1 import generation_pb2 as pb
+
+MODES: dict[str, int] = {"ar": pb.DECODE_MODE_AR, "sd": pb.DECODE_MODE_SD, "ssd": pb.DECODE_MODE_SSD}
+_MODE_NAMES: dict[int, str] = {value: name for name, value in MODES.items()}
+_FINISH_REASONS: dict[int, str] = {
+    pb.FINISH_REASON_UNSPECIFIED: "",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_EOS: "eos",
+    pb.FINISH_REASON_ABORT: "abort",
+}
+_TIMING_FIELDS = ("queue_ns", "prefill_ns", "decode_ns", "verify_ns", "speculation_wait_ns", "total_ns")
+
+RequestT = TypeVar("RequestT", pb.GenerateRequest, pb.CompleteRequest)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateOptions:
+    """One generation's parameters as the SDK takes them; `None` means "server default"."""
+
+    prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    mode: str | None = "ssd"
+    lookahead: int | None = None
+    fan_out: tuple[int, ...] | None = None
+    saguaro_c: float | None = None
+
+    def __post_init__(self) -> None:
+        # Only structural checks: ranges are the server's to judge (it returns INVALID_ARGUMENT).
+        if (self.prompt is None) == (self.prompt_ids is None):
+            raise ValueError("give exactly one of prompt (text) or prompt_ids")
+        if self.mode is not None and self.mode.lower() not in MODES:
+            raise ValueError(f"mode={self.mode!r}: expected one of {sorted(MODES)}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed={self.seed}: must be >= 0")
+
+    @classmethod
+    def create(
+        cls,
+        prompt: str | None,
+        prompt_ids: Sequence[int] | None,
+        stop: Sequence[str] | str | None,
+        fan_out: Sequence[int] | None,
+        **scalars: object,
+    ) -> GenerateOptions:
+        """Normalise sequence arguments (lists, a single stop string) into tuples."""
+        stop_tuple = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return cls(
+            prompt=prompt,
+            prompt_ids=None if prompt_ids is None else tuple(int(t) for t in prompt_ids),
+            stop=stop_tuple,
+            fan_out=None if fan_out is None else tuple(int(f) for f in fan_out),
+            **scalars,  # type: ignore[arg-type]
+        )
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def build_request(cls: type[RequestT], options: GenerateOptions, request_id: str | None = None) -> RequestT:
+    """A GenerateRequest or CompleteRequest (same fields and numbers) for `options`."""
+    request = cls(request_id=request_id or new_request_id())
+    if options.prompt is not None:
+        request.text = options.prompt
+    else:
+        request.token_ids.SetInParent()  # an empty id list still selects the oneof
+        request.token_ids.ids.extend(options.prompt_ids or ())
+    sampling = request.sampling
+    sampling.max_tokens = options.max_tokens
+    sampling.temperature = options.temperature
+    sampling.top_p = options.top_p
+    sampling.top_k = options.top_k
+    if options.seed is not None:
+        sampling.seed = options.seed
+    sampling.stop.extend(options.stop)
+    sampling.ignore_eos = options.ignore_eos
+    speculation = request.speculation
+    speculation.mode = MODES[options.mode.lower()] if options.mode else pb.DECODE_MODE_UNSPECIFIED
+    speculation.lookahead = options.lookahead or 0
+    speculation.fan_out.extend(options.fan_out or ())
+    if options.saguaro_c is not None:
+        speculation.saguaro_c = options.saguaro_c
+    return request
+
+
+def to_usage(usage: pb.Usage) -> Usage:
+    return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+
+
+def to_stats(stats: pb.SpeculationStats) -> SpeculationStats:
+    return SpeculationStats(
+        rounds=stats.rounds,
+        mean_accepted_length=stats.mean_accepted_length,
+        acceptance_rate=stats.acceptance_rate,
+        cache_hit_rate=stats.cache_hit_rate,
+        backup_uses=stats.backup_uses,
+        tokens_per_s=stats.tokens_per_s,
+        timings_ns=tuple((name, getattr(stats, name)) for name in _TIMING_FIELDS),
+    )
+
+
+def to_result(request_id: str, complete: pb.GenerateComplete) -> GenerationResult:
+    return GenerationResult(
+        request_id=request_id,
+        token_ids=tuple(complete.token_ids),
+        text=complete.text,
+        finish_reason=_FINISH_REASONS.get(complete.finish_reason, ""),
+        usage=to_usage(complete.usage),
+        stats=to_stats(complete.stats),
+    )
+
+
+def to_model_info(info: pb.ModelInfoResponse) -> ModelInfo:
+    limits = info.limits
+    return ModelInfo(
+        model_id=info.model_id,
+        draft_model_id=info.draft_model_id,
+        vocab_size=info.vocab_size,
+        max_context_len=info.max_context_len,
+        eos_token_ids=tuple(info.eos_token_ids),
+        supported_modes=tuple(_MODE_NAMES[m] for m in info.supported_modes if m in _MODE_NAMES),
+        default_mode=_MODE_NAMES.get(info.default_mode, ""),
+        accepts_text=info.accepts_text,
+        default_lookahead=info.default_lookahead,
+        target_replica_id=info.target_replica_id,
+        limits={f.name: getattr(limits, f.name) for f in limits.DESCRIPTOR.fields},
+    )
+
+
+class StreamDecoder:
+    """Turns a Generate response stream into StreamDeltas and one final GenerationResult."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.result: GenerationResult | None = None
+        self._num_tokens = 0
+        self._texts: list[str] = []
+
+    def feed(self, response: pb.GenerateResponse) -> StreamDelta | None:
+        """The delta this response carries (None if nothing new); raises SSDError on `error`."""
+        if response.request_id:
+            self.request_id = response.request_id  # the server's id when we sent none
+        kind = response.WhichOneof("response")
+        if kind == "chunk":
+            chunk = response.chunk
+            self._num_tokens += len(chunk.token_ids)
+            self._texts.append(chunk.text)
+            return StreamDelta(token_ids=tuple(chunk.token_ids), text=chunk.text, usage=to_usage(chunk.usage))
+        if kind == "complete":
+            complete = response.complete
+            self.result = to_result(self.request_id, complete)
+            # The server may fold the last delta into `complete`: emit what the chunks did not carry.
+            seen_text = "".join(self._texts)
+            tail_text = complete.text[len(seen_text) :] if complete.text.startswith(seen_text) else ""
+            tail_ids = tuple(complete.token_ids[self._num_tokens :])
+            if tail_ids or tail_text:
+                return StreamDelta(token_ids=tail_ids, text=tail_text, usage=self.result.usage)
+            return None
+        if kind == "error":
+            raise from_status(response.error.code, response.error.message, self.request_id)
+        raise Internal(from_status(13, "").code, "empty GenerateResponse", self.request_id)
+
+    def finish(self) -> GenerationResult:
+        """The result, once the stream has ended; a stream without `complete` is a server bug."""
+        if self.result is None:
+            raise Internal(from_status(13, "").code, "stream ended without a complete message", self.request_id)
+        return self.result

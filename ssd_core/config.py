@@ -1,0 +1,151 @@
+"""Typed, validated configuration: per-request sampling and per-engine speculation settings."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from ssd_core.errors import InvalidParameter
+
+
+class Mode(str, enum.Enum):
+    AR = "ar"
+    SD = "sd"
+    SSD = "ssd"
+
+
+class BackupKind(str, enum.Enum):
+    JIT = "jit"  # neural backup: the draft drafts the real outcome just in time (an SD round)
+    FAST = "fast"  # n-gram / prompt-lookup guess with a point-mass q: the target never waits
+    AUTO = "auto"  # chosen by batch size (BatchPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request sampling; temperature 0 means greedy. top_k 0 and top_p 1 disable them."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidParameter("max_new_tokens", self.max_new_tokens, "must be >= 1")
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise InvalidParameter("temperature", self.temperature, "must be >= 0")
+        if self.top_k < 0:
+            raise InvalidParameter("top_k", self.top_k, "must be >= 0 (0 disables)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidParameter("top_p", self.top_p, "must be in (0, 1]")
+        if any(not s for s in self.stop):
+            raise InvalidParameter("stop", self.stop, "stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SpecConfig:
+    """Speculation settings of an engine run.
+
+    fan_out: explicit F_0..F_K (length lookahead+1), or empty to plan a capped geometric list
+    from `budget`, `expected_acceptance` and `miss_exponent` (see fanout.plan_fanout).
+    """
+
+    mode: Mode = Mode.SSD
+    lookahead: int | None = None  # None: from the BatchPolicy row for the batch size
+    fan_out: tuple[int, ...] = ()
+    budget: int = 0  # 0: 2 * (lookahead + 1)
+    fan_out_cap: int = 8
+    expected_acceptance: float = 0.8
+    miss_exponent: float = 1.0
+    saguaro_c: float = 1.0
+    backup: BackupKind = BackupKind.AUTO  # AUTO: the BatchPolicy row's backup (JIT small, FAST large)
+
+    def __post_init__(self) -> None:
+        if self.lookahead is not None and self.lookahead < 1:
+            raise InvalidParameter("lookahead", self.lookahead, "K must be >= 1")
+        if self.budget < 0:
+            raise InvalidParameter("budget", self.budget, "must be >= 0")
+        if self.fan_out:
+            if any(f < 0 for f in self.fan_out):
+                raise InvalidParameter("fan_out", self.fan_out, "entries must be >= 0")
+            if self.lookahead is not None:
+                k = self.lookahead
+                if len(self.fan_out) != k + 1:
+                    raise InvalidParameter("fan_out", self.fan_out, f"needs lookahead+1 = {k + 1} entries (F_0..F_K)")
+                if sum(self.fan_out) > self.effective_budget(k):
+                    raise InvalidParameter(
+                        "fan_out", self.fan_out, f"sum {sum(self.fan_out)} is over the budget {self.effective_budget(k)}"
+                    )
+        if self.fan_out_cap < 1:
+            raise InvalidParameter("fan_out_cap", self.fan_out_cap, "must be >= 1")
+        if not 0.0 < self.expected_acceptance < 1.0:
+            raise InvalidParameter("expected_acceptance", self.expected_acceptance, "must be in (0, 1)")
+        if not self.miss_exponent > 0.0:
+            raise InvalidParameter("miss_exponent", self.miss_exponent, "must be > 0")
+        if not 0.0 < self.saguaro_c <= 1.0:
+            raise InvalidParameter("saguaro_c", self.saguaro_c, "C must be in (0, 1]")
+
+    def effective_budget(self, lookahead: int) -> int:
+        """Max cached outcomes (tree branches) per sequence and round; default 2 * (K + 1)."""
+        return self.budget or 2 * (lookahead + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRow:
+    """Up to `max_batch` sequences: speculate with `lookahead` and `backup` (lookahead 0 = AR)."""
+
+    max_batch: int
+    lookahead: int
+    backup: BackupKind
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """Batch-size-aware table: lookahead K and backup kind by batch size; AR above the last row.
+
+    Speculation that slows a busy server down is worse than none (paper Corollary 16: a miss
+    anywhere in the batch stalls it), so large batches fall back to plain decoding.
+    """
+
+    rows: tuple[PolicyRow, ...] = field(
+        default_factory=lambda: (
+            PolicyRow(1, 6, BackupKind.JIT),
+            PolicyRow(4, 4, BackupKind.JIT),
+            PolicyRow(16, 3, BackupKind.FAST),
+            PolicyRow(32, 2, BackupKind.FAST),
+        )
+    )
+
+    def __post_init__(self) -> None:
+        last = 0
+        for row in self.rows:
+            if row.max_batch <= last:
+                raise InvalidParameter("policy", self.rows, "max_batch must increase row by row")
+            if row.lookahead < 0:
+                raise InvalidParameter("policy", self.rows, "lookahead must be >= 0")
+            last = row.max_batch
+
+    def lookup(self, batch_size: int) -> PolicyRow:
+        for row in self.rows:
+            if batch_size <= row.max_batch:
+                return row
+        return PolicyRow(batch_size, 0, BackupKind.FAST)
+
+    @staticmethod
+    def parse(text: str) -> "BatchPolicy":
+        """Parse 'MAXB:K:BACKUP,...', e.g. '1:6:jit,4:4:jit,16:3:fast'."""
+        rows = []
+        for item in text.split(","):
+            try:
+                b, k, kind = item.split(":")
+                rows.append(PolicyRow(int(b), int(k), BackupKind(kind)))
+            except ValueError as exc:
+                raise InvalidParameter("policy", text, f"bad row {item!r} (want MAXB:K:jit|fast)") from exc
+        return BatchPolicy(tuple(rows))

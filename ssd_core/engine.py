@@ -1,0 +1,302 @@
+"""The target side: batches requests, runs the verify forward, verifies exactly, commits.
+
+`Engine.step()` is one round for the whole batch:
+    specs = speculator.propose(outcomes)      # speculations (cache hits, JIT or fast guesses)
+    logits = target forward [last, d_1..d_K]  # one verify pass, K+1 positions per sequence
+    num_accepted, bonus = verify(...)         # exact speculative sampling (pure function)
+    commit, emit deltas, retire finished      # KV rollback, stop checks, stats
+AR is the same loop with K = 0 (verify then just samples from p). Sequences can join between
+steps (continuous batching) and leave when they finish without disturbing the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ssd_core.backup import ngram_guess
+from ssd_core.config import BackupKind, BatchPolicy, Mode, SamplingParams, SpecConfig
+from ssd_core.errors import InvalidParameter
+from ssd_core.kv import BatchKV
+from ssd_core.models import LoadedModel, check_pair
+from ssd_core.plan import RoundPlan, resolve_plan
+from ssd_core.sampling import process_logits
+from ssd_core.speculator import DraftSpeculator
+from ssd_core.stats import EngineTimings, RequestStats
+from ssd_core.types import RoundOutcome, SeqStart, SpecSource, Speculation
+from ssd_core.verify import draw_noise, point_mass, verify
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = SamplingParams()
+    seq_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    seq_id: str
+    token_ids: tuple[int, ...]  # new tokens only
+    text: str
+    finish_reason: str  # "eos" | "length" | "stop" | "abort"
+    stats: RequestStats
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """Tokens committed for one sequence in one step (streaming)."""
+
+    seq_id: str
+    token_ids: tuple[int, ...]
+    finished: Result | None = None
+
+
+@dataclass(slots=True)
+class _Seq:
+    req: Request
+    tokens: list[int]
+    gen: torch.Generator
+    stats: RequestStats
+    round: int = -1
+    new: int = 0  # tokens generated so far
+    limit: int = 0  # max new tokens (request cap, clipped by the context)
+
+
+class Engine:
+    """Target model + verifier + a speculator, with the batch-size policy in between."""
+
+    def __init__(self, target: LoadedModel, draft: LoadedModel | None = None, spec: SpecConfig = SpecConfig(),
+                 policy: BatchPolicy = BatchPolicy()) -> None:
+        if spec.mode is not Mode.AR and draft is None:
+            raise InvalidParameter("draft", None, f"mode {spec.mode.value} needs a draft model")
+        if draft is not None:
+            check_pair(target, draft)
+        self.target, self.draft, self.spec, self.policy = target, draft, spec, policy
+        self.kv = BatchKV(0, target.device)
+        self.seqs: list[_Seq] = []
+        self.timings = EngineTimings()
+        self._plan: RoundPlan | None = None
+        self._speculator: DraftSpeculator | None = None
+        self._outcomes: dict[str, RoundOutcome] = {}
+        self._ids = itertools.count()
+
+    # -- public API --------------------------------------------------------------------------
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Run requests to completion as one batch; results in request order."""
+        ids = self.add(requests)
+        done: dict[str, Result] = {}
+        while self.seqs:
+            for d in self.step():
+                if d.finished is not None:
+                    done[d.seq_id] = d.finished
+        return [done[i] for i in ids]
+
+    def add(self, requests: list[Request]) -> list[str]:
+        """Validate and admit requests (prefill); they take part from the next step on."""
+        new = [self._admit(r) for r in requests]
+        if not new:
+            return []
+        self._prefill(new)
+        if self._speculator is not None:
+            self._speculator.add([self._start(s) for s in new])
+        for s in new:
+            self._outcomes[s.req.seq_id] = RoundOutcome.first(s.req.seq_id)
+        self.seqs.extend(new)
+        return [s.req.seq_id for s in new]
+
+    def abort(self, seq_id: str) -> Result | None:
+        idx = [i for i, s in enumerate(self.seqs) if s.req.seq_id == seq_id]
+        if not idx:
+            return None
+        return self._retire([(idx[0], "abort")])[0]
+
+    def close(self) -> None:
+        if self._speculator is not None:
+            self._speculator.close()
+
+    def step(self) -> list[Delta]:
+        """One verification round for every active sequence."""
+        if not self.seqs:
+            return []
+        plan = self._replan()
+        specs = self._speculate(plan)
+        t0 = time.perf_counter()
+        target_probs = self._verify_forward(specs)
+        t1 = time.perf_counter()
+        num_accepted, bonus = self._verify(specs, target_probs)
+        deltas = self._commit(specs, num_accepted, bonus)
+        self.timings.add(verify_s=t1 - t0, commit_s=time.perf_counter() - t1)
+        return deltas
+
+    # -- phases ------------------------------------------------------------------------------
+    def _replan(self) -> RoundPlan:
+        plan = resolve_plan(self.spec, self.policy, len(self.seqs))
+        sp = self._speculator
+        if plan.lookahead > 0 and self.draft is not None:
+            if sp is None or sp.fan_out != plan.fan_out or sp.tree != plan.tree:
+                self._switch(plan)
+            self._speculator.backup = plan.backup
+        self._plan = plan
+        return plan
+
+    def _switch(self, plan: RoundPlan) -> None:
+        """(Re)build the speculator when the plan's shape changes (first step, or K by batch size)."""
+        if self._speculator is not None:
+            self._speculator.close()
+        log.info("speculator plan: K=%d fan_out=%s tree=%s backup=%s", plan.lookahead, plan.fan_out, plan.tree, plan.backup.value)
+        self._speculator = DraftSpeculator(self.draft, plan.fan_out, self.spec.saguaro_c, plan.backup, tree=plan.tree)
+        self._speculator.add([self._start(s) for s in self.seqs])
+        self._outcomes = {s.req.seq_id: RoundOutcome.first(s.req.seq_id) for s in self.seqs}
+
+    def _speculate(self, plan: RoundPlan) -> list[Speculation]:
+        t0 = time.perf_counter()
+        outcomes = [self._outcomes[s.req.seq_id] for s in self.seqs]
+        if self._speculator is None:
+            specs = [Speculation(s.req.seq_id, s.round + 1, (), None, SpecSource.NONE) for s in self.seqs]
+        else:
+            specs = self._speculator.propose(outcomes, plan.lookahead)
+        specs = [self._local_backup(s, sp, plan.lookahead) for s, sp in zip(self.seqs, specs)]
+        self.timings.add(speculate_s=time.perf_counter() - t0)
+        return specs
+
+    def _local_backup(self, seq: _Seq, spec: Speculation, lookahead: int) -> Speculation:
+        """The target's own fast backup, for a speculation the speculator could not give."""
+        if lookahead == 0 or (spec.source is not SpecSource.NONE and len(spec.tokens) == lookahead):
+            return spec
+        return Speculation(seq.req.seq_id, spec.round, ngram_guess(seq.tokens, lookahead), None, SpecSource.FAST)
+
+    def _verify_forward(self, specs: list[Speculation]) -> torch.Tensor:  # [B, K+1, V]
+        lookahead = len(specs[0].tokens)
+        tokens = torch.tensor([[s.tokens[-1], *sp.tokens] for s, sp in zip(self.seqs, specs)], dtype=torch.long)
+        start = torch.tensor([len(s.tokens) - 1 for s in self.seqs])[:, None]
+        pos = start + torch.arange(lookahead + 1)[None, :]
+        logits = self.kv.forward(self.target.model, tokens, pos)
+        flat = logits.reshape(-1, logits.shape[-1])
+        p = [s.req.params for s in self.seqs for _ in range(lookahead + 1)]
+        probs = process_logits(flat, torch.tensor([x.temperature for x in p]), torch.tensor([x.top_k for x in p]),
+                               torch.tensor([x.top_p for x in p]))
+        return probs.view(len(self.seqs), lookahead + 1, -1)
+
+    def _verify(self, specs: list[Speculation], target_probs: torch.Tensor):
+        batch, k_plus_1, vocab = target_probs.shape
+        draft_tokens = torch.tensor([sp.tokens for sp in specs], dtype=torch.long).view(batch, k_plus_1 - 1)
+        draft_probs = point_mass(draft_tokens, vocab)
+        for i, sp in enumerate(specs):
+            if sp.draft_probs is not None:
+                draft_probs[i] = sp.draft_probs
+        uniforms, race = draw_noise([s.gen for s in self.seqs], k_plus_1 - 1, vocab)
+        return verify(draft_tokens, draft_probs, target_probs, uniforms, race)
+
+    def _commit(self, specs: list[Speculation], num_accepted: torch.Tensor, bonus: torch.Tensor) -> list[Delta]:
+        self.kv.keep(torch.tensor([len(s.tokens) - 1 for s in self.seqs]) + num_accepted)
+        self.kv.compact()
+        deltas, finished = [], []
+        for i, (seq, sp, k, t) in enumerate(zip(self.seqs, specs, num_accepted.tolist(), bonus.tolist())):
+            seq.round = sp.round
+            seq.stats.record_round(len(sp.tokens), k, sp.source, self._plan.tree)
+            emitted = list(sp.tokens[:k]) + [t]
+            self._outcomes[seq.req.seq_id] = RoundOutcome(seq.req.seq_id, sp.round, k, t)
+            emitted, reason = self._apply_stops(seq, emitted)
+            seq.tokens.extend(emitted)
+            seq.new += len(emitted)
+            deltas.append(Delta(seq.req.seq_id, tuple(emitted)))
+            if reason is not None:
+                finished.append((i, reason))
+        if finished:
+            results = {r.seq_id: r for r in self._retire(finished)}
+            deltas = [Delta(d.seq_id, d.token_ids, results.get(d.seq_id)) for d in deltas]
+        return deltas
+
+    def _apply_stops(self, seq: _Seq, emitted: list[int]) -> tuple[list[int], str | None]:
+        params = seq.req.params
+        if not params.ignore_eos:
+            for j, tok in enumerate(emitted):
+                if tok in self.target.eos_token_ids:
+                    return emitted[: j + 1], "eos"  # tokens after EOS are discarded
+        if seq.new + len(emitted) >= seq.limit:
+            return emitted[: seq.limit - seq.new], "length"
+        if params.stop and self.target.tokenizer is not None:
+            text = self._text(seq.tokens[len(seq.req.prompt_ids):] + emitted)
+            if any(s in text for s in params.stop):
+                return emitted, "stop"
+        return emitted, None
+
+    def _retire(self, finished: list[tuple[int, str]]) -> list[Result]:
+        gone = {i for i, _ in finished}
+        results = []
+        for i, reason in finished:
+            seq = self.seqs[i]
+            new_ids = seq.tokens[len(seq.req.prompt_ids):]
+            text = self._text(new_ids)
+            if reason == "stop":
+                new_ids, text = self._cut_at_stop(new_ids, seq.req.params.stop)
+            seq.stats.finish(len(new_ids))
+            results.append(Result(seq.req.seq_id, tuple(new_ids), text, reason, seq.stats))
+            self._outcomes.pop(seq.req.seq_id, None)
+        keep = [i for i in range(len(self.seqs)) if i not in gone]
+        if self._speculator is not None:
+            self._speculator.remove([self.seqs[i].req.seq_id for i in gone])
+        self.seqs = [self.seqs[i] for i in keep]
+        self.kv.select_rows(torch.tensor(keep, dtype=torch.long))
+        return results
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _admit(self, req: Request) -> _Seq:
+        if not req.prompt_ids:
+            raise InvalidParameter("prompt", req.prompt_ids, "the prompt is empty")
+        vocab = self.target.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_ids):
+            raise InvalidParameter("prompt_ids", "...", f"token ids must be in [0, {vocab})")
+        room = self.target.max_context - len(req.prompt_ids) - 1
+        if room < 1:
+            raise InvalidParameter("prompt", f"{len(req.prompt_ids)} tokens",
+                                   f"longer than the context of {self.target.max_context} tokens")
+        seq_id = req.seq_id or f"seq-{next(self._ids)}"
+        if any(s.req.seq_id == seq_id for s in self.seqs):
+            raise InvalidParameter("seq_id", seq_id, "already active")
+        seed = req.params.seed if req.params.seed is not None else torch.seed() % 2**63
+        req = Request(tuple(req.prompt_ids), req.params, seq_id)
+        # independent streams: target noise from seed, draft sampling from a derived seed
+        seq = _Seq(req, list(req.prompt_ids), torch.Generator().manual_seed(seed), RequestStats())
+        seq.limit = min(req.params.max_new_tokens, room)
+        return seq
+
+    def _start(self, seq: _Seq) -> SeqStart:
+        base = seq.gen.initial_seed()
+        return SeqStart(seq.req.seq_id, tuple(seq.tokens), seq.req.params, (base * 1_000_003 + 7) % 2**63)
+
+    def _prefill(self, new: list[_Seq]) -> None:
+        """Target KV for all but the last prompt token (it is fed with the first verify pass)."""
+        kv = BatchKV(len(new), self.target.device)
+        width = max(len(s.tokens) - 1 for s in new)
+        if width:
+            tokens = torch.zeros(len(new), width, dtype=torch.long)
+            pos = torch.full((len(new), width), -1, dtype=torch.long)
+            for i, s in enumerate(new):
+                n = len(s.tokens) - 1
+                tokens[i, :n] = torch.tensor(s.tokens[:n])
+                pos[i, :n] = torch.arange(n)
+            t0 = time.perf_counter()
+            kv.forward(self.target.model, tokens, pos)
+            self.timings.add(prefill_s=time.perf_counter() - t0)
+        self.kv.extend(kv)
+
+    def _text(self, ids: list[int]) -> str:
+        tok = self.target.tokenizer
+        return tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
+
+    def _cut_at_stop(self, ids: list[int], stops: tuple[str, ...]) -> tuple[list[int], str]:
+        """Shortest token prefix whose text contains a stop string; the text ends before it."""
+        for n in range(1, len(ids) + 1):
+            text = self._text(ids[:n])
+            hits = [text.index(s) for s in stops if s in text]
+            if hits:
+                return ids[:n], text[: min(hits)]
+        return ids, self._text(ids)

@@ -1,0 +1,79 @@
+"""Logit processing and sampling, applied the same way on the target and the draft side.
+
+Every distribution that verification compares is produced by `process_logits`, so q (draft) and
+p (target) always went through the same temperature / top-k / top-p steps in the same dtype
+(float32). Greedy rows become one-hot distributions, which turns exact speculative sampling into
+the greedy rule (accept iff the draft token is the target's argmax) with no special case.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def process_logits(
+    logits: torch.Tensor,  # [N, V] any float dtype
+    temperature: torch.Tensor,  # [N] float, 0 = greedy
+    top_k: torch.Tensor,  # [N] long, 0 = off
+    top_p: torch.Tensor,  # [N] float, 1 = off
+) -> torch.Tensor:  # [N, V] float32 probabilities
+    """Turn logits into the distribution a token is sampled from (greedy rows one-hot)."""
+    logits = logits.float()
+    greedy = temperature <= 0
+    probs = torch.empty_like(logits)
+    if bool(greedy.any()):
+        g = logits[greedy]
+        # torch.argmax picks the first maximal index, like HF generate's greedy search.
+        probs[greedy] = torch.nn.functional.one_hot(g.argmax(dim=-1), g.shape[-1]).float()
+    sampled = ~greedy
+    if bool(sampled.any()):
+        probs[sampled] = _filtered_softmax(logits[sampled], temperature[sampled], top_k[sampled], top_p[sampled])
+    return probs
+
+
+def _filtered_softmax(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+    # Same order as HF's logits processors: temperature, then top-k, then top-p.
+    scaled = logits / temperature[:, None]
+    vocab = scaled.shape[-1]
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=scaled.device)[None, :]
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+        drop = ranks >= k[:, None]
+        sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop |= mass_before >= top_p[:, None]
+        drop[:, 0] = False
+        mask = torch.zeros_like(drop).scatter(-1, order, drop)
+        scaled = scaled.masked_fill(mask, float("-inf"))
+    return scaled.softmax(dim=-1)
+
+
+def saguaro_reshape(
+    probs: torch.Tensor,  # [N, V] processed draft distributions
+    fan_out: torch.Tensor,  # [N] long, F for the acceptance length these rows serve
+    c: float,
+) -> torch.Tensor:  # [N, V]
+    """Saguaro sampling: scale the draft's top (F+1) probabilities by C and renormalize.
+
+    The verifier must use the returned q' (the distribution actually sampled from): then the
+    output stays exactly the target's, while the residual max(0, p - q') piles up on the draft's
+    top tokens, which are the cached bonus candidates.
+    """
+    if c >= 1.0:
+        return probs
+    vocab = probs.shape[-1]
+    order = probs.argsort(dim=-1, descending=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(vocab, device=probs.device).expand_as(order))
+    top = ranks <= fan_out[:, None]  # ranks 0..F: F+1 tokens
+    scaled = torch.where(top, probs * c, probs)
+    return scaled / scaled.sum(dim=-1, keepdim=True)
+
+
+def sample(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:  # [N, V] -> [N]
+    """One token per row, each row from its own seeded generator."""
+    out = torch.empty(probs.shape[0], dtype=torch.long)
+    for i, gen in enumerate(generators):
+        out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+    return out

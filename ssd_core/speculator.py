@@ -1,0 +1,333 @@
+"""The draft side: a batch of sequences, their draft KV, JIT drafting and SSD tree drafting.
+
+`DraftSpeculator.propose(outcomes)` is the whole seam to the verifier. For each sequence it
+applies the outcome of the previous round and answers with the next speculation:
+  - a CACHE_HIT when the outcome (k, t*) was pre-drafted during the previous verification,
+  - otherwise a backup: JIT (the draft drafts K tokens now, an SD round) or FAST (n-gram guess).
+With `tree=True` (SSD), as soon as it has answered it starts, on a worker thread, the
+speculation cache for the outcomes of the round just handed out: a glue pass over the new
+speculation, then one batched tree forward per depth over all predicted outcomes. That work
+overlaps the target's verification; the next `propose` waits for it (T_p > T_v shows as wait).
+With `tree=False` this is plain SD's drafter.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ssd_core.backup import ngram_guess
+from ssd_core.config import BackupKind
+from ssd_core.kv import BatchKV
+from ssd_core.models import LoadedModel
+from ssd_core.sampling import process_logits, sample, saguaro_reshape
+from ssd_core.spec_cache import OutcomeKey, SpeculationCache
+from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Speculation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Branch:
+    """One pre-drafted outcome: its tree branch id and the speculation it leads to."""
+
+    branch: int
+    tokens: list[int]
+    probs: torch.Tensor | None  # [K, V] q' sampled from, None for greedy rows
+    logits: torch.Tensor  # [K, V] raw draft logits, bonus candidates of the next round
+
+
+@dataclass(slots=True)
+class _Row:
+    seq_id: str
+    tokens: list[int]  # committed tokens (prompt + accepted + bonus)
+    start: SeqStart
+    gen: torch.Generator
+    fed: int = 0  # the KV holds exactly (tokens + spec)[:fed]
+    round: int = -1  # round of the speculation handed out last
+    spec: list[int] = field(default_factory=list)
+    cand_logits: torch.Tensor | None = None  # [K+1, V] draft logits at the K+1 verify positions
+    cand_known: int = 0  # rows 0..cand_known-1 of cand_logits are filled
+
+
+@dataclass(slots=True)
+class SpeculatorStats:
+    lookups: int = 0
+    hits: int = 0
+    jit: int = 0
+    fast: int = 0
+    wait_s: float = 0.0  # target-side time blocked on the previous tree build
+    jit_s: float = 0.0
+    tree_s: float = 0.0  # worker time spent on glue + tree (overlapped with verification)
+
+
+class DraftSpeculator:
+    """In-process speculator over one draft model (see module docstring)."""
+
+    def __init__(self, draft: LoadedModel, fan_out: tuple[int, ...], saguaro_c: float = 1.0,
+                 backup: BackupKind = BackupKind.JIT, tree: bool = True, replica: str = "") -> None:
+        self.draft = draft
+        self.fan_out = tuple(fan_out)
+        self.saguaro_c = saguaro_c
+        self.backup = backup
+        self.tree = tree and sum(self.fan_out) > 0
+        self.replica = replica
+        self.rows: list[_Row] = []
+        self.kv = BatchKV(0, draft.device)
+        self.cache: SpeculationCache[_Branch] = SpeculationCache()
+        self.stats = SpeculatorStats()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ssd-tree") if self.tree else None
+        self._pending: concurrent.futures.Future | None = None
+
+    @property
+    def lookahead(self) -> int:
+        return len(self.fan_out) - 1
+
+    # -- sequence lifecycle ------------------------------------------------------------------
+    def add(self, starts: list[SeqStart]) -> None:
+        """Add sequences (prefill their history except the last token, which is fed with the
+        first draft step)."""
+        self._wait()
+        if not starts:
+            return
+        new = [_Row(s.seq_id, list(s.token_ids), s, torch.Generator().manual_seed(s.draft_seed)) for s in starts]
+        kv = BatchKV(len(new), self.draft.device)
+        width = max(len(r.tokens) - 1 for r in new)
+        if width:
+            tokens = torch.zeros(len(new), width, dtype=torch.long)
+            pos = torch.full((len(new), width), -1, dtype=torch.long)
+            for i, r in enumerate(new):
+                n = len(r.tokens) - 1
+                tokens[i, :n] = torch.tensor(r.tokens[:n])
+                pos[i, :n] = torch.arange(n)
+            kv.forward(self.draft.model, tokens, pos)
+        for r in new:
+            r.fed = len(r.tokens) - 1
+        self.kv.extend(kv)
+        self.rows.extend(new)
+
+    def remove(self, seq_ids: list[str]) -> None:
+        self._wait()
+        gone = set(seq_ids)
+        keep = [i for i, r in enumerate(self.rows) if r.seq_id not in gone]
+        for r in self.rows:
+            if r.seq_id in gone:
+                self.cache.drop_sequence(r.seq_id, self.replica)
+        self.rows = [self.rows[i] for i in keep]
+        self.kv.select_rows(torch.tensor(keep, dtype=torch.long))
+
+    def close(self) -> None:
+        self._wait()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    # -- the round ---------------------------------------------------------------------------
+    def propose(self, outcomes: list[RoundOutcome], lookahead: int | None = None) -> list[Speculation]:
+        """Apply each sequence's outcome and return its next speculation (same order as rows).
+
+        lookahead 0 (an AR round) only records the outcomes.
+        """
+        k_next = self.lookahead if lookahead is None else lookahead
+        self._wait()
+        by_id = {o.seq_id: o for o in outcomes}
+        if set(by_id) != {r.seq_id for r in self.rows}:
+            raise ValueError("propose() needs exactly one outcome per active sequence")
+        hits = self._apply_outcomes([by_id[r.seq_id] for r in self.rows], k_next)
+        specs = self._answer(hits, k_next)
+        if self.tree and k_next == self.lookahead and self.rows:
+            self._pending = self._pool.submit(self._build_tree)
+        return specs
+
+    def _apply_outcomes(self, outcomes: list[RoundOutcome], k_next: int) -> list[_Branch | None]:
+        limits, keep_branch, hits = [], [], []
+        for row, out in zip(self.rows, outcomes):
+            hit = None
+            n_old = len(row.tokens)
+            if out.num_accepted == FIRST_ROUND:
+                limits.append(row.fed - 1)
+            else:
+                if out.round != row.round or not 0 <= out.num_accepted <= len(row.spec):
+                    raise ValueError(f"stale or invalid outcome {out} for round {row.round}")
+                k = out.num_accepted
+                if row.spec:
+                    self.stats.lookups += 1
+                    hit = self.cache.lookup(OutcomeKey(row.seq_id, out.round, k, out.bonus_token, self.replica))
+                self.cache.drop_round(row.seq_id, out.round, self.replica)
+                row.tokens.extend(row.spec[:k] + [out.bonus_token])
+                limits.append(n_old - 1 + k)
+                row.fed = min(row.fed, n_old + k)
+                if hit is not None and len(hit.tokens) != k_next:
+                    hit = None  # K changed with the batch size: cached drafts have the wrong length
+            keep_branch.append(hit.branch if hit is not None else -1)
+            hits.append(hit)
+        self.kv.keep(torch.tensor(limits), torch.tensor(keep_branch))
+        self.kv.compact()
+        return hits
+
+    def _answer(self, hits: list[_Branch | None], k_next: int) -> list[Speculation]:
+        specs: list[Speculation | None] = [None] * len(self.rows)
+        jit_rows, backup = [], self.backup
+        for i, (row, hit) in enumerate(zip(self.rows, hits)):
+            row.round += 1
+            row.cand_known = 0
+            if k_next == 0:
+                row.spec = []
+                specs[i] = Speculation(row.seq_id, row.round, (), None, SpecSource.NONE)
+            elif hit is not None:
+                self.stats.hits += 1
+                row.spec, row.fed = list(hit.tokens), len(row.tokens) + k_next - 1
+                row.cand_logits = torch.cat([hit.logits, hit.logits[:1]])  # last row filled by glue
+                row.cand_known = k_next
+                specs[i] = Speculation(row.seq_id, row.round, tuple(hit.tokens), hit.probs, SpecSource.CACHE_HIT)
+            elif backup is BackupKind.FAST and row.round > 0:
+                self.stats.fast += 1
+                row.spec = list(ngram_guess(row.tokens, k_next))
+                specs[i] = Speculation(row.seq_id, row.round, tuple(row.spec), None, SpecSource.FAST)
+            else:
+                jit_rows.append(i)
+        if jit_rows:
+            self.stats.jit += sum(1 for i in jit_rows if self.rows[i].round > 0)
+            t0 = time.perf_counter()
+            for i, (tokens, probs) in zip(jit_rows, self._jit(jit_rows, k_next)):
+                specs[i] = Speculation(self.rows[i].seq_id, self.rows[i].round, tokens, probs, SpecSource.JIT)
+            self.stats.jit_s += time.perf_counter() - t0
+        return specs  # type: ignore[return-value]
+
+    # -- drafting ----------------------------------------------------------------------------
+    def _row_params(self, rows: list[_Row], repeat: int = 1):
+        p = [r.start.params for r in rows for _ in range(repeat)]
+        return (torch.tensor([x.temperature for x in p]), torch.tensor([x.top_k for x in p]),
+                torch.tensor([x.top_p for x in p]))
+
+    def _draw(self, logits: torch.Tensor, rows: list[_Row], fan_out: int, repeat: int = 1):
+        """Process, Saguaro-reshape and sample logits [len(rows)*repeat, V]; returns tokens, q'."""
+        temp, top_k, top_p = self._row_params(rows, repeat)
+        q = process_logits(logits, temp, top_k, top_p)
+        sampled = temp > 0
+        if bool(sampled.any()) and self.saguaro_c < 1.0:
+            q[sampled] = saguaro_reshape(q[sampled], torch.full((int(sampled.sum()),), fan_out), self.saguaro_c)
+        gens = [r.gen for r in rows for _ in range(repeat)]
+        return sample(q, gens), q
+
+    def _jit(self, idx: list[int], k_next: int) -> list[tuple[tuple[int, ...], torch.Tensor | None]]:
+        """Draft k_next tokens autoregressively for rows idx (other rows ride along as padding)."""
+        rows = [self.rows[i] for i in idx]
+        pending = [r.tokens[r.fed :] for r in rows]
+        width = max(len(p) for p in pending)
+        tokens = torch.zeros(len(self.rows), width, dtype=torch.long)
+        pos = torch.full((len(self.rows), width), -1, dtype=torch.long)
+        for i, r, p in zip(idx, rows, pending):
+            tokens[i, width - len(p) :] = torch.tensor(p)  # right-aligned: last column = last token
+            pos[i, width - len(p) :] = torch.arange(r.fed, r.fed + len(p))
+        vocab = self.draft.vocab_size
+        drafted = torch.zeros(len(rows), k_next, dtype=torch.long)
+        q_rows = torch.zeros(len(rows), k_next, vocab)
+        raw = torch.zeros(len(rows), k_next + 1, vocab)
+        sel = torch.tensor(idx)
+        for j in range(k_next):
+            logits = self.kv.forward(self.draft.model, tokens, pos)[sel, -1].float()  # [R, V]
+            raw[:, j] = logits
+            drafted[:, j], q_rows[:, j] = self._draw(logits, rows, self.fan_out[j])
+            tokens = torch.zeros(len(self.rows), 1, dtype=torch.long)
+            pos = torch.full((len(self.rows), 1), -1, dtype=torch.long)
+            if j + 1 < k_next:
+                for i, r in zip(idx, rows):
+                    pos[i, 0] = len(r.tokens) + j
+                tokens[sel, 0] = drafted[:, j]
+        out = []
+        for n, r in enumerate(rows):
+            r.spec, r.fed = drafted[n].tolist(), len(r.tokens) + k_next - 1
+            r.cand_logits, r.cand_known = raw[n], k_next
+            greedy = r.start.params.greedy
+            out.append((tuple(r.spec), None if greedy else q_rows[n]))
+        return out
+
+    # -- SSD: the speculation cache for the round in flight -----------------------------------
+    def _build_tree(self) -> None:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self._glue()
+            self._tree()
+        self.stats.tree_s += time.perf_counter() - t0
+
+    def _glue(self) -> None:
+        """Feed each row's unfed tail of (tokens + spec); fills the missing candidate rows."""
+        streams = [r.tokens + r.spec for r in self.rows]
+        width = max(len(s) - r.fed for s, r in zip(streams, self.rows))
+        tokens = torch.zeros(len(self.rows), width, dtype=torch.long)
+        pos = torch.full((len(self.rows), width), -1, dtype=torch.long)
+        for i, (s, r) in enumerate(zip(streams, self.rows)):
+            tail = s[r.fed :]
+            tokens[i, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+            pos[i, : len(tail)] = torch.arange(r.fed, len(s))
+        logits = self.kv.forward(self.draft.model, tokens, pos).float()  # [B, W, V]
+        k_max = self.lookahead
+        for i, r in enumerate(self.rows):
+            n = len(r.tokens)
+            if r.cand_logits is None or r.cand_known == 0:
+                r.cand_logits = torch.zeros(k_max + 1, self.draft.vocab_size)
+            for col in range(len(streams[i]) - r.fed):
+                k = r.fed + col - (n - 1)  # this position predicts stream position n + k
+                if 0 <= k <= k_max:
+                    r.cand_logits[k] = logits[i, col]
+            r.fed = len(streams[i])
+
+    def _tree(self) -> None:
+        """One batched forward per depth over every predicted outcome (k, t*) of every row."""
+        k_max, rows = self.lookahead, self.rows
+        ks, ts = self._candidates()  # [B, N] each
+        batch, width = ks.shape
+        n = torch.tensor([len(r.tokens) for r in rows])[:, None]
+        branch = torch.arange(width).expand(batch, width)
+        limit = n - 1 + ks
+        tokens = ts
+        out_tokens = torch.zeros(batch, width, k_max, dtype=torch.long)
+        out_probs = torch.zeros(batch, width, k_max, self.draft.vocab_size)
+        out_logits = torch.zeros(batch, width, k_max, self.draft.vocab_size)
+        for depth in range(k_max):
+            logits = self.kv.forward(self.draft.model, tokens, n + ks + depth, branch, limit).float()
+            flat = logits.reshape(batch * width, -1)
+            drawn, q = self._draw(flat, rows, self.fan_out[depth], repeat=width)
+            out_tokens[:, :, depth] = drawn.view(batch, width)
+            out_probs[:, :, depth] = q.view(batch, width, -1)
+            out_logits[:, :, depth] = logits
+            tokens = out_tokens[:, :, depth]
+        for b, r in enumerate(rows):
+            greedy = r.start.params.greedy
+            for i in range(width):
+                key = OutcomeKey(r.seq_id, r.round, int(ks[b, i]), int(ts[b, i]), self.replica)
+                self.cache.put(key, _Branch(i, out_tokens[b, i].tolist(), None if greedy else out_probs[b, i],
+                                            out_logits[b, i]))
+
+    def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bonus candidates per acceptance length: the draft's top tokens at position k+1,
+        excluding the drafted token d_{k+1} itself (a rejection means t* != d_{k+1})."""
+        ks, ts = [], []
+        for r in self.rows:
+            row_k, row_t = [], []
+            for k, f in enumerate(self.fan_out):
+                if f == 0:
+                    continue
+                top = r.cand_logits[k].topk(min(f + 1, self.draft.vocab_size)).indices.tolist()
+                if k < len(r.spec):
+                    top = [t for t in top if t != r.spec[k]]
+                top = top[:f]
+                row_k += [k] * len(top)
+                row_t += top
+            ks.append(row_k)
+            ts.append(row_t)
+        return torch.tensor(ks, dtype=torch.long), torch.tensor(ts, dtype=torch.long)
+
+    def _wait(self) -> None:
+        if self._pending is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            self._pending.result()
+        finally:
+            self._pending = None
+            self.stats.wait_s += time.perf_counter() - t0

@@ -1,0 +1,57 @@
+"""Boundary objects between the target side (verifier) and the speculator side (draft + cache).
+
+These are what crosses the seam in-process, and what the gRPC codec encodes between services.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from ssd_core.config import SamplingParams
+
+FIRST_ROUND = -1  # sentinel num_accepted of a sequence's first round: no outcome yet, always a miss
+
+
+class SpecSource(str, enum.Enum):
+    CACHE_HIT = "cache_hit"  # pre-drafted during the previous verification
+    JIT = "jit"  # neural backup: drafted just in time (an SD round)
+    FAST = "fast"  # fast backup: n-gram guess, point-mass q
+    NONE = "none"  # no speculation (AR round, or the speculator could not answer)
+
+
+@dataclass(frozen=True, slots=True)
+class SeqStart:
+    """Start (or rebuild) a sequence on the speculator from its full token history."""
+
+    seq_id: str
+    token_ids: tuple[int, ...]
+    params: SamplingParams
+    draft_seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoundOutcome:
+    """What verification decided for one sequence in `round` (num_accepted FIRST_ROUND: none yet)."""
+
+    seq_id: str
+    round: int
+    num_accepted: int
+    bonus_token: int
+
+    @staticmethod
+    def first(seq_id: str) -> "RoundOutcome":
+        return RoundOutcome(seq_id, -1, FIRST_ROUND, -1)
+
+
+@dataclass(frozen=True, slots=True)
+class Speculation:
+    """The K draft tokens for `round` of one sequence, and the q they were sampled from."""
+
+    seq_id: str
+    round: int
+    tokens: tuple[int, ...]
+    draft_probs: torch.Tensor | None  # [K, V] float32, None = point mass (greedy or a guess)
+    source: SpecSource
