@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import grpc
+
 from client.errors import Internal, from_status
 from client.types import GenerationResult, ModelInfo, SpeculationStats, StreamDelta, Usage
 from ssd_protos.ssd.v1 import generation_pb2 as pb
@@ -177,10 +179,10 @@ class StreamDecoder:
             return None
         if kind == "error":
             raise from_status(response.error.code, response.error.message, self.request_id)
-        raise Internal(from_status(13, "").code, "empty GenerateResponse", self.request_id)
+        raise Internal(grpc.StatusCode.INTERNAL, "empty GenerateResponse", self.request_id)
 
     def finish(self) -> GenerationResult:
         """The result, once the stream has ended; a stream without `complete` is a server bug."""
         if self.result is None:
-            raise Internal(from_status(13, "").code, "stream ended without a complete message", self.request_id)
+            raise Internal(grpc.StatusCode.INTERNAL, "stream ended without a complete message", self.request_id)
         return self.result

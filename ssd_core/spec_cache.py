@@ -24,12 +24,14 @@ class OutcomeKey:
 
 
 class SpeculationCache(Generic[V]):
-    """Outcome-keyed store with a capacity bound (oldest entries evicted first)."""
+    """Outcome-keyed store with a capacity bound (least recently stored evicted first) and a
+    per-sequence index, so dropping a sequence's round costs its own entries only."""
 
-    def __init__(self, capacity: int = 65536) -> None:
+    def __init__(self, capacity: int = 1 << 20) -> None:
         if capacity < 1:
             raise ValueError(f"invalid capacity={capacity!r}: must be >= 1")
         self._entries: OrderedDict[OutcomeKey, V] = OrderedDict()
+        self._by_seq: dict[tuple[str, str], set[OutcomeKey]] = {}
         self.capacity = capacity
         self.hits = 0
         self.misses = 0
@@ -41,8 +43,10 @@ class SpeculationCache(Generic[V]):
     def put(self, key: OutcomeKey, value: V) -> None:
         self._entries[key] = value
         self._entries.move_to_end(key)
+        self._by_seq.setdefault((key.replica, key.seq_id), set()).add(key)
         while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+            old, _ = self._entries.popitem(last=False)
+            self._forget(old)
             self.evictions += 1
 
     def lookup(self, key: OutcomeKey) -> V | None:
@@ -56,13 +60,22 @@ class SpeculationCache(Generic[V]):
 
     def drop_round(self, seq_id: str, round_: int, replica: str = "") -> int:
         """Forget every entry of a sequence up to and including `round_`; returns how many."""
-        stale = [k for k in self._entries if k.seq_id == seq_id and k.replica == replica and k.round <= round_]
+        keys = self._by_seq.get((replica, seq_id), set())
+        stale = [k for k in keys if k.round <= round_]
         for k in stale:
             del self._entries[k]
+            self._forget(k)
         return len(stale)
 
     def drop_sequence(self, seq_id: str, replica: str = "") -> int:
-        stale = [k for k in self._entries if k.seq_id == seq_id and k.replica == replica]
-        for k in stale:
+        keys = self._by_seq.pop((replica, seq_id), set())
+        for k in keys:
             del self._entries[k]
-        return len(stale)
+        return len(keys)
+
+    def _forget(self, key: OutcomeKey) -> None:
+        keys = self._by_seq.get((key.replica, key.seq_id))
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_seq[(key.replica, key.seq_id)]

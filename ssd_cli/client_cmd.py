@@ -1,0 +1,121 @@
+"""`ssd client generate|info|abort`: talk to running target replicas through the gRPC SDK."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from client.codec import MODES
+from client.errors import SSDError
+from client.sync_client import Client
+from client.types import GenerationResult
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("client", help="call a running target service over gRPC")
+    commands = parser.add_subparsers(dest="client_command", metavar="CLIENT_COMMAND", required=True)
+
+    gen = commands.add_parser("generate", help="generate from a prompt")
+    _add_common(gen)
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs a tokenizer on the server)")
+    prompt.add_argument("--prompt-ids", type=_int_list, help="prompt token ids, e.g. 1,2,3")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--mode", choices=sorted(MODES), default="ssd")
+    gen.add_argument("--lookahead", type=int, default=None, help="K (default: the server's)")
+    gen.add_argument("--fan-out", type=_int_list, default=None, help="F_0..F_K, e.g. 4,2,1,1,1")
+    gen.add_argument("--saguaro-c", type=float, default=None)
+    gen.add_argument("--request-id", default=None)
+    gen.add_argument("--stream", action="store_true", help="print text as it arrives")
+    gen.add_argument("--json", action="store_true", help="print one JSON object: token_ids, text, finish_reason, stats")
+    gen.set_defaults(func=_generate)
+
+    info = commands.add_parser("info", help="print the served model and its limits as JSON")
+    _add_common(info)
+    info.set_defaults(func=_info)
+
+    abort = commands.add_parser("abort", help="abort an in-flight request by id")
+    _add_common(abort)
+    abort.add_argument("--request-id", required=True)
+    abort.set_defaults(func=_abort)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--addr", required=True, help="target address(es): HOST:PORT[,HOST:PORT...]")
+    parser.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
+    parser.add_argument("--max-retries", type=int, default=3, help="retries on UNAVAILABLE (default 3)")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.replace(" ", ",").split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _generate(args: argparse.Namespace) -> int:
+    kwargs = dict(
+        prompt=args.prompt, prompt_ids=args.prompt_ids, max_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+        ignore_eos=args.ignore_eos, mode=args.mode, lookahead=args.lookahead, fan_out=args.fan_out,
+        saguaro_c=args.saguaro_c, request_id=args.request_id,
+    )  # fmt: skip
+    with Client(args.addr, timeout=args.timeout, max_retries=args.max_retries) as client:
+        try:
+            if args.stream:
+                result = _stream(client, kwargs, echo=not args.json)
+            else:
+                result = client.generate(**kwargs)
+        except SSDError as error:
+            return _fail(args, error)
+    if args.json:
+        print(json.dumps(result.to_json_dict()))
+    elif not args.stream:
+        print(result.text if result.text else " ".join(map(str, result.token_ids)))
+    return 0
+
+
+def _stream(client: Client, kwargs: dict, echo: bool) -> GenerationResult:
+    with client.stream(**kwargs) as stream:
+        for delta in stream:
+            if echo:
+                sys.stdout.write(delta.text or "".join(f"{t} " for t in delta.token_ids))
+                sys.stdout.flush()
+        if echo:
+            sys.stdout.write("\n")
+        if stream.result is None:  # only after a cancel, which this command never does
+            raise RuntimeError("stream ended without a result")
+        return stream.result
+
+
+def _info(args: argparse.Namespace) -> int:
+    with Client(args.addr, timeout=args.timeout, max_retries=args.max_retries) as client:
+        try:
+            info = client.model_info()
+        except SSDError as error:
+            return _fail(args, error)
+    print(json.dumps(info.to_json_dict()))
+    return 0
+
+
+def _abort(args: argparse.Namespace) -> int:
+    with Client(args.addr, timeout=args.timeout, max_retries=args.max_retries) as client:
+        try:
+            found = client.abort(args.request_id, reason="ssd client abort")
+        except SSDError as error:
+            return _fail(args, error)
+    print(json.dumps({"request_id": args.request_id, "found": found}))
+    return 0 if found else 1
+
+
+def _fail(args: argparse.Namespace, error: SSDError) -> int:
+    # The message starts with the gRPC status name (e.g. "DEADLINE_EXCEEDED: ...").
+    print(f"ssd client {args.client_command}: error: {error} (addr {args.addr})", file=sys.stderr)
+    return 1

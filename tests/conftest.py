@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny seeded random models (never a download), one thread per process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssd_core.models import perturbed_copy, random_model, tiny_llama_config, wrap_model
+
+torch.set_num_threads(1)
+
+
+def make_pair(vocab: int = 64, draft_kind: str = "perturbed", seed: int = 0, init_std: float = 0.3):
+    """(target, draft) LoadedModels. draft_kind: 'same' (100% acceptance), 'perturbed' (high but
+    imperfect agreement), 'independent' (a different random model: mostly rejections)."""
+    target = random_model(tiny_llama_config(vocab_size=vocab), seed, init_std=init_std)
+    if draft_kind == "same":
+        draft = target
+    elif draft_kind == "perturbed":
+        draft = perturbed_copy(target, 0.08, seed + 1)
+    elif draft_kind == "independent":
+        draft = random_model(tiny_llama_config(vocab_size=vocab, layers=1, hidden_size=16, heads=2, kv_heads=1),
+                             seed + 100, init_std=init_std)
+    else:
+        raise ValueError(draft_kind)
+    return wrap_model(target, None, "target"), wrap_model(draft, None, "draft")
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Reference: HF generate(do_sample=False) on the target alone."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                         min_new_tokens=max_new_tokens, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="session")
+def perturbed_pair():
+    return make_pair(draft_kind="perturbed")
