@@ -14,7 +14,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +28,7 @@ from ssd_core.plan import RoundPlan, resolve_plan
 from ssd_core.sampling import process_logits
 from ssd_core.speculator import DraftSpeculator
 from ssd_core.stats import EngineTimings, RequestStats
-from ssd_core.types import RoundOutcome, SeqStart, SpecSource, Speculation
+from ssd_core.types import RoundOutcome, SeqStart, SpecSource, Speculation, Speculator
 from ssd_core.verify import draw_noise, point_mass, verify
 
 log = logging.getLogger(__name__)
@@ -69,21 +70,30 @@ class _Seq:
     limit: int = 0  # max new tokens (request cap, clipped by the context)
 
 
+SpeculatorFactory = Callable[[RoundPlan, float], Speculator]  # (plan, saguaro_c) -> speculator
+
+
 class Engine:
-    """Target model + verifier + a speculator, with the batch-size policy in between."""
+    """Target model + verifier + a speculator, with the batch-size policy in between.
+
+    The speculator comes from `speculator_factory` (e.g. a pool of remote draft endpoints) or,
+    by default, is an in-process DraftSpeculator over `draft`.
+    """
 
     def __init__(self, target: LoadedModel, draft: LoadedModel | None = None, spec: SpecConfig = SpecConfig(),
-                 policy: BatchPolicy = BatchPolicy()) -> None:
-        if spec.mode is not Mode.AR and draft is None:
-            raise InvalidParameter("draft", None, f"mode {spec.mode.value} needs a draft model")
+                 policy: BatchPolicy = BatchPolicy(), speculator_factory: SpeculatorFactory | None = None) -> None:
         if draft is not None:
             check_pair(target, draft)
+            speculator_factory = speculator_factory or _local_factory(draft)
+        if spec.mode is not Mode.AR and speculator_factory is None:
+            raise InvalidParameter("draft", None, f"mode {spec.mode.value} needs a draft model or draft endpoints")
         self.target, self.draft, self.spec, self.policy = target, draft, spec, policy
+        self._factory = speculator_factory
         self.kv = BatchKV(0, target.device)
         self.seqs: list[_Seq] = []
         self.timings = EngineTimings()
         self._plan: RoundPlan | None = None
-        self._speculator: DraftSpeculator | None = None
+        self._speculator: Speculator | None = None
         self._outcomes: dict[str, RoundOutcome] = {}
         self._ids = itertools.count()
 
@@ -139,7 +149,7 @@ class Engine:
     def _replan(self) -> RoundPlan:
         plan = resolve_plan(self.spec, self.policy, len(self.seqs))
         sp = self._speculator
-        if plan.lookahead > 0 and self.draft is not None:
+        if plan.lookahead > 0 and self._factory is not None:
             if sp is None or sp.fan_out != plan.fan_out or sp.tree != plan.tree:
                 self._switch(plan)
             self._speculator.backup = plan.backup
@@ -151,7 +161,7 @@ class Engine:
         if self._speculator is not None:
             self._speculator.close()
         log.info("speculator plan: K=%d fan_out=%s tree=%s backup=%s", plan.lookahead, plan.fan_out, plan.tree, plan.backup.value)
-        self._speculator = DraftSpeculator(self.draft, plan.fan_out, self.spec.saguaro_c, plan.backup, tree=plan.tree)
+        self._speculator = self._factory(plan, self.spec.saguaro_c)
         self._speculator.add([self._start(s) for s in self.seqs])
         self._outcomes = {s.req.seq_id: RoundOutcome.first(s.req.seq_id) for s in self.seqs}
 
@@ -167,10 +177,16 @@ class Engine:
         return specs
 
     def _local_backup(self, seq: _Seq, spec: Speculation, lookahead: int) -> Speculation:
-        """The target's own fast backup, for a speculation the speculator could not give."""
-        if lookahead == 0 or (spec.source is not SpecSource.NONE and len(spec.tokens) == lookahead):
+        """The target's own fast backup, for a speculation the speculator could not give or that
+        fails validation (everything from a draft is untrusted input)."""
+        if lookahead == 0:
+            return Speculation(seq.req.seq_id, seq.round + 1, (), None, SpecSource.NONE)
+        problem = _speculation_problem(spec, seq, lookahead, self.target.vocab_size)
+        if problem is None:
             return spec
-        return Speculation(seq.req.seq_id, spec.round, ngram_guess(seq.tokens, lookahead), None, SpecSource.FAST)
+        if spec.source is not SpecSource.NONE:
+            log.warning("rejecting speculation for %s: %s; using the fast backup", seq.req.seq_id, problem)
+        return Speculation(seq.req.seq_id, seq.round + 1, ngram_guess(seq.tokens, lookahead), None, SpecSource.FAST)
 
     def _verify_forward(self, specs: list[Speculation]) -> torch.Tensor:  # [B, K+1, V]
         lookahead = len(specs[0].tokens)
@@ -300,3 +316,33 @@ class Engine:
             if hits:
                 return ids[:n], text[: min(hits)]
         return ids, self._text(ids)
+
+
+def _local_factory(draft: LoadedModel) -> SpeculatorFactory:
+    def build(plan: RoundPlan, saguaro_c: float) -> Speculator:
+        return DraftSpeculator(draft, plan.fan_out, saguaro_c, plan.backup, tree=plan.tree)
+
+    return build
+
+
+def _speculation_problem(spec: Speculation, seq: _Seq, lookahead: int, vocab: int) -> str | None:
+    """Why a speculation cannot be verified as is (None if it can)."""
+    if spec.source is SpecSource.NONE:
+        return "no speculation"
+    if spec.seq_id != seq.req.seq_id or spec.round != seq.round + 1:
+        return f"wrong sequence or round ({spec.seq_id}, {spec.round})"
+    if len(spec.tokens) != lookahead:
+        return f"{len(spec.tokens)} tokens, expected {lookahead}"
+    if any(not 0 <= t < vocab for t in spec.tokens):
+        return "token id out of range"
+    q = spec.draft_probs
+    if q is not None:
+        if tuple(q.shape) != (lookahead, vocab):
+            return f"draft_probs shape {tuple(q.shape)}, expected {(lookahead, vocab)}"
+        if not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
+            return "draft_probs not finite or negative"
+        if not bool(((q.sum(-1) - 1).abs() < 1e-3).all()):
+            return "draft_probs rows do not sum to 1"
+        if bool((q.gather(-1, torch.tensor(spec.tokens)[:, None]) <= 0).any()):
+            return "a draft token has probability 0 under its own q"
+    return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -55,3 +56,24 @@ class Speculation:
     tokens: tuple[int, ...]
     draft_probs: torch.Tensor | None  # [K, V] float32, None = point mass (greedy or a guess)
     source: SpecSource
+
+
+class Speculator(Protocol):
+    """What the target side needs from a speculator, in process (DraftSpeculator) or remote.
+
+    `fan_out` (F_0..F_K) and `tree` describe the plan it was built for; the engine rebuilds the
+    speculator when the batch-size policy changes them. Anything a speculator returns is
+    untrusted: the engine validates it and falls back to its own fast backup.
+    """
+
+    fan_out: tuple[int, ...]
+    tree: bool
+    backup: object
+
+    def add(self, starts: list[SeqStart]) -> None: ...
+
+    def propose(self, outcomes: list[RoundOutcome], lookahead: int | None = None) -> list[Speculation]: ...
+
+    def remove(self, seq_ids: list[str]) -> None: ...
+
+    def close(self) -> None: ...
