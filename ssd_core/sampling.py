@@ -71,9 +71,11 @@ def saguaro_reshape(
     return scaled / scaled.sum(dim=-1, keepdim=True)
 
 
-def sample(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:  # [N, V] -> [N]
-    """One token per row, each row from its own seeded generator."""
-    out = torch.empty(probs.shape[0], dtype=torch.long)
+def sample(probs: torch.Tensor, generators: list[torch.Generator], greedy: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row [N, V] -> [N], each row from its own seeded generator; rows flagged
+    greedy [N] bool are one-hot, so their argmax is taken without drawing."""
+    out = probs.argmax(dim=-1)
     for i, gen in enumerate(generators):
-        out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+        if greedy is None or not bool(greedy[i]):
+            out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
     return out

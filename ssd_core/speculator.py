@@ -211,7 +211,7 @@ class DraftSpeculator:
         if bool(sampled.any()) and self.saguaro_c < 1.0:
             q[sampled] = saguaro_reshape(q[sampled], torch.full((int(sampled.sum()),), fan_out), self.saguaro_c)
         gens = [r.gen for r in rows for _ in range(repeat)]
-        return sample(q, gens), q
+        return sample(q, gens, ~sampled), q
 
     def _jit(self, idx: list[int], k_next: int) -> list[tuple[tuple[int, ...], torch.Tensor | None]]:
         """Draft k_next tokens autoregressively for rows idx (other rows ride along as padding)."""

@@ -137,3 +137,20 @@ def test_qwen_family_greedy_exact(family):
         engine.close()
         for p, r in zip(PROMPTS[:3], results):
             assert list(r.token_ids) == hf_greedy(model, p, 16)
+
+
+def test_draft_in_a_child_process_is_exact():
+    from ssd_core.proc_speculator import process_factory
+
+    target, draft = PAIRS["perturbed"]
+    for mode in (Mode.SD, Mode.SSD):
+        engine = Engine(target, draft, SpecConfig(mode=mode, lookahead=3, saguaro_c=0.5),
+                        speculator_factory=process_factory(draft))
+        try:
+            results = engine.generate([Request(tuple(p), SamplingParams(max_new_tokens=NEW)) for p in PROMPTS[:4]])
+            stats = engine._speculator.stats
+        finally:
+            engine.close()
+        assert [list(r.token_ids) for r in results] == REFS["perturbed"][:4]
+        if mode is Mode.SSD:
+            assert stats.hits > 0  # the child really built a speculation cache

@@ -1,0 +1,62 @@
+"""Draft endpoint configuration: what to load, where to listen, whom to register with, limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ssd_core.errors import InvalidParameter
+
+
+@dataclass(frozen=True, slots=True)
+class DraftLimits:
+    """Capacities announced in DraftInfo and enforced per session / across sessions."""
+
+    max_lookahead: int = 16
+    max_fan_out_budget: int = 64
+    max_sequences: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_lookahead", "max_fan_out_budget", "max_sequences"):
+            if getattr(self, name) < 1:
+                raise InvalidParameter(name, getattr(self, name), "must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class DraftServerConfig:
+    """One draft endpoint. `targets`: HOST:PORT entries; a host may be a DNS name that resolves to
+    several target replicas (each address is registered with). `advertise`: the host targets dial
+    back (default: `host`, or 127.0.0.1 when listening on all interfaces)."""
+
+    model_dir: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise: str = ""
+    targets: tuple[str, ...] = ()
+    device: str = "cpu"
+    dtype: str = "float32"
+    auth_token: str = ""
+    draft_id: str = ""  # stable instance name; default: the advertised endpoint
+    limits: DraftLimits = field(default_factory=DraftLimits)
+    max_workers: int = 32  # gRPC handler threads; each open Session stream holds one
+    grace_s: float = 5.0  # SIGTERM: in-flight RPCs get this long
+    resolve_interval_s: float = 10.0  # re-resolve target names this often (new replicas)
+    rpc_timeout_s: float = 2.0  # deadline of every registry call
+    max_backoff_s: float = 5.0  # registration retry backoff cap
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise InvalidParameter("port", self.port, "must be in 0..65535 (0 = any free port)")
+        for t in self.targets:
+            host, sep, port = t.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise InvalidParameter("targets", t, "want HOST:PORT")
+        if self.max_workers < 2:
+            raise InvalidParameter("max_workers", self.max_workers, "must be >= 2")
+        if self.resolve_interval_s <= 0 or self.rpc_timeout_s <= 0 or self.max_backoff_s <= 0:
+            raise InvalidParameter("intervals", (self.resolve_interval_s, self.rpc_timeout_s, self.max_backoff_s),
+                                   "must be > 0")
+
+    def endpoint(self, port: int) -> str:
+        """host:port the targets dial to reach this draft's Speculator service."""
+        host = self.advertise or (self.host if self.host not in ("", "0.0.0.0", "[::]", "::") else "127.0.0.1")
+        return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

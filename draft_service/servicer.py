@@ -1,0 +1,70 @@
+"""The Speculator gRPC servicer: GetInfo and one DraftSession per Session stream (thin)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+
+import grpc
+
+from ssd_core.models import LoadedModel, tokenizer_fingerprint
+from ssd_protos.ssd.v1 import generation_pb2, speculation_pb2 as pb, speculation_pb2_grpc
+
+from draft_service.config import DraftLimits
+from draft_service.session import DraftSession, LoadTracker
+
+log = logging.getLogger(__name__)
+
+PROTO_VERSION = 1
+
+
+def draft_info(model: LoadedModel, limits: DraftLimits) -> pb.DraftInfo:
+    """What this endpoint can do (checked by targets at registration)."""
+    dtype = str(next(model.model.parameters()).dtype).removeprefix("torch.")
+    return pb.DraftInfo(
+        model_id=model.name, vocab_size=model.vocab_size, dtype=dtype, proto_version=PROTO_VERSION,
+        tokenizer_fingerprint=tokenizer_fingerprint(model.tokenizer, model.vocab_size),
+        max_lookahead=limits.max_lookahead, max_fan_out_budget=limits.max_fan_out_budget,
+        max_sequences=limits.max_sequences, transports=[pb.TRANSPORT_INLINE],
+        backups=[generation_pb2.BACKUP_KIND_NEURAL, generation_pb2.BACKUP_KIND_FAST],
+    )
+
+
+class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
+    """Serves the shared draft model to every target replica; UNAVAILABLE until a model is set."""
+
+    def __init__(self, limits: DraftLimits) -> None:
+        self.limits = limits
+        self.tracker = LoadTracker(limits.max_sequences)
+        self.model: LoadedModel | None = None
+        self.info: pb.DraftInfo | None = None
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid()}-"
+
+    def set_model(self, model: LoadedModel) -> None:
+        self.info = draft_info(model, self.limits)
+        self.model = model
+
+    def load(self) -> pb.DraftLoad:
+        return pb.DraftLoad(active_sequences=max(0, self.tracker.sequences), active_sessions=self.tracker.sessions)
+
+    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
+        if self.info is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the draft model is still loading")
+        return pb.GetInfoResponse(info=self.info)
+
+    def Session(self, request_iterator: Iterator[pb.SessionRequest],
+                context: grpc.ServicerContext) -> Iterator[pb.SessionResponse]:
+        if self.model is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the draft model is still loading")
+        session = DraftSession(self.model, self.limits, self.tracker, f"{self._prefix}{next(self._ids)}")
+        try:
+            for request in request_iterator:
+                yield from session.handle(request)
+                if session.done:
+                    return
+        finally:  # stream over (close, error, cancel or target gone): drop all its state
+            session.close()
+            log.info("session %s ended", session.session_id)

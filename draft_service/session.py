@@ -1,0 +1,232 @@
+"""One Session stream (one target replica): a DraftSpeculator over the shared draft model.
+
+Requests are handled in order; `handle` returns the responses for one request. A bad sequence is
+answered with a SessionError naming it and is dropped; the session goes on. A SessionError without
+seq_ids ends the session (bad open, or the speculator's state can no longer be trusted).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+
+from ssd_core.config import BackupKind
+from ssd_core.models import LoadedModel
+from ssd_core.speculator import DraftSpeculator
+from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart
+from ssd_core.wire import codec
+from ssd_protos.ssd.v1 import speculation_pb2 as pb
+
+from draft_service.config import DraftLimits
+
+log = logging.getLogger(__name__)
+
+_INVALID, _NOT_FOUND, _EXISTS = (grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.NOT_FOUND.value[0],
+                                 grpc.StatusCode.ALREADY_EXISTS.value[0])
+_PRECONDITION, _EXHAUSTED = grpc.StatusCode.FAILED_PRECONDITION.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+_UNIMPLEMENTED, _INTERNAL = grpc.StatusCode.UNIMPLEMENTED.value[0], grpc.StatusCode.INTERNAL.value[0]
+
+
+class LoadTracker:
+    """Thread-safe counts across all sessions: capacity checks and heartbeat load."""
+
+    def __init__(self, max_sequences: int) -> None:
+        self.max_sequences = max_sequences
+        self._lock = threading.Lock()
+        self.sessions = 0
+        self.sequences = 0
+
+    def reserve(self, n: int) -> bool:
+        with self._lock:
+            if self.sequences + n > self.max_sequences:
+                return False
+            self.sequences += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.sequences -= n
+
+    def session_delta(self, n: int) -> None:
+        with self._lock:
+            self.sessions += n
+
+
+def _error(code: int, message: str, seq_ids: list[str] | None = None) -> pb.SessionResponse:
+    return pb.SessionResponse(error=pb.SessionError(code=code, message=message, seq_ids=seq_ids or []))
+
+
+class DraftSession:
+    """State of one Session stream; `done` turns true when the stream must end."""
+
+    def __init__(self, model: LoadedModel, limits: DraftLimits, tracker: LoadTracker, session_id: str) -> None:
+        self.model, self.limits, self.tracker, self.session_id = model, limits, tracker, session_id
+        self.speculator: DraftSpeculator | None = None
+        self.handed: dict[str, tuple[int, int] | None] = {}  # seq_id -> (round, K) handed out last
+        self.done = False
+        self._closed = False
+        tracker.session_delta(1)
+
+    def handle(self, req: pb.SessionRequest) -> list[pb.SessionResponse]:
+        """Apply one request and return its responses (none for add/remove/close that succeed)."""
+        kind = req.WhichOneof("request")
+        if kind == "open":
+            return self._open(req.open)
+        if self.speculator is None:
+            return self._fatal(_PRECONDITION, f"the first request must be open, got {kind}")
+        if kind == "add":
+            return self._add(req.add)
+        if kind == "round":
+            return self._round(req.round)
+        if kind == "remove":
+            self._drop([s for s in req.remove.seq_ids if s in self.handed])
+            return []
+        if kind == "close":
+            log.info("session %s closed by the target: %s", self.session_id, req.close.reason)
+            self.done = True
+            return []
+        return self._fatal(_INVALID, f"unknown session request {kind!r}")
+
+    def close(self) -> None:
+        """Drop every sequence and stop the speculator's worker (idempotent)."""
+        if self._closed:
+            return
+        self._closed = self.done = True
+        if self.speculator is not None:
+            self.speculator.close()
+            self.speculator = None
+        self.tracker.release(len(self.handed))
+        self.handed.clear()
+        self.tracker.session_delta(-1)
+
+    # -- requests ----------------------------------------------------------------------------
+    def _open(self, m: pb.SessionOpen) -> list[pb.SessionResponse]:
+        if self.speculator is not None:
+            return self._fatal(_PRECONDITION, "session already open")
+        try:
+            fan_out, saguaro_c, backup, lookahead = codec.config_from_pb(m.config)
+            transport = codec.transport_from_pb(m.transport)
+        except ValueError as exc:
+            return self._fatal(_INVALID, f"bad session config: {exc}")
+        if lookahead > self.limits.max_lookahead or sum(fan_out) > self.limits.max_fan_out_budget:
+            return self._fatal(_INVALID, f"lookahead {lookahead} / fan-out budget {sum(fan_out)} over the limits "
+                               f"{self.limits.max_lookahead} / {self.limits.max_fan_out_budget}")
+        if transport != "inline":
+            return self._fatal(_UNIMPLEMENTED, f"transport {transport} is not served here (inline only)")
+        backup = BackupKind.JIT if backup is BackupKind.AUTO else backup
+        self.speculator = DraftSpeculator(self.model, fan_out, saguaro_c, backup, tree=sum(fan_out) > 0,
+                                          replica=m.target_replica_id)
+        log.info("session %s opened by %s: K=%d fan_out=%s C=%s backup=%s", self.session_id,
+                 m.target_replica_id or "?", lookahead, fan_out, saguaro_c, backup.value)
+        accepted = codec.config_to_pb(fan_out, saguaro_c, backup, lookahead)
+        return [pb.SessionResponse(opened=pb.SessionOpened(session_id=self.session_id, config=accepted))]
+
+    def _add(self, m: pb.AddSequences) -> list[pb.SessionResponse]:
+        out, good, seen = [], [], set()
+        for s in m.sequences:
+            try:
+                start = codec.start_from_pb(s)
+                if max(start.token_ids) >= self.model.vocab_size:
+                    raise ValueError(f"token id {max(start.token_ids)} >= vocab size {self.model.vocab_size}")
+            except ValueError as exc:
+                out.append(_error(_INVALID, str(exc), [s.seq_id]))
+                continue
+            if start.seq_id in self.handed or start.seq_id in seen:
+                out.append(_error(_EXISTS, f"sequence {start.seq_id!r} is already active", [start.seq_id]))
+                continue
+            seen.add(start.seq_id)
+            good.append(start)
+        if good and not self.tracker.reserve(len(good)):
+            ids = [s.seq_id for s in good]
+            return out + [_error(_EXHAUSTED, f"draft is at capacity ({self.limits.max_sequences} sequences)", ids)]
+        return out + self._add_starts(good)
+
+    def _add_starts(self, starts: list[SeqStart]) -> list[pb.SessionResponse]:
+        try:
+            self.speculator.add(starts)
+        except Exception as exc:  # add() changes no state before its prefill succeeds
+            self.tracker.release(len(starts))
+            log.warning("session %s: prefill of %d sequences failed: %s", self.session_id, len(starts), exc)
+            return [_error(_INVALID, f"prefill failed: {exc}", [s.seq_id for s in starts])]
+        self.handed.update({s.seq_id: None for s in starts})
+        return []
+
+    def _round(self, m: pb.RoundRequest) -> list[pb.SessionResponse]:
+        t_start = time.perf_counter_ns()
+        errors, outcomes = self._check_outcomes(m)
+        self._drop([sid for e in errors for sid in e.error.seq_ids if sid in self.handed])
+        stats = self.speculator.stats
+        wait0, jit0, tree0 = stats.wait_s, stats.jit_s, stats.tree_s
+        try:
+            specs = self.speculator.propose(outcomes) if outcomes else []
+        except Exception as exc:  # the speculator may be half-updated: end the session
+            log.exception("session %s: propose failed in round %d", self.session_id, m.round)
+            return errors + self._fatal(_INTERNAL, f"speculator failed in round {m.round}: {exc}")
+        t_enc = time.perf_counter_ns()
+        for s in specs:
+            self.handed[s.seq_id] = (s.round, len(s.tokens))
+        seqs = [codec.speculation_to_pb(s, m.want_draft_probs) for s in specs]
+        t_end = time.perf_counter_ns()
+        wait, jit = int((stats.wait_s - wait0) * 1e9), int((stats.jit_s - jit0) * 1e9)
+        timings = pb.SpeculationTimings(queue_ns=wait, jit_ns=jit, lookup_ns=max(0, t_enc - t_start - wait - jit),
+                                        encode_ns=t_end - t_enc, total_ns=t_end - t_start,
+                                        prefetch_ns=int((stats.tree_s - tree0) * 1e9))
+        return errors + [pb.SessionResponse(speculations=pb.Speculations(round=m.round, sequences=seqs,
+                                                                          timings=timings))]
+
+    def _check_outcomes(self, m: pb.RoundRequest) -> tuple[list[pb.SessionResponse], list[RoundOutcome]]:
+        """Validate every outcome against what was handed out; the speculator needs one per sequence."""
+        errors, good = [], {}
+        for o in m.outcomes:
+            try:
+                out = codec.outcome_from_pb(o)
+            except ValueError as exc:
+                errors.append(_error(_INVALID, str(exc), [o.seq_id]))
+                continue
+            if out.seq_id not in self.handed:
+                errors.append(_error(_NOT_FOUND, f"unknown sequence {out.seq_id!r}", [out.seq_id]))
+                continue
+            why = self._outcome_problem(out, self.handed[out.seq_id])
+            if out.seq_id in good:
+                why = "two outcomes in one round"
+            if why:
+                errors.append(_error(_INVALID, f"sequence {out.seq_id!r}: {why}", [out.seq_id]))
+                good.pop(out.seq_id, None)
+            else:
+                good[out.seq_id] = out
+        bad = {sid for e in errors for sid in e.error.seq_ids}
+        missing = [sid for sid in self.handed if sid not in good and sid not in bad]
+        if missing:
+            errors.append(_error(_PRECONDITION, f"no outcome in round {m.round} (every active sequence needs one)",
+                                 missing))
+        return errors, [o for sid, o in good.items() if sid not in bad]
+
+    def _outcome_problem(self, out: RoundOutcome, handed: tuple[int, int] | None) -> str:
+        if handed is None:
+            return "" if out.num_accepted == FIRST_ROUND else "a new sequence's first outcome must be FIRST_ROUND"
+        round_, k = handed
+        if out.num_accepted == FIRST_ROUND:
+            return f"FIRST_ROUND outcome after round {round_} was handed out"
+        if out.round != round_:
+            return f"outcome for round {out.round}, but round {round_} is in flight"
+        if out.num_accepted > k:
+            return f"num_accepted {out.num_accepted} > {k} speculated tokens"
+        if out.bonus_token >= self.model.vocab_size:
+            return f"bonus_token {out.bonus_token} >= vocab size {self.model.vocab_size}"
+        return ""
+
+    def _drop(self, seq_ids: list[str]) -> None:
+        if not seq_ids:
+            return
+        self.speculator.remove(seq_ids)
+        for sid in seq_ids:
+            del self.handed[sid]
+        self.tracker.release(len(seq_ids))
+
+    def _fatal(self, code: int, message: str) -> list[pb.SessionResponse]:
+        log.warning("session %s ends: %s", self.session_id, message)
+        self.done = True
+        return [_error(code, message)]

@@ -1,0 +1,248 @@
+"""PooledSpeculator: the Speculator protocol over the live draft endpoints of the registry.
+
+Each sequence has a primary endpoint (least loaded when assigned). One Session stream per
+(this speculator, lease) carries, per round, the outcomes of that endpoint's sequences; all
+endpoints are asked in parallel and waited for with one bounded deadline. Any draft failure
+(stream error, stalled round, lease gone) marks the endpoint dead and moves its sequences: they
+are re-added elsewhere from their full token history, which this pool tracks (SeqStart tokens +
+the speculations it handed out + the outcomes). For that round they get SpecSource.NONE and the
+engine uses its own fast backup. Nothing here raises into the engine; output stays exact because
+the verifier alone decides what is committed.
+
+Round numbers: a sequence (re-)added to a draft starts at draft round 0, so the pool keeps an
+offset per sequence: engine round = draft round + offset.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ssd_core.backup import ngram_guess
+from ssd_core.config import SamplingParams
+from ssd_core.plan import RoundPlan
+from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Speculation
+from ssd_core.wire.codec import config_to_pb, speculation_from_pb
+from target_service.registry import DraftRegistry, Lease
+from target_service.session import DraftSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Track:
+    """What the pool knows about one sequence."""
+
+    start: SeqStart
+    tokens: list[int]  # committed history (prompt + accepted + bonus)
+    round: int = -1  # engine round of the speculation handed out last
+    spec: tuple[int, ...] = ()  # the tokens the engine verified in `round` (as far as we know)
+    lease_id: str | None = None  # primary endpoint
+    offset: int = 0  # engine round = draft round + offset
+    synced: bool = False  # the primary holds this sequence's current state
+    held: str | None = None  # the lease whose draft holds a row for it (current or stale)
+
+
+class PooledSpeculator:
+    """Speculator over remote draft endpoints; see the module docstring."""
+
+    def __init__(self, registry: DraftRegistry, plan: RoundPlan, saguaro_c: float, *, replica_id: str,
+                 vocab_size: int, timeout_s: float = 2.0) -> None:
+        self.fan_out, self.tree, self.backup = plan.fan_out, plan.tree, plan.backup
+        self.lookahead = plan.lookahead
+        self.saguaro_c = saguaro_c
+        self._registry, self._replica, self._vocab, self._timeout_s = registry, replica_id, vocab_size, timeout_s
+        self._tracks: dict[str, _Track] = {}
+        self._sessions: dict[str, DraftSession] = {}
+        self._rr = itertools.count()
+        self.rounds_by_endpoint: dict[str, int] = {}
+
+    # -- Speculator protocol ---------------------------------------------------------------------
+    def add(self, starts: list[SeqStart]) -> None:
+        for s in starts:
+            self._tracks[s.seq_id] = _Track(s, list(s.token_ids))  # assigned at its first propose
+
+    def remove(self, seq_ids: list[str]) -> None:
+        by_lease: dict[str, list[str]] = {}
+        for seq_id in seq_ids:
+            track = self._tracks.pop(seq_id, None)
+            if track is not None and track.lease_id is not None:
+                self._registry.assign(track.lease_id, -1)
+            if track is not None and track.held is not None:
+                by_lease.setdefault(track.held, []).append(seq_id)
+        for lease_id, ids in by_lease.items():
+            session = self._sessions.get(lease_id)
+            if session is not None:
+                session.remove(ids)
+
+    def close(self) -> None:
+        for track in self._tracks.values():
+            if track.lease_id is not None:
+                self._registry.assign(track.lease_id, -1)
+        self._tracks.clear()
+        for session in self._sessions.values():
+            session.close("speculator closed")
+        self._sessions.clear()
+
+    def propose(self, outcomes: list[RoundOutcome], lookahead: int | None = None) -> list[Speculation]:
+        """Speculations in the order of `outcomes` (the engine's sequence order); never raises."""
+        k = self.lookahead if lookahead is None else lookahead
+        tracks = [self._apply(o) for o in outcomes]
+        answers: dict[str, Speculation] = {}
+        if k == self.lookahead and k > 0:
+            try:
+                answers = self._ask_drafts(tracks, outcomes)
+            except Exception:  # noqa: BLE001 - a draft problem must never reach the engine
+                log.exception("draft round failed; fast backup for this round")
+                for track in tracks:
+                    track.synced = False
+        else:
+            for track in tracks:  # an AR round (K=0): the drafts miss it, resync them later
+                track.synced = False
+        specs = []
+        for o, track in zip(outcomes, tracks):
+            spec = answers.get(o.seq_id) or Speculation(o.seq_id, o.round + 1, (), None, SpecSource.NONE)
+            track.round = o.round + 1
+            # The engine replaces NONE with the same deterministic n-gram guess (ssd_core.backup).
+            track.spec = spec.tokens if spec.source is not SpecSource.NONE else (ngram_guess(track.tokens, k) if k else ())
+            specs.append(spec)
+        return specs
+
+    # -- internals -------------------------------------------------------------------------------
+    def _apply(self, o: RoundOutcome) -> _Track:
+        track = self._tracks.get(o.seq_id)
+        if track is None:  # unknown to us: the engine never does this, but stay total
+            log.warning("outcome for unknown sequence %s", o.seq_id)
+            track = self._tracks[o.seq_id] = _Track(SeqStart(o.seq_id, (), SamplingParams(), 0), [])
+        if o.num_accepted != FIRST_ROUND:
+            if o.round != track.round or not 0 <= o.num_accepted <= len(track.spec):
+                log.error("outcome %s does not match the speculation of round %d", o, track.round)
+            track.tokens.extend(track.spec[: o.num_accepted] + (o.bonus_token,))
+        return track
+
+    def _ask_drafts(self, tracks: list[_Track], outcomes: list[RoundOutcome]) -> dict[str, Speculation]:
+        """One RoundRequest per live endpoint, in parallel; answers by seq_id."""
+        live = {lease.lease_id: lease for lease in self._registry.live() if self._fits(lease)}
+        for lease_id in [x for x in self._sessions if x not in live or not self._sessions[x].alive]:
+            self._kill(lease_id, self._sessions[lease_id].error or "lease gone")
+        groups: dict[str, list[tuple[_Track, RoundOutcome]]] = {}
+        for track, o in zip(tracks, outcomes):
+            if not track.tokens:
+                continue
+            if track.lease_id not in live:
+                self._assign(track, live)
+            if track.lease_id is not None:
+                groups.setdefault(track.lease_id, []).append((track, o))
+        sent = {lease_id: self._send(live[lease_id], group) for lease_id, group in groups.items()}
+        deadline = time.monotonic() + self._timeout_s
+        answers: dict[str, Speculation] = {}
+        for lease_id, step in sent.items():
+            session = self._sessions[lease_id]
+            reply = session.wait_round(step, deadline)
+            if reply is None:
+                self._kill(lease_id, session.error or f"no answer within {self._timeout_s:.1f}s")
+                continue
+            failed = session.take_failed()
+            for track, o in groups[lease_id]:
+                if track.start.seq_id in failed:
+                    track.synced, track.held = False, None
+            answers.update(self._decode(reply.sequences, groups[lease_id], failed, session.endpoint))
+        return answers
+
+    def _send(self, lease: Lease, group: list[tuple[_Track, RoundOutcome]]) -> int:
+        session = self._sessions.get(lease.lease_id)
+        if session is None:
+            config = config_to_pb(self.fan_out, self.saguaro_c, self.backup, self.lookahead)
+            session = self._sessions[lease.lease_id] = DraftSession(lease.lease_id, lease.endpoint, self._replica, config)
+        stale = [t.start.seq_id for t, _ in group if not t.synced and t.held == lease.lease_id]
+        session.remove(stale)  # a resync on the same endpoint: drop the old state first
+        starts, wire = [], []
+        for track, o in group:
+            if not track.synced:
+                starts.append(SeqStart(track.start.seq_id, tuple(track.tokens), track.start.params, track.start.draft_seed))
+                track.offset, track.synced, track.held = o.round + 1, True, lease.lease_id
+                wire.append(RoundOutcome.first(o.seq_id))
+            elif o.num_accepted == FIRST_ROUND:
+                wire.append(o)
+            else:
+                wire.append(RoundOutcome(o.seq_id, o.round - track.offset, o.num_accepted, o.bonus_token))
+        session.add(starts)
+        want_probs = any(not t.start.params.greedy for t, _ in group)
+        return session.send_round(wire, want_probs)
+
+    def _decode(self, sequences, group: list[tuple[_Track, RoundOutcome]], failed: set[str],
+                endpoint: str) -> dict[str, Speculation]:
+        by_id = {m.seq_id: m for m in sequences}
+        out: dict[str, Speculation] = {}
+        for track, o in group:
+            m = by_id.get(o.seq_id)
+            if m is None or o.seq_id in failed:
+                track.synced = False
+                continue
+            try:
+                spec = speculation_from_pb(m)
+            except ValueError as exc:
+                log.warning("undecodable speculation from %s for %s: %s", endpoint, o.seq_id, exc)
+                track.synced = False
+                continue
+            spec = Speculation(o.seq_id, spec.round + track.offset, spec.tokens, spec.draft_probs, spec.source)
+            problem = _problem(spec, o.round + 1, self.lookahead, self._vocab)
+            if problem is not None:
+                if spec.source is not SpecSource.NONE:
+                    log.warning("bad speculation from %s for %s: %s", endpoint, o.seq_id, problem)
+                    track.synced = False
+                continue
+            out[o.seq_id] = spec
+        self.rounds_by_endpoint[endpoint] = self.rounds_by_endpoint.get(endpoint, 0) + 1
+        if self.rounds_by_endpoint[endpoint] == 1:
+            log.info("draft endpoint in use: endpoint=%s replica=%s", endpoint, self._replica)
+        return out
+
+    def _assign(self, track: _Track, live: dict[str, Lease]) -> None:
+        if track.lease_id is not None:
+            self._registry.assign(track.lease_id, -1)
+        track.lease_id, track.synced = None, False
+        if not live:
+            return
+        turn = next(self._rr)
+        loads = [(self._registry.load(x), (i - turn) % len(live), x) for i, x in enumerate(live)]
+        track.lease_id = min(loads)[2]  # least loaded, ties in rotating order
+        self._registry.assign(track.lease_id, +1)
+
+    def _fits(self, lease: Lease) -> bool:
+        return lease.max_lookahead == 0 or lease.max_lookahead >= self.lookahead
+
+    def _kill(self, lease_id: str, why: str) -> None:
+        """Mark an endpoint dead: close its session, drop its lease, move its sequences later."""
+        session = self._sessions.pop(lease_id, None)
+        if session is not None:
+            log.warning("draft endpoint dead: endpoint=%s: %s", session.endpoint, why)
+            session.close(why)
+        self._registry.drop(lease_id, why)
+        for track in self._tracks.values():
+            if track.lease_id == lease_id or track.held == lease_id:
+                track.lease_id, track.synced, track.held = None, False, None
+
+
+def _problem(spec: Speculation, round_: int, lookahead: int, vocab: int) -> str | None:
+    """Why the engine would reject `spec` (mirrors its validation so the pool tracks the same tokens)."""
+    if spec.source is SpecSource.NONE:
+        return "no speculation"
+    if spec.round != round_:
+        return f"round {spec.round}, expected {round_}"
+    if len(spec.tokens) != lookahead or any(not 0 <= t < vocab for t in spec.tokens):
+        return f"{len(spec.tokens)} tokens or an id out of range (K={lookahead}, V={vocab})"
+    q = spec.draft_probs
+    if q is not None:
+        if tuple(q.shape) != (lookahead, vocab) or not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
+            return "draft_probs shape or values"
+        if not bool(((q.sum(-1) - 1).abs() < 1e-3).all()):
+            return "draft_probs rows do not sum to 1"
+        if bool((q.gather(-1, torch.tensor(spec.tokens)[:, None]) <= 0).any()):
+            return "a draft token has probability 0 under its own q"
+    return None
+

@@ -1,0 +1,188 @@
+"""Draft registry of one target replica: leases of draft endpoints, their load, and the servicer.
+
+Drafts call TargetRegistry.Register (checked against the target: vocabulary size, tokenizer
+fingerprint, proto version, optional shared token), then Heartbeat within the lease TTL. A lease
+that is not renewed expires; a lease the draft pool found broken (stream error, stalled round) is
+dropped with `drop()`, so the draft's next heartbeat answers ok=false and it registers again.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+import grpc
+
+from ssd_protos.ssd.v1 import speculation_pb2 as spb
+from ssd_protos.ssd.v1 import speculation_pb2_grpc as spb_grpc
+from target_service.errors import Refused, mapped
+
+log = logging.getLogger(__name__)
+
+PROTO_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TargetIdentity:
+    """What a draft must match to serve this target."""
+
+    replica_id: str
+    model_id: str
+    vocab_size: int
+    tokenizer_fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One registered draft endpoint (a snapshot; the registry holds the live one)."""
+
+    lease_id: str
+    draft_id: str
+    endpoint: str  # host:port of its Speculator service
+    model_id: str
+    max_lookahead: int
+    max_sequences: int
+    expires_at: float  # time.monotonic()
+
+
+class DraftRegistry:
+    """Thread-safe lease table plus per-lease load (sequences this replica assigned to it)."""
+
+    def __init__(self, identity: TargetIdentity, ttl_s: float = 6.0, auth_token: str | None = None) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"lease ttl_s={ttl_s}: must be > 0")
+        self.identity = identity
+        self.ttl_s = ttl_s
+        self._token = auth_token or None
+        self._leases: dict[str, Lease] = {}
+        self._load: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # -- draft-facing ----------------------------------------------------------------------------
+    def register(self, endpoint: str, draft_id: str, info: spb.DraftInfo, auth_token: str = "") -> Lease:
+        """Check a draft against the target and grant a lease (the same draft_id replaces its old one)."""
+        self._check(endpoint, info, auth_token)
+        lease = Lease(uuid.uuid4().hex, draft_id or endpoint, endpoint, info.model_id, info.max_lookahead,
+                      info.max_sequences, time.monotonic() + self.ttl_s)
+        with self._lock:
+            for old in [x for x in self._leases.values() if x.draft_id == lease.draft_id or x.endpoint == endpoint]:
+                self._remove(old.lease_id, "replaced by a new registration")
+            self._leases[lease.lease_id] = lease
+            self._load[lease.lease_id] = 0
+        log.info("draft registered: endpoint=%s draft_id=%s model=%s lease=%s", endpoint, lease.draft_id,
+                 info.model_id, lease.lease_id[:8])
+        return lease
+
+    def heartbeat(self, lease_id: str) -> bool:
+        """Renew a lease; False when it is unknown or expired (the draft must register again)."""
+        with self._lock:
+            self._sweep()
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                return False
+            self._leases[lease_id] = replace(lease, expires_at=time.monotonic() + self.ttl_s)
+            return True
+
+    def deregister(self, lease_id: str, reason: str = "") -> None:
+        with self._lock:
+            self._remove(lease_id, f"deregistered ({reason or 'no reason'})")
+
+    # -- pool-facing -----------------------------------------------------------------------------
+    def live(self) -> list[Lease]:
+        """Unexpired leases, in registration order."""
+        with self._lock:
+            self._sweep()
+            return list(self._leases.values())
+
+    def is_live(self, lease_id: str) -> bool:
+        with self._lock:
+            self._sweep()
+            return lease_id in self._leases
+
+    def drop(self, lease_id: str, why: str) -> None:
+        """Forget a lease the pool found broken; the draft re-registers on its next heartbeat."""
+        with self._lock:
+            self._remove(lease_id, why)
+
+    def load(self, lease_id: str) -> int:
+        with self._lock:
+            return self._load.get(lease_id, 0)
+
+    def assign(self, lease_id: str, delta: int) -> None:
+        """Count sequences assigned to (delta > 0) or released from (delta < 0) a lease."""
+        with self._lock:
+            if lease_id in self._load:
+                self._load[lease_id] = max(0, self._load[lease_id] + delta)
+
+    def draft_model_ids(self) -> list[str]:
+        return sorted({lease.model_id for lease in self.live()})
+
+    # -- internals -------------------------------------------------------------------------------
+    def _check(self, endpoint: str, info: spb.DraftInfo, auth_token: str) -> None:
+        if self._token is not None and not hmac.compare_digest(auth_token.encode(), self._token.encode()):
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "bad or missing auth_token")
+        if not endpoint or ":" not in endpoint:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"endpoint={endpoint!r}: expected host:port")
+        me = self.identity
+        if info.vocab_size != me.vocab_size:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"vocabulary mismatch: draft {info.model_id} has {info.vocab_size} logits, "
+                          f"target {me.model_id} has {me.vocab_size}")
+        if info.tokenizer_fingerprint != me.tokenizer_fingerprint:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"tokenizer mismatch: draft {info.model_id} fingerprint {info.tokenizer_fingerprint!r}, "
+                          f"target {me.model_id} {me.tokenizer_fingerprint!r}")
+        if info.proto_version not in (0, PROTO_VERSION):
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"proto_version {info.proto_version} unsupported (target speaks {PROTO_VERSION})")
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for lease in [x for x in self._leases.values() if x.expires_at < now]:
+            self._remove(lease.lease_id, "lease expired")
+
+    def _remove(self, lease_id: str, why: str) -> None:
+        lease = self._leases.pop(lease_id, None)
+        self._load.pop(lease_id, None)
+        if lease is not None:
+            log.warning("draft lease dropped: endpoint=%s lease=%s: %s", lease.endpoint, lease_id[:8], why)
+
+
+class TargetRegistryServicer(spb_grpc.TargetRegistryServicer):
+    """ssd.v1 TargetRegistry over a DraftRegistry (None until the target model is loaded)."""
+
+    def __init__(self, holder: "RegistryHolder") -> None:
+        self._holder = holder
+
+    @mapped
+    def Register(self, request: spb.RegisterRequest, context: grpc.ServicerContext) -> spb.RegisterResponse:
+        registry = self._holder.get()
+        lease = registry.register(request.endpoint, request.draft_id, request.info, request.auth_token)
+        return spb.RegisterResponse(lease_id=lease.lease_id, lease_ttl_ms=int(registry.ttl_s * 1000),
+                                    transport=spb.TRANSPORT_INLINE, target_replica_id=registry.identity.replica_id)
+
+    @mapped
+    def Heartbeat(self, request: spb.HeartbeatRequest, context: grpc.ServicerContext) -> spb.HeartbeatResponse:
+        registry = self._holder.get()
+        return spb.HeartbeatResponse(ok=registry.heartbeat(request.lease_id), lease_ttl_ms=int(registry.ttl_s * 1000))
+
+    @mapped
+    def Deregister(self, request: spb.DeregisterRequest, context: grpc.ServicerContext) -> spb.DeregisterResponse:
+        self._holder.get().deregister(request.lease_id, request.reason)
+        return spb.DeregisterResponse()
+
+
+class RegistryHolder:
+    """The registry once the target is ready; UNAVAILABLE before (drafts retry)."""
+
+    def __init__(self) -> None:
+        self.registry: DraftRegistry | None = None
+
+    def get(self) -> DraftRegistry:
+        if self.registry is None:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "target is loading")
+        return self.registry
