@@ -37,3 +37,28 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) ->
 @pytest.fixture(scope="session")
 def perturbed_pair():
     return make_pair(draft_kind="perturbed")
+
+
+def char_tokenizer(vocab_size: int = 64):
+    """A tiny character-level fast tokenizer (ids < vocab_size) for text paths in tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(" \n\tabcdefghijklmnopqrstuvwxyz():,.=_0123456789\"'[]+-*/<>#ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    vocab = {"<unk>": 0}
+    for ch in chars[: vocab_size - 1]:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def save_tiny_pair(root, vocab: int = 64, draft_kind: str = "perturbed"):
+    """Save a tiny (target, draft) pair with a shared char tokenizer as HF dirs; returns paths."""
+    target, draft = make_pair(vocab=vocab, draft_kind=draft_kind)
+    tok = char_tokenizer(vocab)
+    for name, m in (("target", target), ("draft", draft)):
+        m.model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root / "target", root / "draft"

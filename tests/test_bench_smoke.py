@@ -1,0 +1,33 @@
+"""`ssd bench` smoke test on tiny random models: it runs, writes JSON and plots, outputs agree.
+No speed assertion (timings are not tested)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import save_tiny_pair
+from ssd_cli.main import main
+
+
+def test_bench_runs_all_in_process_modes_and_outputs_agree(tmp_path, capsys):
+    target, draft = save_tiny_pair(tmp_path)
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--target", str(target), "--draft", str(draft), "--num-prompts", "2", "--max-new-tokens", "8",
+               "--modes", "ar,sd,ssd,hf-assisted", "--batch-sizes", "1,2", "--lookahead", "3", "--json", str(out),
+               "--plots", str(tmp_path / "plots")])
+    assert rc == 0, capsys.readouterr()
+    rep = json.loads(out.read_text())
+    assert rep["outputs_identical"] is True
+    for mode in ("ar", "sd", "ssd", "hf-assisted"):
+        m = rep["modes"][mode]
+        assert m["tokens_per_s"] > 0 and "round_breakdown_ms" in m and "cache_hit_rate" in m
+    assert set(rep["modes"]["ssd"]["by_batch"]) == {"1", "2"}
+    assert rep["hardware"]["cores"] >= 1 and rep["date"] and rep["config"]["lookahead"] == 3
+    assert (tmp_path / "plots" / "tokens_per_s_by_mode.png").stat().st_size > 0
+    assert "ssd/sd" in rep["ratios"]
+
+
+def test_bench_rejects_unknown_modes(tmp_path, capsys):
+    target, draft = save_tiny_pair(tmp_path)
+    assert main(["bench", "--target", str(target), "--draft", str(draft), "--modes", "ar,warp"]) != 0
+    assert "warp" in capsys.readouterr().err
