@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -277,7 +278,7 @@ class Engine:
         seq_id = req.seq_id or f"seq-{next(self._ids)}"
         if any(s.req.seq_id == seq_id for s in self.seqs):
             raise InvalidParameter("seq_id", seq_id, "already active")
-        seed = req.params.seed if req.params.seed is not None else torch.seed() % 2**63
+        seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
         req = Request(tuple(req.prompt_ids), req.params, seq_id)
         # independent streams: target noise from seed, draft sampling from a derived seed
         seq = _Seq(req, list(req.prompt_ids), torch.Generator().manual_seed(seed), RequestStats())
