@@ -1,0 +1,57 @@
+"""`ssd serve draft` arguments and entry point (wired by ssd_cli.serve_cmd)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from draft_service.config import DraftLimits, DraftServerConfig
+from draft_service.server import serve
+
+log = logging.getLogger(__name__)
+
+AUTH_TOKEN_ENV = "SSD_AUTH_TOKEN"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the draft endpoint's flags to `parser`."""
+    parser.add_argument("--model", required=True, metavar="DIR", help="local HF model directory of the draft")
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 for all interfaces)")
+    parser.add_argument("--port", type=int, default=50061, help="listen port (0: any free port)")
+    parser.add_argument("--advertise", default="", metavar="HOST",
+                        help="host the targets dial back (default: --host, or 127.0.0.1 for 0.0.0.0)")
+    parser.add_argument("--targets", default="", metavar="HOST:PORT[,HOST:PORT...]",
+                        help="target registries to register with; a DNS name registers with every address")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--auth-token-file", default="", metavar="FILE",
+                        help=f"registration token file (default: ${AUTH_TOKEN_ENV})")
+    parser.add_argument("--draft-id", default="", help="stable instance name (default: the advertised endpoint)")
+    parser.add_argument("--max-sequences", type=int, default=DraftLimits().max_sequences,
+                        help="capacity across all sessions")
+    parser.add_argument("--grace", type=float, default=5.0, help="seconds in-flight RPCs get on SIGTERM")
+
+
+def config_from_args(args: argparse.Namespace) -> DraftServerConfig:
+    """Build the config; the auth token is read here, once (file first, then the environment)."""
+    token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else os.environ.get(AUTH_TOKEN_ENV, "")
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    return DraftServerConfig(model_dir=args.model, host=args.host, port=args.port, advertise=args.advertise,
+                             targets=targets, device=args.device, dtype=args.dtype, auth_token=token,
+                             draft_id=args.draft_id, limits=DraftLimits(max_sequences=args.max_sequences),
+                             grace_s=args.grace)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the draft endpoint until SIGTERM; returns the exit code (non-zero: port busy, bad model)."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)
+    if not cfg.targets:
+        log.warning("no --targets: serving, but no target will know about this draft")
+    return serve(cfg)

@@ -1,0 +1,119 @@
+"""Draft endpoint lifecycle: create_server (bind, port 0 allowed) and serve (load, register, SIGTERM)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ssd_core.models import LoadedModel, load_model
+from ssd_protos.ssd.v1 import speculation_pb2, speculation_pb2_grpc
+
+from draft_service.config import DraftServerConfig
+from draft_service.registration import Registrar
+from draft_service.servicer import SpeculatorServicer
+
+log = logging.getLogger(__name__)
+
+SPECULATOR_SERVICE = speculation_pb2.DESCRIPTOR.services_by_name["Speculator"].full_name
+
+
+class PortInUse(OSError):
+    """The listen address could not be bound."""
+
+
+class DraftServer:
+    """A bound draft endpoint: gRPC server, Speculator servicer, health (NOT_SERVING until a model)."""
+
+    def __init__(self, cfg: DraftServerConfig, grpc_server: grpc.Server, servicer: SpeculatorServicer,
+                 health_servicer: health.HealthServicer, port: int) -> None:
+        self.cfg, self.grpc_server, self.servicer, self.health, self.port = cfg, grpc_server, servicer, health_servicer, port
+        self.endpoint = cfg.endpoint(port)
+        self.registrar: Registrar | None = None
+
+    def start(self) -> None:
+        self.grpc_server.start()
+
+    def set_model(self, model: LoadedModel) -> None:
+        """Serve `model`: GetInfo and Session answer from now on; health turns SERVING."""
+        self.servicer.set_model(model)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def start_registration(self) -> Registrar:
+        """Register with every configured target and keep the leases alive (needs the model)."""
+        if self.servicer.info is None:
+            raise RuntimeError("set_model() before start_registration(): registration carries DraftInfo")
+        self.registrar = Registrar(self.cfg.targets, self.endpoint, self.cfg.draft_id or self.endpoint,
+                                   self.servicer.info, self.cfg.auth_token, self.servicer.load,
+                                   self.cfg.rpc_timeout_s, self.cfg.resolve_interval_s, self.cfg.max_backoff_s)
+        self.registrar.start()
+        return self.registrar
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, deregister from every target, then stop with a grace period."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.registrar is not None:
+            self.registrar.stop()
+        self.grpc_server.stop(self.cfg.grace_s if grace_s is None else grace_s).wait()
+
+    def _set_health(self, status: int) -> None:
+        for name in ("", SPECULATOR_SERVICE):
+            self.health.set(name, status)
+
+
+def create_server(cfg: DraftServerConfig, model: LoadedModel | None = None) -> tuple[DraftServer, int]:
+    """Build and bind (not start) a draft server; returns it and the bound port (cfg.port 0: any)."""
+    # so_reuseport off: a second server on a busy port must fail, not silently share it
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(cfg.max_workers, thread_name_prefix="ssd-draft-rpc"),
+                              options=[("grpc.so_reuseport", 0)])
+    servicer = SpeculatorServicer(cfg.limits)
+    speculation_pb2_grpc.add_SpeculatorServicer_to_server(servicer, grpc_server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection((SPECULATOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server)
+    address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+    try:
+        port = grpc_server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise PortInUse(f"cannot listen on {address}: address in use or not available ({exc})") from exc
+    if port == 0:
+        raise PortInUse(f"cannot listen on {address}: address in use or not available")
+    server = DraftServer(cfg, grpc_server, servicer, health_servicer, port)
+    server._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    if model is not None:
+        server.set_model(model)
+    return server, port
+
+
+def serve(cfg: DraftServerConfig, stop: threading.Event | None = None) -> int:
+    """Run a draft endpoint until SIGTERM/SIGINT (or `stop`); returns the process exit code."""
+    stop = stop or threading.Event()
+    try:
+        server, port = create_server(cfg)
+    except PortInUse as exc:
+        log.error("draft server: %s", exc)
+        return 2
+    server.start()
+    try:
+        model = load_model(cfg.model_dir, cfg.device, cfg.dtype)
+    except Exception as exc:  # any failure to load is fatal and must say why
+        log.error("draft server: cannot load the draft model from %r: %s", cfg.model_dir, exc)
+        server.stop(0)
+        return 3
+    if threading.current_thread() is threading.main_thread():  # during the load, SIGTERM just kills
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    server.set_model(model)
+    registrar = server.start_registration()
+    registrar.wait_registered(None, cfg.rpc_timeout_s)
+    log.info("draft ready on %s model=%s vocab=%d registered with %d/%d targets", server.endpoint, model.name,
+             model.vocab_size, len(registrar.registered()), registrar.known())
+    stop.wait()
+    log.info("draft on %s shutting down (grace %.1fs)", server.endpoint, cfg.grace_s)
+    server.stop()
+    return 0

@@ -1,0 +1,323 @@
+"""Draft endpoint in process on 127.0.0.1 port 0: sessions, GetInfo, health, errors, registration."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from draft_service.config import DraftServerConfig
+from draft_service.registration import resolve_target
+from draft_service.server import create_server, serve
+from ssd_core.config import BackupKind, SamplingParams
+from ssd_core.models import load_model, random_model, tiny_llama_config, tokenizer_fingerprint
+from ssd_core.speculator import DraftSpeculator
+from ssd_core.types import RoundOutcome, SeqStart, SpecSource
+from ssd_core.wire import codec
+from ssd_protos.ssd.v1 import speculation_pb2 as pb, speculation_pb2_grpc
+
+torch.set_num_threads(1)
+K, FAN_OUT = 3, (2, 1, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("tiny-draft")
+    random_model(tiny_llama_config(vocab_size=64), seed=0, init_std=0.3).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def draft(model_dir: str):
+    return load_model(model_dir)
+
+
+@pytest.fixture
+def server(draft):
+    srv, port = create_server(DraftServerConfig(port=0), model=draft)
+    srv.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield srv, channel
+    channel.close()
+    srv.stop(0)
+
+
+class _Stream:
+    """A fake target's end of one Session stream."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.requests: queue.Queue = queue.Queue()
+        self.responses = speculation_pb2_grpc.SpeculatorStub(channel).Session(iter(self.requests.get, None), timeout=60)
+
+    def send(self, **kw) -> None:
+        self.requests.put(pb.SessionRequest(**kw))
+
+    def recv(self) -> pb.SessionResponse:
+        return next(self.responses)
+
+    def open(self, fan_out=FAN_OUT, backup=BackupKind.JIT) -> pb.SessionResponse:
+        self.send(open=pb.SessionOpen(target_replica_id="t0", config=codec.config_to_pb(fan_out, 1.0, backup, len(fan_out) - 1)))
+        return self.recv()
+
+    def end(self) -> None:
+        self.requests.put(None)
+
+
+def _greedy_outcome(model, tokens: list[int], spec) -> RoundOutcome:
+    """Greedy verification of spec on the target (here: the draft model itself)."""
+    with torch.no_grad():
+        logits = model.model(torch.tensor([tokens + list(spec.tokens)])).logits[0]
+    preds = logits[len(tokens) - 1:].argmax(-1).tolist()  # [K+1]
+    k = 0
+    while k < len(spec.tokens) and spec.tokens[k] == preds[k]:
+        k += 1
+    return RoundOutcome(spec.seq_id, spec.round, k, preds[k])
+
+
+def _wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_session_matches_in_process_speculator_with_cache_hits(server, draft) -> None:
+    srv, channel = server
+    starts = [SeqStart("greedy", (1, 5, 9, 3), SamplingParams(), 11),
+              SeqStart("sampled", (4, 2, 7), SamplingParams(temperature=0.8, top_k=20), 12)]
+    local = DraftSpeculator(draft, FAN_OUT, 1.0, BackupKind.JIT, tree=True, replica="t0")
+    local.add(starts)
+    stream = _Stream(channel)
+    opened = stream.open()
+    assert opened.opened.session_id and list(opened.opened.config.fan_out) == list(FAN_OUT)
+    stream.send(add=pb.AddSequences(sequences=[codec.start_to_pb(s) for s in starts]))
+    tokens = {s.seq_id: list(s.token_ids) for s in starts}
+    outcomes = [RoundOutcome.first(s.seq_id) for s in starts]
+    sources = []
+    for step in range(4):
+        stream.send(round=pb.RoundRequest(round=step, outcomes=[codec.outcome_to_pb(o) for o in outcomes],
+                                          want_draft_probs=True))
+        resp = stream.recv()
+        assert resp.WhichOneof("response") == "speculations" and resp.speculations.round == step
+        remote = {m.seq_id: codec.speculation_from_pb(m) for m in resp.speculations.sequences}
+        expected = {s.seq_id: s for s in local.propose(outcomes)}
+        for sid, want in expected.items():
+            got = remote[sid]
+            assert (got.round, got.tokens, got.source) == (want.round, want.tokens, want.source)
+            assert (got.draft_probs is None) == (want.draft_probs is None) == (sid == "greedy")
+            if want.draft_probs is not None:
+                torch.testing.assert_close(got.draft_probs, want.draft_probs)
+        sources.append(remote["greedy"].source)
+        outcomes = []
+        for sid, spec in remote.items():
+            out = _greedy_outcome(draft, tokens[sid], spec)
+            tokens[sid] += list(spec.tokens[:out.num_accepted]) + [out.bonus_token]
+            outcomes.append(out)
+        assert resp.speculations.timings.total_ns > 0
+    assert sources[0] is SpecSource.JIT and sources[1:] == [SpecSource.CACHE_HIT] * 3  # same model: all hits
+    assert srv.servicer.tracker.sessions == 1 and srv.servicer.tracker.sequences == 2
+    stream.send(close=pb.SessionClose(reason="done"))
+    assert list(stream.responses) == []
+    assert _wait_for(lambda: srv.servicer.tracker.sessions == 0 and srv.servicer.tracker.sequences == 0)
+    local.close()
+
+
+def test_get_info_and_health(server, draft, model_dir) -> None:
+    srv, channel = server
+    info = speculation_pb2_grpc.SpeculatorStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5).info
+    assert (info.vocab_size, info.dtype, info.proto_version) == (64, "float32", 1)
+    assert info.tokenizer_fingerprint == tokenizer_fingerprint(draft.tokenizer, 64)
+    assert info.model_id == draft.name and list(info.transports) == [pb.TRANSPORT_INLINE]
+    check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_not_serving_before_the_model_loads() -> None:
+    srv, port = create_server(DraftServerConfig(port=0))
+    srv.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                speculation_pb2_grpc.SpeculatorStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        srv.stop(0)
+
+
+def test_bad_messages_get_session_errors_not_a_crash(server) -> None:
+    srv, channel = server
+    stream = _Stream(channel)
+    stream.open(fan_out=(1, 1), backup=BackupKind.FAST)
+    good = SeqStart("ok", (3, 4, 5), SamplingParams(), 1)
+    stream.send(add=pb.AddSequences(sequences=[codec.start_to_pb(good), pb.SequenceStart(seq_id="empty"),
+                                               pb.SequenceStart(seq_id="big", token_ids=[1, 999])]))
+    errors = [stream.recv().error, stream.recv().error]
+    assert [list(e.seq_ids) for e in errors] == [["empty"], ["big"]]
+    assert errors[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    stream.send(round=pb.RoundRequest(round=0, outcomes=[codec.outcome_to_pb(RoundOutcome.first("ok"))]))
+    spec = stream.recv().speculations.sequences[0]
+    assert spec.seq_id == "ok" and len(spec.tokens) == 1
+    stream.send(add=pb.AddSequences(sequences=[codec.start_to_pb(SeqStart("other", (7, 8), SamplingParams(), 2))]))
+    bad = RoundOutcome("ok", spec.round, 5, 1)  # num_accepted 5 > K = 1
+    stream.send(round=pb.RoundRequest(round=1, outcomes=[codec.outcome_to_pb(bad), codec.outcome_to_pb(
+        RoundOutcome.first("other")), pb.SequenceOutcome(seq_id="ghost", round=0, num_accepted=0, bonus_token=1)]))
+    first, second, third = stream.recv(), stream.recv(), stream.recv()
+    assert list(first.error.seq_ids) == ["ok"] and "num_accepted" in first.error.message
+    assert list(second.error.seq_ids) == ["ghost"] and second.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert [s.seq_id for s in third.speculations.sequences] == ["other"]  # the session goes on
+    assert srv.servicer.tracker.sequences == 1
+    stream.end()
+    assert list(stream.responses) == []
+
+
+def test_first_request_must_be_open_and_stream_end_drops_state(server) -> None:
+    srv, channel = server
+    stream = _Stream(channel)
+    stream.send(round=pb.RoundRequest(round=0))
+    err = stream.recv().error
+    assert not err.seq_ids and err.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert list(stream.responses) == []  # a session-level error ends the stream
+    cancelled = _Stream(channel)
+    cancelled.open()
+    cancelled.send(add=pb.AddSequences(sequences=[codec.start_to_pb(SeqStart("x", (1, 2), SamplingParams(), 3))]))
+    assert _wait_for(lambda: srv.servicer.tracker.sequences == 1)
+    cancelled.responses.cancel()  # the target goes away without a close
+    assert _wait_for(lambda: srv.servicer.tracker.sessions == 0 and srv.servicer.tracker.sequences == 0)
+
+
+class _FakeRegistry(speculation_pb2_grpc.TargetRegistryServicer):
+    """Records Register / Heartbeat / Deregister; forgets its leases when restarted."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.calls, self.leases = name, [], set()
+        self.lock = threading.Lock()
+
+    def Register(self, request, context):
+        with self.lock:
+            lease = f"{self.name}-{len(self.calls)}"
+            self.calls.append(("register", request.endpoint, request.auth_token, request.info.vocab_size))
+            self.leases.add(lease)
+        return pb.RegisterResponse(lease_id=lease, lease_ttl_ms=300, transport=pb.TRANSPORT_INLINE,
+                                   target_replica_id=self.name)
+
+    def Heartbeat(self, request, context):
+        with self.lock:
+            self.calls.append(("heartbeat", request.lease_id))
+            return pb.HeartbeatResponse(ok=request.lease_id in self.leases, lease_ttl_ms=300)
+
+    def Deregister(self, request, context):
+        with self.lock:
+            self.calls.append(("deregister", request.lease_id))
+        return pb.DeregisterResponse()
+
+    def count(self, kind: str) -> int:
+        with self.lock:
+            return sum(1 for c in self.calls if c[0] == kind)
+
+
+def _start_registry(name: str, port: int = 0) -> tuple[grpc.Server, int, _FakeRegistry]:
+    fake = _FakeRegistry(name)
+    srv = grpc.server(futures.ThreadPoolExecutor(4))
+    speculation_pb2_grpc.add_TargetRegistryServicer_to_server(fake, srv)
+    bound = srv.add_insecure_port(f"127.0.0.1:{port}")
+    srv.start()
+    return srv, bound, fake
+
+
+def test_registers_with_every_target_and_again_after_a_restart(draft) -> None:
+    (srv_a, port_a, fake_a), (srv_b, port_b, fake_b) = _start_registry("a"), _start_registry("b")
+    cfg = DraftServerConfig(port=0, targets=(f"127.0.0.1:{port_a}", f"localhost:{port_b}"), auth_token="s3cret",
+                            max_backoff_s=0.3)
+    draft_srv, port = create_server(cfg, model=draft)
+    draft_srv.start()
+    registrar = draft_srv.start_registration()
+    try:
+        assert registrar.wait_registered(2, 10)
+        assert _wait_for(lambda: fake_a.count("heartbeat") >= 2 and fake_b.count("heartbeat") >= 2)
+        assert fake_a.calls[0] == ("register", f"127.0.0.1:{port}", "s3cret", 64)
+        srv_a.stop(0).wait()
+        srv_a, _, fake_a = _start_registry("a2", port_a)  # a restarted target knows no lease
+        assert _wait_for(lambda: fake_a.count("register") >= 1 and fake_a.count("heartbeat") >= 1)
+        assert registrar.wait_registered(2, 10)
+    finally:
+        draft_srv.stop(0)
+    assert fake_a.count("deregister") == 1 and fake_b.count("deregister") == 1
+    srv_a.stop(0)
+    srv_b.stop(0)
+
+
+def test_resolve_and_exit_codes(tmp_path, model_dir) -> None:
+    assert resolve_target("localhost:1234") == ["127.0.0.1:1234"]
+    busy, port = create_server(DraftServerConfig(port=0))
+    try:
+        assert serve(DraftServerConfig(model_dir=model_dir, port=port)) == 2  # port in use
+    finally:
+        busy.stop(0)
+    assert serve(DraftServerConfig(model_dir=str(tmp_path / "missing"), port=0)) == 3  # no model there
+
+
+def test_serve_until_stopped_and_cli_arguments(tmp_path, model_dir, caplog: pytest.LogCaptureFixture) -> None:
+    import argparse
+    import logging
+
+    from draft_service import cli
+
+    registry, reg_port, fake = _start_registry("t")
+    token_file = tmp_path / "token"
+    token_file.write_text("tok\n")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--model", model_dir, "--port", "0", "--targets", f"127.0.0.1:{reg_port}",
+                              "--auth-token-file", str(token_file)])
+    cfg = cli.config_from_args(args)
+    assert cfg.auth_token == "tok" and cfg.targets == (f"127.0.0.1:{reg_port}",)
+    stop, result = threading.Event(), []
+    with caplog.at_level(logging.INFO, logger="draft_service.server"):
+        thread = threading.Thread(target=lambda: result.append(serve(cfg, stop)))
+        thread.start()
+        try:
+            assert _wait_for(lambda: fake.count("register") == 1, timeout=20)
+        finally:
+            stop.set()
+            thread.join(30)
+    assert result == [0] and fake.count("deregister") == 1
+    ready = [r.getMessage() for r in caplog.records if "draft ready" in r.getMessage()]
+    assert len(ready) == 1 and "registered with 1/1 targets" in ready[0]
+    registry.stop(0)
+
+
+def test_re_resolution_picks_up_new_targets_and_drops_gone_ones(draft) -> None:
+    from draft_service.registration import Registrar
+    from draft_service.servicer import draft_info
+    from draft_service.config import DraftLimits
+
+    (srv_a, port_a, fake_a), (srv_b, port_b, fake_b) = _start_registry("a"), _start_registry("b")
+    answers = [[f"127.0.0.1:{port_a}"], [f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"], [f"127.0.0.1:{port_b}"]]
+    calls = []
+
+    def resolve(entry: str) -> list[str]:  # a headless service name whose replicas come and go
+        calls.append(entry)
+        return answers[min(len(calls) - 1, len(answers) - 1)]
+
+    registrar = Registrar(["pool.example:1"], "127.0.0.1:9", "d1", draft_info(draft, DraftLimits()), "",
+                          lambda: pb.DraftLoad(), resolve_interval_s=0.2, resolve=resolve)
+    registrar.start()
+    try:
+        assert _wait_for(lambda: fake_b.count("register") == 1)  # a new replica appeared
+        assert _wait_for(lambda: fake_a.count("deregister") == 1)  # and the first one left the name
+        assert _wait_for(lambda: registrar.registered() == [f"127.0.0.1:{port_b}"])
+    finally:
+        registrar.stop()
+        srv_a.stop(0)
+        srv_b.stop(0)
+    assert fake_b.count("deregister") == 1
