@@ -1,0 +1,77 @@
+"""Serving the gateway app with uvicorn: in the foreground, or in a background thread beside a target."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from openai_gateway.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundServer:
+    """A uvicorn server running `app` in a daemon thread (its own event loop); stop() ends it."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host, self.port = host, self._sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name=f"openai-gateway-{self.port}", daemon=True)  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        """Base URL of the OpenAI API (ends with /v1)."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self, timeout_s: float = 10.0) -> BackgroundServer:
+        """Start serving; returns once uvicorn accepts connections (RuntimeError if it did not)."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the OpenAI gateway did not start on {self.host}:{self.port}")
+            time.sleep(0.02)
+        log.info("OpenAI API on %s", self.url)
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask uvicorn to exit and wait for the thread."""
+        self._server.should_exit = True
+        self._thread.join(timeout_s)
+        self._sock.close()
+
+
+def attach_to_target(
+    grpc_port: int, openai_port: int, host: str = "127.0.0.1", served_model_name: str | None = None,
+    tokenizer_dir: Path | None = None, grpc_host: str = "127.0.0.1",
+) -> BackgroundServer:  # fmt: skip
+    """Serve the OpenAI API on `host:openai_port` in front of the local target at `grpc_host:grpc_port`.
+
+    For `ssd serve target ... --openai-port P`: call after create_server() with the bound gRPC port
+    and tokenizer_dir=cfg.model; stop() the returned server before stopping the target.
+    """
+    app = create_app([f"{grpc_host}:{grpc_port}"], served_model_name, tokenizer_dir)
+    return BackgroundServer(app, host, openai_port).start()
+
+
+def serve_forever(
+    targets: Sequence[str], host: str, port: int, served_model_name: str | None, tokenizer_dir: Path | None,
+    timeout_s: float | None = None, log_level: str = "info",
+) -> int:  # fmt: skip
+    """Run the gateway in the foreground until SIGINT/SIGTERM; returns the exit code."""
+    app = create_app(targets, served_model_name, tokenizer_dir, timeout_s)
+    log.info("OpenAI gateway on http://%s:%d/v1 -> targets %s", host, port, ",".join(targets))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    return 0
