@@ -1,0 +1,1 @@
+"""Target replica: the Generation API, scheduler over engine lanes, draft registry and draft pool."""

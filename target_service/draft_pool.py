@@ -2,12 +2,18 @@
 
 Each sequence has a primary endpoint (least loaded when assigned). One Session stream per
 (this speculator, lease) carries, per round, the outcomes of that endpoint's sequences; all
-endpoints are asked in parallel and waited for with one bounded deadline. Any draft failure
+endpoints are asked in parallel and waited for with a bounded deadline (the timeout, plus
+PREFILL_S_PER_TOKEN per history token on rounds that add sequences). Any draft failure
 (stream error, stalled round, lease gone) marks the endpoint dead and moves its sequences: they
 are re-added elsewhere from their full token history, which this pool tracks (SeqStart tokens +
 the speculations it handed out + the outcomes). For that round they get SpecSource.NONE and the
 engine uses its own fast backup. Nothing here raises into the engine; output stays exact because
 the verifier alone decides what is committed.
+
+No endpoint at all (none registered yet, or all dead): every speculation is NONE, so SD/SSD
+requests still run, exactly, on the engine's fast n-gram backup; we chose this over falling back
+to AR because a draft that registers later is picked up mid-generation (its sequences are added
+at the next round).
 
 Round numbers: a sequence (re-)added to a draft starts at draft round 0, so the pool keeps an
 offset per sequence: engine round = draft round + offset.
@@ -15,7 +21,6 @@ offset per sequence: engine round = draft round + offset.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -31,6 +36,10 @@ from target_service.registry import DraftRegistry, Lease
 from target_service.session import DraftSession
 
 log = logging.getLogger(__name__)
+
+# A round that (re-)adds sequences also waits this long per history token: the draft prefills them
+# first, and a long prompt must not make a healthy endpoint look stalled.
+PREFILL_S_PER_TOKEN = 1e-3
 
 
 @dataclass(slots=True)
@@ -58,7 +67,6 @@ class PooledSpeculator:
         self._registry, self._replica, self._vocab, self._timeout_s = registry, replica_id, vocab_size, timeout_s
         self._tracks: dict[str, _Track] = {}
         self._sessions: dict[str, DraftSession] = {}
-        self._rr = itertools.count()
         self.rounds_by_endpoint: dict[str, int] = {}
 
     # -- Speculator protocol ---------------------------------------------------------------------
@@ -108,7 +116,8 @@ class PooledSpeculator:
             spec = answers.get(o.seq_id) or Speculation(o.seq_id, o.round + 1, (), None, SpecSource.NONE)
             track.round = o.round + 1
             # The engine replaces NONE with the same deterministic n-gram guess (ssd_core.backup).
-            track.spec = spec.tokens if spec.source is not SpecSource.NONE else (ngram_guess(track.tokens, k) if k else ())
+            guess = ngram_guess(track.tokens, k) if k else ()
+            track.spec = spec.tokens if spec.source is not SpecSource.NONE else guess
             specs.append(spec)
         return specs
 
@@ -138,13 +147,14 @@ class PooledSpeculator:
             if track.lease_id is not None:
                 groups.setdefault(track.lease_id, []).append((track, o))
         sent = {lease_id: self._send(live[lease_id], group) for lease_id, group in groups.items()}
-        deadline = time.monotonic() + self._timeout_s
+        start = time.monotonic()
         answers: dict[str, Speculation] = {}
-        for lease_id, step in sent.items():
+        for lease_id, (step, prefill_tokens) in sent.items():
             session = self._sessions[lease_id]
-            reply = session.wait_round(step, deadline)
+            budget = self._timeout_s + PREFILL_S_PER_TOKEN * prefill_tokens
+            reply = session.wait_round(step, start + budget)
             if reply is None:
-                self._kill(lease_id, session.error or f"no answer within {self._timeout_s:.1f}s")
+                self._kill(lease_id, session.error or f"no answer within {budget:.1f}s")
                 continue
             failed = session.take_failed()
             for track, o in groups[lease_id]:
@@ -153,17 +163,20 @@ class PooledSpeculator:
             answers.update(self._decode(reply.sequences, groups[lease_id], failed, session.endpoint))
         return answers
 
-    def _send(self, lease: Lease, group: list[tuple[_Track, RoundOutcome]]) -> int:
+    def _send(self, lease: Lease, group: list[tuple[_Track, RoundOutcome]]) -> tuple[int, int]:
+        """Send one endpoint's round (removals, additions, outcomes); (session step, tokens to prefill)."""
         session = self._sessions.get(lease.lease_id)
         if session is None:
             config = config_to_pb(self.fan_out, self.saguaro_c, self.backup, self.lookahead)
-            session = self._sessions[lease.lease_id] = DraftSession(lease.lease_id, lease.endpoint, self._replica, config)
+            session = DraftSession(lease.lease_id, lease.endpoint, self._replica, config)
+            self._sessions[lease.lease_id] = session
         stale = [t.start.seq_id for t, _ in group if not t.synced and t.held == lease.lease_id]
         session.remove(stale)  # a resync on the same endpoint: drop the old state first
         starts, wire = [], []
         for track, o in group:
             if not track.synced:
-                starts.append(SeqStart(track.start.seq_id, tuple(track.tokens), track.start.params, track.start.draft_seed))
+                start = track.start
+                starts.append(SeqStart(start.seq_id, tuple(track.tokens), start.params, start.draft_seed))
                 track.offset, track.synced, track.held = o.round + 1, True, lease.lease_id
                 wire.append(RoundOutcome.first(o.seq_id))
             elif o.num_accepted == FIRST_ROUND:
@@ -172,7 +185,7 @@ class PooledSpeculator:
                 wire.append(RoundOutcome(o.seq_id, o.round - track.offset, o.num_accepted, o.bonus_token))
         session.add(starts)
         want_probs = any(not t.start.params.greedy for t, _ in group)
-        return session.send_round(wire, want_probs)
+        return session.send_round(wire, want_probs), sum(len(x.token_ids) for x in starts)
 
     def _decode(self, sequences, group: list[tuple[_Track, RoundOutcome]], failed: set[str],
                 endpoint: str) -> dict[str, Speculation]:
@@ -198,23 +211,16 @@ class PooledSpeculator:
                 continue
             out[o.seq_id] = spec
         self.rounds_by_endpoint[endpoint] = self.rounds_by_endpoint.get(endpoint, 0) + 1
-        if self.rounds_by_endpoint[endpoint] == 1:
-            log.info("draft endpoint in use: endpoint=%s replica=%s", endpoint, self._replica)
         return out
 
     def _assign(self, track: _Track, live: dict[str, Lease]) -> None:
         if track.lease_id is not None:
             self._registry.assign(track.lease_id, -1)
-        track.lease_id, track.synced = None, False
-        if not live:
-            return
-        turn = next(self._rr)
-        loads = [(self._registry.load(x), (i - turn) % len(live), x) for i, x in enumerate(live)]
-        track.lease_id = min(loads)[2]  # least loaded, ties in rotating order
-        self._registry.assign(track.lease_id, +1)
+        track.lease_id, track.synced = self._registry.pick(list(live)), False
 
     def _fits(self, lease: Lease) -> bool:
-        return lease.max_lookahead == 0 or lease.max_lookahead >= self.lookahead
+        k_ok = lease.max_lookahead == 0 or lease.max_lookahead >= self.lookahead
+        return k_ok and (lease.max_fan_out_budget == 0 or lease.max_fan_out_budget >= sum(self.fan_out))
 
     def _kill(self, lease_id: str, why: str) -> None:
         """Mark an endpoint dead: close its session, drop its lease, move its sequences later."""

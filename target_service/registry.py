@@ -45,6 +45,7 @@ class Lease:
     endpoint: str  # host:port of its Speculator service
     model_id: str
     max_lookahead: int
+    max_fan_out_budget: int
     max_sequences: int
     expires_at: float  # time.monotonic()
 
@@ -60,6 +61,7 @@ class DraftRegistry:
         self._token = auth_token or None
         self._leases: dict[str, Lease] = {}
         self._load: dict[str, int] = {}
+        self._turn = 0
         self._lock = threading.Lock()
 
     # -- draft-facing ----------------------------------------------------------------------------
@@ -67,7 +69,7 @@ class DraftRegistry:
         """Check a draft against the target and grant a lease (the same draft_id replaces its old one)."""
         self._check(endpoint, info, auth_token)
         lease = Lease(uuid.uuid4().hex, draft_id or endpoint, endpoint, info.model_id, info.max_lookahead,
-                      info.max_sequences, time.monotonic() + self.ttl_s)
+                      info.max_fan_out_budget, info.max_sequences, time.monotonic() + self.ttl_s)
         with self._lock:
             for old in [x for x in self._leases.values() if x.draft_id == lease.draft_id or x.endpoint == endpoint]:
                 self._remove(old.lease_id, "replaced by a new registration")
@@ -117,6 +119,17 @@ class DraftRegistry:
         with self._lock:
             if lease_id in self._load:
                 self._load[lease_id] = max(0, self._load[lease_id] + delta)
+
+    def pick(self, lease_ids: list[str]) -> str | None:
+        """The least loaded of `lease_ids` (ties in rotating order, so all get used); counts it."""
+        with self._lock:
+            known = [x for x in lease_ids if x in self._load]
+            if not known:
+                return None
+            self._turn += 1
+            best = min(range(len(known)), key=lambda i: (self._load[known[i]], (i - self._turn) % len(known)))
+            self._load[known[best]] += 1
+            return known[best]
 
     def draft_model_ids(self) -> list[str]:
         return sorted({lease.model_id for lease in self.live()})

@@ -34,6 +34,7 @@ class Job:
 
     request: Request
     spec: SpecConfig
+    stop_token_ids: frozenset[int] = frozenset()  # finish with reason stop after any of these
 
     @property
     def request_id(self) -> str:
@@ -119,7 +120,7 @@ class Scheduler:
             if len(self._active) + len(self._pending) >= self.max_batch + self.max_queue:
                 raise AdmissionRejected(f"server busy: {len(self._active)} active and {len(self._pending)} queued "
                                         f"requests (max_batch={self.max_batch}, max_queue={self.max_queue})")
-            lanes = set(self._lanes) | {t.job.spec for t in self._pending}
+            lanes = {t.job.spec for t in self._active.values()} | {t.job.spec for t in self._pending}
             if job.spec not in lanes and len(lanes) >= self.max_lanes:
                 raise AdmissionRejected(f"too many distinct speculation configs in flight (max {self.max_lanes})")
             ticket = Ticket(job)
@@ -164,12 +165,19 @@ class Scheduler:
                     self._cond.wait(0.5)
                 admit, aborts = self._take_admissions(), self._aborts
                 self._aborts = set()
-            self._admit(admit)
-            self._apply_aborts(aborts)
-            for spec, lane in list(self._lanes.items()):
-                if lane.engine.seqs:
-                    self._step(spec, lane)
-            self._close_idle_lanes()
+            try:
+                self._admit(admit)
+                self._apply_aborts(aborts)
+                for spec, lane in list(self._lanes.items()):
+                    if lane.engine.seqs:
+                        self._step(spec, lane)
+                self._close_idle_lanes()
+            except Exception as exc:  # noqa: BLE001 - the engine thread must outlive a bug
+                log.exception("engine loop failed; failing all active requests")
+                for spec in list(self._lanes):
+                    self._drop_lane(spec)
+                for ticket in list(self._active.values()):
+                    self._fail(ticket, exc)
         self._shutdown()
 
     def _take_admissions(self) -> list[Ticket]:
@@ -210,6 +218,9 @@ class Scheduler:
     def _new_lane(self, spec: SpecConfig) -> _Lane:
         log.info("new engine lane: mode=%s lookahead=%s fan_out=%s saguaro_c=%s backup=%s", spec.mode.value,
                  spec.lookahead, spec.fan_out, spec.saguaro_c, spec.backup.value)
+        idle = [key for key, lane in self._lanes.items() if not lane.engine.seqs]
+        for old in idle[: max(0, len(self._lanes) + 1 - self.max_lanes)]:  # make room: close idle lanes
+            self._drop_lane(old)
         lane = self._lanes[spec] = _Lane(self._lane_factory(spec))
         return lane
 
@@ -232,8 +243,30 @@ class Scheduler:
                     self._fail(ticket, exc)
             self._drop_lane(spec)
             return
-        self._dispatch(deltas)
+        self._dispatch(self._stop_tokens(lane, deltas))
         lane.idle_since = time.monotonic()
+
+    def _stop_tokens(self, lane: _Lane, deltas: list[Delta]) -> list[Delta]:
+        """Cut a delta after the first stop token id and finish its sequence (reason stop)."""
+        out = []
+        for delta in deltas:
+            ticket = self._active.get(delta.seq_id)
+            stops = ticket.job.stop_token_ids if ticket is not None else frozenset()
+            hit = next((j for j, t in enumerate(delta.token_ids) if t in stops), None)
+            if hit is None:
+                out.append(delta)
+                continue
+            ended = delta.finished or lane.engine.abort(delta.seq_id)
+            if ended is None:
+                out.append(delta)
+                continue
+            keep = len(ended.token_ids) - len(delta.token_ids) + hit + 1
+            ids = ended.token_ids[:keep]
+            tok = lane.engine.target.tokenizer
+            text = tok.decode(list(ids), skip_special_tokens=True) if tok is not None else ""
+            result = Result(delta.seq_id, ids, text, "stop", ended.stats)
+            out.append(Delta(delta.seq_id, delta.token_ids[: hit + 1], result))
+        return out
 
     def _dispatch(self, deltas: list[Delta]) -> None:
         for delta in deltas:

@@ -80,6 +80,8 @@ class DraftSession:
                 del self._answers[old]  # late answers to rounds we gave up on
         if answer is not None:
             self.rounds_served += 1
+            if self.rounds_served == 1:
+                log.info("draft session in use: endpoint=%s lease=%s", self.endpoint, self.lease_id[:8])
         return answer
 
     def take_failed(self) -> set[str]:

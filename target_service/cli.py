@@ -1,0 +1,78 @@
+"""`ssd serve target` / `python -m target_service`: arguments and entry point of a target replica."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ssd_core.config import BackupKind, BatchPolicy, Mode
+from target_service.config import TargetConfig
+from target_service.server import ModelLoadError, serve
+
+log = logging.getLogger(__name__)
+
+AUTH_TOKEN_ENV = "SSD_AUTH_TOKEN"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local HF model directory of the target")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051, help="0 = any free port")
+    parser.add_argument("--replica-id", default="", help="stable name of this replica (default target-PORT)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--lookahead", type=int, default=None, help="K (default: by batch size)")
+    parser.add_argument("--fan-out", type=_int_list, default=(), help="F_0..F_K, e.g. 4,2,1,1,1")
+    parser.add_argument("--saguaro-c", type=float, default=1.0)
+    parser.add_argument("--backup", choices=[b.value for b in BackupKind], default=BackupKind.AUTO.value)
+    parser.add_argument("--mode-default", choices=[m.value for m in Mode], default=Mode.SSD.value)
+    parser.add_argument("--policy", default=None, help="batch policy 'MAXB:K:BACKUP,...', e.g. 1:6:jit,4:4:jit")
+    parser.add_argument("--max-batch", type=int, default=16, help="concurrent sequences")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond --max-batch")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="per-request limit")
+    parser.add_argument("--draft-timeout-s", type=float, default=2.0, help="bounded wait for drafts per round")
+    parser.add_argument("--lease-ttl-s", type=float, default=6.0)
+    parser.add_argument("--auth-token-file", default=None,
+                        help=f"file holding the token drafts must present (default: ${AUTH_TOKEN_ENV})")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--grace-s", type=float, default=5.0, help="SIGTERM grace period")
+
+
+def config_from_args(args: argparse.Namespace) -> TargetConfig:
+    """The config; the auth token is read here, once (file first, then $SSD_AUTH_TOKEN, as the draft does)."""
+    token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else os.environ.get(AUTH_TOKEN_ENV)
+    policy = BatchPolicy.parse(args.policy) if args.policy else BatchPolicy()
+    return TargetConfig(
+        model=args.model, host=args.host, port=args.port, replica_id=args.replica_id, device=args.device,
+        dtype=args.dtype, mode_default=Mode(args.mode_default), lookahead=args.lookahead,
+        fan_out=tuple(args.fan_out), saguaro_c=args.saguaro_c, backup=BackupKind(args.backup), policy=policy,
+        max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
+        default_max_tokens=min(128, args.max_tokens), draft_timeout_s=args.draft_timeout_s,
+        lease_ttl_s=args.lease_ttl_s, auth_token=token, grace_s=args.grace_s,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM; exit code 2 on bad arguments or a busy port, 3 when the model cannot load."""
+    logging.getLogger("target_service").setLevel(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        cfg = config_from_args(args)
+        return serve(cfg)
+    except ModelLoadError as exc:
+        log.error("%s", exc)
+        return 3
+    except (ValueError, OSError) as exc:  # PortInUse is an OSError
+        log.error("cannot start the target: %s", exc)
+        return 2
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(" ", ",").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None

@@ -1,0 +1,58 @@
+"""Configuration of one target replica (validated at construction; runtime state lives elsewhere)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ssd_core.config import BackupKind, BatchPolicy, Mode
+from ssd_core.errors import InvalidParameter
+
+
+@dataclass(frozen=True, slots=True)
+class TargetConfig:
+    model: str  # local HF model directory
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (tests)
+    replica_id: str = ""  # "" -> "target-<port>"
+    device: str = "cpu"
+    dtype: str = "float32"
+    mode_default: Mode = Mode.SSD
+    lookahead: int | None = None  # None: by batch size (BatchPolicy)
+    fan_out: tuple[int, ...] = ()
+    saguaro_c: float = 1.0
+    backup: BackupKind = BackupKind.AUTO
+    policy: BatchPolicy = field(default_factory=BatchPolicy)
+    max_batch: int = 16  # concurrent sequences on the engine thread
+    max_queue: int = 64  # requests waiting for admission beyond max_batch
+    max_tokens: int = 2048  # per request
+    default_max_tokens: int = 128  # when a request says 0
+    max_lookahead: int = 16
+    max_stop_strings: int = 8
+    draft_timeout_s: float = 2.0  # bounded wait for the drafts per round
+    lease_ttl_s: float = 6.0
+    auth_token: str | None = None  # shared secret drafts must present to register
+    grace_s: float = 5.0  # SIGTERM: finish in-flight RPCs for this long
+    rpc_threads: int = 64
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("port", self.port, 0 <= self.port < 65536, "must be in [0, 65536)"),
+            ("max_batch", self.max_batch, self.max_batch >= 1, "must be >= 1"),
+            ("max_queue", self.max_queue, self.max_queue >= 0, "must be >= 0"),
+            ("max_tokens", self.max_tokens, self.max_tokens >= 1, "must be >= 1"),
+            ("default_max_tokens", self.default_max_tokens, 1 <= self.default_max_tokens <= self.max_tokens,
+             "must be in [1, max_tokens]"),
+            ("lookahead", self.lookahead, self.lookahead is None or 1 <= self.lookahead <= self.max_lookahead,
+             f"must be in [1, {self.max_lookahead}]"),
+            ("saguaro_c", self.saguaro_c, 0.0 < self.saguaro_c <= 1.0, "C must be in (0, 1]"),
+            ("draft_timeout_s", self.draft_timeout_s, self.draft_timeout_s > 0, "must be > 0"),
+            ("lease_ttl_s", self.lease_ttl_s, self.lease_ttl_s > 0, "must be > 0"),
+            ("rpc_threads", self.rpc_threads, self.rpc_threads >= 4, "must be >= 4"),
+        ]
+        for name, value, ok, why in checks:
+            if not ok:
+                raise InvalidParameter(name, value, why)
+
+    @property
+    def default_lookahead(self) -> int:
+        return self.lookahead if self.lookahead is not None else self.policy.lookup(1).lookahead

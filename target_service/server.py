@@ -1,0 +1,130 @@
+"""Target replica lifecycle: bind, health NOT_SERVING, load the model, SERVING; graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ssd_core.config import Mode, SpecConfig
+from ssd_core.engine import Engine
+from ssd_core.models import LoadedModel, load_model, tokenizer_fingerprint
+from ssd_core.plan import RoundPlan
+from ssd_protos.ssd.v1 import generation_pb2, generation_pb2_grpc, speculation_pb2, speculation_pb2_grpc
+from target_service.config import TargetConfig
+from target_service.draft_pool import PooledSpeculator
+from target_service.registry import DraftRegistry, RegistryHolder, TargetIdentity, TargetRegistryServicer
+from target_service.scheduler import LaneFactory, Scheduler
+from target_service.servicer import AppHolder, GenerationServicer, TargetApp
+from target_service.session import CHANNEL_OPTIONS
+
+log = logging.getLogger(__name__)
+
+SERVICES = (generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+            speculation_pb2.DESCRIPTOR.services_by_name["TargetRegistry"].full_name)
+
+
+class PortInUse(OSError):
+    """The address could not be bound."""
+
+
+class ModelLoadError(OSError):
+    """The target model could not be loaded (bad or missing model directory)."""
+
+
+class TargetServer:
+    """A running target replica: the gRPC server plus the app behind it."""
+
+    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer, app: TargetApp) -> None:
+        self.grpc_server, self.health, self.app = server, health_servicer, app
+        self._stopped = threading.Event()
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        """NOT_SERVING, let in-flight RPCs finish within `grace`, then stop the engine thread."""
+        if self._stopped.is_set():
+            return self._stopped
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(grace).wait()
+        self.app.scheduler.close()
+        log.info("target stopped: replica=%s", self.app.replica_id)
+        self._stopped.set()
+        return self._stopped
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+
+def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple[TargetServer, int]:
+    """Bind, start (health NOT_SERVING), load the model (unless given), then flip to SERVING."""
+    # every in-flight Generate holds a handler thread; so_reuseport off: a busy port must fail
+    workers = max(cfg.rpc_threads, cfg.max_batch + cfg.max_queue + 16)
+    server = grpc.server(futures.ThreadPoolExecutor(workers, thread_name_prefix="rpc"),
+                         options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
+    health_servicer = health.HealthServicer()
+    for name in ("", *SERVICES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    apps, registries = AppHolder(), RegistryHolder()
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(apps), server)
+    speculation_pb2_grpc.add_TargetRegistryServicer_to_server(TargetRegistryServicer(registries), server)
+    reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    except RuntimeError as exc:
+        raise PortInUse(f"cannot bind {cfg.host}:{cfg.port}: {exc}") from None
+    if port == 0:
+        raise PortInUse(f"cannot bind {cfg.host}:{cfg.port} (in use?)")
+    server.start()
+    try:
+        target = target or load_model(cfg.model, cfg.device, cfg.dtype)
+    except Exception as exc:
+        server.stop(None)
+        raise ModelLoadError(f"cannot load the target model from {cfg.model!r}: {exc}") from exc
+    replica_id = cfg.replica_id or f"target-{port}"
+    identity = TargetIdentity(replica_id, target.name, target.vocab_size,
+                              tokenizer_fingerprint(target.tokenizer, target.vocab_size))
+    registry = DraftRegistry(identity, cfg.lease_ttl_s, cfg.auth_token)
+    scheduler = Scheduler(lane_factory(target, registry, cfg, replica_id), cfg.max_batch, cfg.max_queue)
+    scheduler.start()
+    app = TargetApp(cfg, target, scheduler, registry, replica_id)
+    apps.app, registries.registry = app, registry
+    for name in ("", *SERVICES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return TargetServer(server, health_servicer, app), port
+
+
+def lane_factory(target: LoadedModel, registry: DraftRegistry, cfg: TargetConfig, replica_id: str) -> LaneFactory:
+    """Engines over the shared target; SD/SSD lanes speculate through the draft pool."""
+
+    def speculator(plan: RoundPlan, saguaro_c: float) -> PooledSpeculator:
+        return PooledSpeculator(registry, plan, saguaro_c, replica_id=replica_id, vocab_size=target.vocab_size,
+                                timeout_s=cfg.draft_timeout_s)
+
+    def make(spec: SpecConfig) -> Engine:
+        factory = None if spec.mode is Mode.AR else speculator
+        return Engine(target, spec=spec, policy=cfg.policy, speculator_factory=factory)
+
+    return make
+
+
+def serve(cfg: TargetConfig) -> int:
+    """Run a target replica until SIGTERM / SIGINT; returns the exit code."""
+    server, port = create_server(cfg)
+    app = server.app
+    log.info("target ready: replica=%s model=%s vocab=%d addr=%s:%d max_batch=%d default_mode=%s",
+                app.replica_id, app.target.name, app.target.vocab_size, cfg.host, port, cfg.max_batch,
+                cfg.mode_default.value)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.warning("signal %d: stopping (grace %.1fs)", signum, cfg.grace_s)
+        threading.Thread(target=server.stop, args=(cfg.grace_s,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.wait_for_termination()
+    return 0
