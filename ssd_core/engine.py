@@ -30,6 +30,7 @@ from ssd_core.sampling import process_logits
 from ssd_core.speculator import DraftSpeculator
 from ssd_core.stats import EngineTimings, RequestStats
 from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Speculation, Speculator
+from ssd_core.validate import speculation_problem
 from ssd_core.verify import draw_noise, point_mass, verify
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class Engine:
         fails validation (everything from a draft is untrusted input)."""
         if lookahead == 0:
             return Speculation(seq.req.seq_id, seq.round + 1, (), None, SpecSource.NONE)
-        problem = _speculation_problem(spec, seq, lookahead, self.target.vocab_size)
+        problem = speculation_problem(spec, seq.req.seq_id, seq.round + 1, lookahead, self.target.vocab_size)
         if problem is None:
             return spec
         if spec.source is not SpecSource.NONE:
@@ -334,26 +335,3 @@ def _local_factory(draft: LoadedModel) -> SpeculatorFactory:
         return DraftSpeculator(draft, plan.fan_out, saguaro_c, plan.backup, tree=plan.tree)
 
     return build
-
-
-def _speculation_problem(spec: Speculation, seq: _Seq, lookahead: int, vocab: int) -> str | None:
-    """Why a speculation cannot be verified as is (None if it can)."""
-    if spec.source is SpecSource.NONE:
-        return "no speculation"
-    if spec.seq_id != seq.req.seq_id or spec.round != seq.round + 1:
-        return f"wrong sequence or round ({spec.seq_id}, {spec.round})"
-    if len(spec.tokens) != lookahead:
-        return f"{len(spec.tokens)} tokens, expected {lookahead}"
-    if any(not 0 <= t < vocab for t in spec.tokens):
-        return "token id out of range"
-    q = spec.draft_probs
-    if q is not None:
-        if tuple(q.shape) != (lookahead, vocab):
-            return f"draft_probs shape {tuple(q.shape)}, expected {(lookahead, vocab)}"
-        if not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
-            return "draft_probs not finite or negative"
-        if not bool(((q.sum(-1) - 1).abs() < 1e-3).all()):
-            return "draft_probs rows do not sum to 1"
-        if bool((q.gather(-1, torch.tensor(spec.tokens)[:, None]) <= 0).any()):
-            return "a draft token has probability 0 under its own q"
-    return None

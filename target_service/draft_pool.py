@@ -25,12 +25,11 @@ import logging
 import time
 from dataclasses import dataclass
 
-import torch
-
 from ssd_core.backup import ngram_guess
 from ssd_core.config import SamplingParams
 from ssd_core.plan import RoundPlan
 from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Speculation
+from ssd_core.validate import speculation_problem
 from ssd_core.wire.codec import config_to_pb, speculation_from_pb
 from target_service.registry import DraftRegistry, Lease
 from target_service.session import DraftSession
@@ -203,7 +202,7 @@ class PooledSpeculator:
                 track.synced = False
                 continue
             spec = Speculation(o.seq_id, spec.round + track.offset, spec.tokens, spec.draft_probs, spec.source)
-            problem = _problem(spec, o.round + 1, self.lookahead, self._vocab)
+            problem = speculation_problem(spec, o.seq_id, o.round + 1, self.lookahead, self._vocab)
             if problem is not None:
                 if spec.source is not SpecSource.NONE:
                     log.warning("bad speculation from %s for %s: %s", endpoint, o.seq_id, problem)
@@ -232,23 +231,3 @@ class PooledSpeculator:
         for track in self._tracks.values():
             if track.lease_id == lease_id or track.held == lease_id:
                 track.lease_id, track.synced, track.held = None, False, None
-
-
-def _problem(spec: Speculation, round_: int, lookahead: int, vocab: int) -> str | None:
-    """Why the engine would reject `spec` (mirrors its validation so the pool tracks the same tokens)."""
-    if spec.source is SpecSource.NONE:
-        return "no speculation"
-    if spec.round != round_:
-        return f"round {spec.round}, expected {round_}"
-    if len(spec.tokens) != lookahead or any(not 0 <= t < vocab for t in spec.tokens):
-        return f"{len(spec.tokens)} tokens or an id out of range (K={lookahead}, V={vocab})"
-    q = spec.draft_probs
-    if q is not None:
-        if tuple(q.shape) != (lookahead, vocab) or not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
-            return "draft_probs shape or values"
-        if not bool(((q.sum(-1) - 1).abs() < 1e-3).all()):
-            return "draft_probs rows do not sum to 1"
-        if bool((q.gather(-1, torch.tensor(spec.tokens)[:, None]) <= 0).any()):
-            return "a draft token has probability 0 under its own q"
-    return None
-
