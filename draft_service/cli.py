@@ -49,6 +49,8 @@ def config_from_args(args: argparse.Namespace) -> DraftServerConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Run the draft endpoint until SIGTERM; returns the exit code (non-zero: port busy, bad model)."""
+    # the one "ready" line (and lifecycle lines) show at the default WARNING level too
+    logging.getLogger("draft_service").setLevel(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args)

@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     draft = kinds.add_parser("draft", help="a draft endpoint (Speculator service)")
     _lazy_arguments(draft, "draft_service.cli")
     draft.set_defaults(func=lambda args: _lazy_run("draft_service.cli", args))
+    gateway = kinds.add_parser("openai", help="an OpenAI-compatible HTTP gateway in front of target replicas")
+    _lazy_arguments(gateway, "openai_gateway.cli")
+    gateway.set_defaults(func=lambda args: _lazy_run("openai_gateway.cli", args))
 
     up = subparsers.add_parser("up", help="start a target and a draft as separate processes and try a few prompts")
     up.add_argument("--target", default=None, metavar="DIR", help="target model dir (default: the embedded pair)")

@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"file holding the token drafts must present (default: ${AUTH_TOKEN_ENV})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--grace-s", type=float, default=5.0, help="SIGTERM grace period")
+    parser.add_argument("--openai-port", type=int, default=0, help="also serve the OpenAI HTTP API on this port")
+    parser.add_argument("--served-model-name", default="", help="OpenAI model name (default: the model dir name)")
 
 
 def config_from_args(args: argparse.Namespace) -> TargetConfig:
@@ -52,7 +54,8 @@ def config_from_args(args: argparse.Namespace) -> TargetConfig:
         fan_out=tuple(args.fan_out), saguaro_c=args.saguaro_c, backup=BackupKind(args.backup), policy=policy,
         max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         default_max_tokens=min(128, args.max_tokens), draft_timeout_s=args.draft_timeout_s,
-        lease_ttl_s=args.lease_ttl_s, auth_token=token, grace_s=args.grace_s,
+        lease_ttl_s=args.lease_ttl_s, auth_token=token, grace_s=args.grace_s, openai_port=args.openai_port,
+        served_model_name=args.served_model_name,
     )  # fmt: skip
 
 

@@ -33,6 +33,8 @@ class TargetConfig:
     auth_token: str | None = None  # shared secret drafts must present to register
     grace_s: float = 5.0  # SIGTERM: finish in-flight RPCs for this long
     rpc_threads: int = 64
+    openai_port: int = 0  # > 0: also serve the OpenAI-compatible HTTP API here
+    served_model_name: str = ""  # OpenAI model name ("" -> the model directory name)
 
     def __post_init__(self) -> None:
         checks = [

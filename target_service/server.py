@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -120,9 +121,21 @@ def serve(cfg: TargetConfig) -> int:
                 app.replica_id, app.target.name, app.target.vocab_size, cfg.host, port, cfg.max_batch,
                 cfg.mode_default.value)
 
+    http = None
+    if cfg.openai_port:
+        from openai_gateway.server import attach_to_target
+
+        http = attach_to_target(port, cfg.openai_port, cfg.host, cfg.served_model_name or None, Path(cfg.model))
+        log.info("OpenAI API on %s/v1", http.url)
+
+    def stop() -> None:
+        if http is not None:
+            http.stop()
+        server.stop(cfg.grace_s)
+
     def on_signal(signum: int, _frame: object) -> None:
         log.warning("signal %d: stopping (grace %.1fs)", signum, cfg.grace_s)
-        threading.Thread(target=server.stop, args=(cfg.grace_s,), daemon=True).start()
+        threading.Thread(target=stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
