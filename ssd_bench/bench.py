@@ -60,6 +60,17 @@ class ModeRun:
     breakdown_s: dict[str, float] = field(default_factory=dict)
     outputs: list[tuple[int, ...]] = field(default_factory=list)
 
+    def record(self, results, wall_s: float) -> None:
+        """One batch: its wall time and each result's tokens and speculation stats."""
+        lengths = [len(r.token_ids) for r in results]
+        self.tokens_per_s.append(sum(lengths) / wall_s)
+        self.latency_ms.append(1000 * wall_s / max(1, max(lengths)))
+        for r in results:
+            self.accepted.append(r.stats.mean_accepted_length)
+            self.hit_rates.append(r.stats.cache_hit_rate)
+            self.backup_uses += r.stats.backup_uses
+            self.outputs.append(tuple(r.token_ids))
+
     def summary(self) -> dict:
         per_round = {k: 1000 * v / max(1, self.rounds) for k, v in self.breakdown_s.items()}
         return {
@@ -128,14 +139,7 @@ def _run_batch(engine: Engine, batch, cfg: BenchConfig, run: ModeRun) -> None:
     results = engine.generate(reqs)
     wall = time.perf_counter() - t0
     after = engine.timings.to_dict()
-    new = sum(len(r.token_ids) for r in results)
-    run.tokens_per_s.append(new / wall)
-    run.latency_ms.append(1000 * wall / max(1, max(len(r.token_ids) for r in results)))
-    for r in results:
-        run.accepted.append(r.stats.mean_accepted_length)
-        run.hit_rates.append(r.stats.cache_hit_rate)
-        run.backup_uses += r.stats.backup_uses
-        run.outputs.append(r.token_ids)
+    run.record(results, wall)
     run.rounds += after["steps"] - before["steps"]
     parts = {"verify": "verify_s", "draft_wait": "speculate_s", "commit": "commit_s", "prefill": "prefill_s"}
     for name, key in parts.items():
@@ -166,7 +170,7 @@ def run_hf_assisted(target: LoadedModel, draft: LoadedModel, prompts, cfg: Bench
         new = tuple(out[0, len(p):].tolist())
         run.tokens_per_s.append(len(new) / wall)
         run.latency_ms.append(1000 * wall / max(1, len(new)))
-        run.outputs.append(new)
+        run.outputs.append(new)  # no speculation stats from transformers
     return {1: run}
 
 

@@ -121,15 +121,8 @@ def _batch(client, batch, cfg, run) -> None:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(batch)) as pool:
         results = list(pool.map(one, enumerate(batch)))
-    wall = time.perf_counter() - t0
-    new = sum(len(r.token_ids) for r in results)
-    run.tokens_per_s.append(new / wall)
-    run.latency_ms.append(1000 * wall / max(1, max(len(r.token_ids) for r in results)))
+    run.record(results, time.perf_counter() - t0)
     for r in results:
-        run.accepted.append(r.stats.mean_accepted_length)
-        run.hit_rates.append(r.stats.cache_hit_rate)
-        run.backup_uses += r.stats.backup_uses
         run.rounds += r.stats.rounds
-        run.outputs.append(tuple(r.token_ids))
         for name, ns in r.stats.timings_ns:
             run.breakdown_s[name] = run.breakdown_s.get(name, 0.0) + ns / 1e9

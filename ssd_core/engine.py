@@ -302,19 +302,9 @@ class Engine:
 
     def _prefill(self, new: list[_Seq]) -> None:
         """Target KV for all but the last prompt token (it is fed with the first verify pass)."""
-        kv = BatchKV(len(new), self.target.device)
-        width = max(len(s.tokens) - 1 for s in new)
-        if width:
-            tokens = torch.zeros(len(new), width, dtype=torch.long)
-            pos = torch.full((len(new), width), -1, dtype=torch.long)
-            for i, s in enumerate(new):
-                n = len(s.tokens) - 1
-                tokens[i, :n] = torch.tensor(s.tokens[:n])
-                pos[i, :n] = torch.arange(n)
-            t0 = time.perf_counter()
-            kv.forward(self.target.model, tokens, pos)
-            self.timings.add(prefill_s=time.perf_counter() - t0)
-        self.kv.extend(kv)
+        t0 = time.perf_counter()
+        self.kv.extend(BatchKV.prefill(self.target.model, [s.tokens for s in new], self.target.device))
+        self.timings.add(prefill_s=time.perf_counter() - t0)
 
     def _text(self, ids: list[int]) -> str:
         tok = self.target.tokenizer

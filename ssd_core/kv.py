@@ -72,6 +72,22 @@ class BatchKV:
         self.pos, self.branch = all_pos, all_branch
         return out.logits
 
+    @classmethod
+    def prefill(cls, model: torch.nn.Module, histories: list[list[int]], device: torch.device | str = "cpu") -> "BatchKV":
+        """A new batch whose rows hold each history except its last token (that token is fed by
+        the row's next step, which needs its logits). Rows are right-padded with invalid slots."""
+        kv = cls(len(histories), device)
+        width = max((len(h) - 1 for h in histories), default=0)
+        if width:
+            tokens = torch.zeros(len(histories), width, dtype=torch.long)
+            pos = torch.full((len(histories), width), -1, dtype=torch.long)
+            for i, h in enumerate(histories):
+                n = len(h) - 1
+                tokens[i, :n] = torch.tensor(h[:n], dtype=torch.long)
+                pos[i, :n] = torch.arange(n)
+            kv.forward(model, tokens, pos)
+        return kv
+
     # -- bookkeeping ---------------------------------------------------------------------------
     def keep(self, trunk_limit: torch.Tensor, keep_branch: torch.Tensor | None = None) -> None:
         """Keep trunk slots with pos <= trunk_limit[b] and promote branch keep_branch[b] (-1: none)

@@ -95,19 +95,9 @@ class DraftSpeculator:
         if not starts:
             return
         new = [_Row(s.seq_id, list(s.token_ids), s, torch.Generator().manual_seed(s.draft_seed)) for s in starts]
-        kv = BatchKV(len(new), self.draft.device)
-        width = max(len(r.tokens) - 1 for r in new)
-        if width:
-            tokens = torch.zeros(len(new), width, dtype=torch.long)
-            pos = torch.full((len(new), width), -1, dtype=torch.long)
-            for i, r in enumerate(new):
-                n = len(r.tokens) - 1
-                tokens[i, :n] = torch.tensor(r.tokens[:n])
-                pos[i, :n] = torch.arange(n)
-            kv.forward(self.draft.model, tokens, pos)
         for r in new:
             r.fed = len(r.tokens) - 1
-        self.kv.extend(kv)
+        self.kv.extend(BatchKV.prefill(self.draft.model, [r.tokens for r in new], self.draft.device))
         self.rows.extend(new)
 
     def remove(self, seq_ids: list[str]) -> None:

@@ -1,0 +1,143 @@
+"""Prometheus metrics of a target replica: every metric object lives here, nowhere else.
+
+Names follow vLLM's speculative-decoding counters (``vllm:spec_decode_*``) under the prefix
+``ssd_`` (a colon is reserved for recording rules). Hot paths touch only the objects below;
+``record_round`` is the one call the engine makes per verification round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+
+# The default REGISTRY also carries prometheus_client's process/GC/platform collectors, so one
+# /metrics page has everything.
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+MAX_POSITIONS = 16  # per-position acceptance is tracked for positions 0..MAX_POSITIONS-1
+PHASES = ("prefill", "speculate", "verify", "commit", "round")
+BACKUP_KINDS = ("jit", "fast")
+ROUND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+SPEC_DECODE_NUM_DRAFTS = Counter(
+    "ssd_spec_decode_num_drafts", "Speculations verified (one per sequence per speculative round).")
+SPEC_DECODE_NUM_DRAFT_TOKENS = Counter(
+    "ssd_spec_decode_num_draft_tokens", "Draft tokens proposed to verification.")
+SPEC_DECODE_NUM_ACCEPTED_TOKENS = Counter(
+    "ssd_spec_decode_num_accepted_tokens", "Draft tokens accepted by verification.")
+SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS = Counter(
+    "ssd_spec_decode_num_accepted_tokens_per_pos", "Accepted draft tokens by position in the speculation.",
+    ["position"])
+CACHE_HITS = Counter("ssd_cache_hits", "Speculation-cache lookups that found the verified outcome pre-drafted.")
+CACHE_MISSES = Counter("ssd_cache_misses", "Speculation-cache lookups that fell back to a backup speculator.")
+BACKUP_USES = Counter("ssd_backup_uses", "Rounds served by a backup speculator, by kind (jit | fast).", ["kind"])
+ROUND_SECONDS = Histogram(
+    "ssd_round_seconds", "Wall time of one engine step by phase; 'speculate' is the wait for the drafts.",
+    ["phase"], buckets=ROUND_BUCKETS)
+REGISTERED_DRAFTS = Gauge("ssd_registered_drafts", "Draft endpoints holding a live lease on this replica.")
+QUEUE_DEPTH = Gauge("ssd_queue_depth", "Requests waiting for admission (beyond max_batch).")
+ACTIVE_SEQUENCES = Gauge("ssd_active_sequences", "Sequences being decoded by the engine.")
+DRAFT_UTILIZATION = Gauge(
+    "ssd_draft_utilization", "Sequences assigned to drafts over the drafts' announced capacity (0..1).")
+DRAFT_CACHE_MISS_RATE = Gauge(
+    "ssd_draft_cache_miss_rate", "Speculation-cache miss rate, exponentially weighted over recent lookups.")
+
+# Pre-create label children so every series is exported from the start (rate() needs a zero).
+_POS_CHILDREN = tuple(SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS.labels(position=str(i)) for i in range(MAX_POSITIONS))
+_BACKUP_CHILDREN = {kind: BACKUP_USES.labels(kind=kind) for kind in BACKUP_KINDS}
+_PHASE_CHILDREN = {phase: ROUND_SECONDS.labels(phase=phase) for phase in PHASES}
+
+
+class MissRateWindow:
+    """Exponentially weighted cache miss rate; each lookup weighs `alpha` (about 1/alpha lookups)."""
+
+    def __init__(self, gauge: Gauge, alpha: float = 0.02) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha={alpha}: must be in (0, 1]")
+        self._gauge, self._alpha, self._rate, self._seen = gauge, alpha, 0.0, False
+        self._lock = threading.Lock()
+
+    def observe(self, hits: int, misses: int) -> float:
+        """Fold `hits + misses` lookups into the rate, set the gauge, and return the rate."""
+        n = hits + misses
+        if n <= 0:
+            return self._rate
+        with self._lock:
+            if not self._seen:
+                self._rate, self._seen = misses / n, True
+            else:
+                keep = (1.0 - self._alpha) ** n  # n single-lookup updates at once
+                self._rate = keep * self._rate + (1.0 - keep) * (misses / n)
+            rate = self._rate
+        self._gauge.set(rate)
+        return rate
+
+    def reset(self) -> None:
+        """Forget history (tests)."""
+        with self._lock:
+            self._rate, self._seen = 0.0, False
+        self._gauge.set(0.0)
+
+
+MISS_RATE = MissRateWindow(DRAFT_CACHE_MISS_RATE)
+
+
+def record_round(accepted: Iterable[int], lookahead: int, *, hits: int = 0, jit: int = 0, fast: int = 0,
+                 phase_seconds: dict[str, float] | None = None) -> None:
+    """Count one verification round: `accepted` holds each speculating sequence's accepted length.
+
+    `hits`/`jit`/`fast`: speculation-cache lookups of this round that hit, or fell back to the
+    neural (JIT) or fast (n-gram) backup; misses = jit + fast. `phase_seconds`: per-phase wall
+    time of this step (keys from PHASES; others are ignored with a debug log).
+    """
+    if lookahead > 0:
+        accepted = list(accepted)
+        drafts = len(accepted)
+        if drafts:
+            SPEC_DECODE_NUM_DRAFTS.inc(drafts)
+            SPEC_DECODE_NUM_DRAFT_TOKENS.inc(drafts * lookahead)
+            SPEC_DECODE_NUM_ACCEPTED_TOKENS.inc(sum(accepted))
+            for pos in range(min(lookahead, MAX_POSITIONS)):
+                n = sum(1 for k in accepted if k > pos)
+                if n:
+                    _POS_CHILDREN[pos].inc(n)
+    misses = jit + fast
+    if hits:
+        CACHE_HITS.inc(hits)
+    if misses:
+        CACHE_MISSES.inc(misses)
+        if jit:
+            _BACKUP_CHILDREN["jit"].inc(jit)
+        if fast:
+            _BACKUP_CHILDREN["fast"].inc(fast)
+    if hits or misses:
+        MISS_RATE.observe(hits, misses)
+    for phase, seconds in (phase_seconds or {}).items():
+        child = _PHASE_CHILDREN.get(phase)
+        if child is None:
+            log.debug("unknown round phase %r ignored", phase)
+        else:
+            child.observe(seconds)
+
+
+def set_pool_state(registered_drafts: int, assigned_sequences: int, capacity_sequences: int) -> None:
+    """Draft-pool gauges: live leases and assigned/announced-capacity utilization."""
+    REGISTERED_DRAFTS.set(registered_drafts)
+    DRAFT_UTILIZATION.set(assigned_sequences / capacity_sequences if capacity_sequences > 0 else 0.0)
+
+
+def set_queue_state(active: int, queued: int) -> None:
+    """Scheduler gauges: sequences in the engine and requests waiting for admission."""
+    ACTIVE_SEQUENCES.set(active)
+    QUEUE_DEPTH.set(queued)
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> int:
+    """Serve /metrics over HTTP on a daemon thread; returns the bound port (0 picks a free one)."""
+    server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)
+    bound = int(server.server_address[1])
+    log.info("prometheus metrics on http://%s:%d/metrics", addr, bound)
+    return bound
