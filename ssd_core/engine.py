@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ssd_core import metrics
 from ssd_core.backup import ngram_guess
 from ssd_core.config import BackupKind, BatchPolicy, Mode, SamplingParams, SpecConfig
 from ssd_core.errors import InvalidParameter
@@ -141,14 +142,21 @@ class Engine:
         """One verification round for every active sequence."""
         if not self.seqs:
             return []
+        ts = time.perf_counter()
         plan = self._replan()
         specs = self._speculate(plan)
+        # speculation-cache lookups of this round, counted as RequestStats does (before _commit retires rows)
+        lookups = [sp.source for s, sp in zip(self.seqs, specs) if plan.tree and s.stats.rounds > 0 and sp.tokens]
         t0 = time.perf_counter()
         target_probs = self._verify_forward(specs)
         t1 = time.perf_counter()
         num_accepted, bonus = self._verify(specs, target_probs)
         deltas = self._commit(specs, num_accepted, bonus)
-        self.timings.add(verify_s=t1 - t0, commit_s=time.perf_counter() - t1)
+        t2 = time.perf_counter()
+        self.timings.add(verify_s=t1 - t0, commit_s=t2 - t1)
+        metrics.record_round(num_accepted.tolist(), len(specs[0].tokens), hits=lookups.count(SpecSource.CACHE_HIT),
+                             jit=lookups.count(SpecSource.JIT), fast=lookups.count(SpecSource.FAST),
+                             phase_seconds={"speculate": t0 - ts, "verify": t1 - t0, "commit": t2 - t1, "round": t2 - ts})
         return deltas
 
     # -- phases ------------------------------------------------------------------------------
@@ -304,7 +312,9 @@ class Engine:
         """Target KV for all but the last prompt token (it is fed with the first verify pass)."""
         t0 = time.perf_counter()
         self.kv.extend(BatchKV.prefill(self.target.model, [s.tokens for s in new], self.target.device))
-        self.timings.add(prefill_s=time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        self.timings.add(prefill_s=dt)
+        metrics.record_round((), 0, phase_seconds={"prefill": dt})
 
     def _text(self, ids: list[int]) -> str:
         tok = self.target.tokenizer

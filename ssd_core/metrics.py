@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 # The default REGISTRY also carries prometheus_client's process/GC/platform collectors, so one
 # /metrics page has everything.
@@ -87,12 +87,8 @@ MISS_RATE = MissRateWindow(DRAFT_CACHE_MISS_RATE)
 
 def record_round(accepted: Iterable[int], lookahead: int, *, hits: int = 0, jit: int = 0, fast: int = 0,
                  phase_seconds: dict[str, float] | None = None) -> None:
-    """Count one verification round: `accepted` holds each speculating sequence's accepted length.
-
-    `hits`/`jit`/`fast`: speculation-cache lookups of this round that hit, or fell back to the
-    neural (JIT) or fast (n-gram) backup; misses = jit + fast. `phase_seconds`: per-phase wall
-    time of this step (keys from PHASES; others are ignored with a debug log).
-    """
+    """Count one engine step: accepted lengths per sequence, cache lookups (hits, jit/fast misses), phase times."""
+    # hits/jit/fast: this round's speculation-cache lookups (misses = jit + fast); phase keys from PHASES.
     if lookahead > 0:
         accepted = list(accepted)
         drafts = len(accepted)
@@ -126,13 +122,43 @@ def record_round(accepted: Iterable[int], lookahead: int, *, hits: int = 0, jit:
 def set_pool_state(registered_drafts: int, assigned_sequences: int, capacity_sequences: int) -> None:
     """Draft-pool gauges: live leases and assigned/announced-capacity utilization."""
     REGISTERED_DRAFTS.set(registered_drafts)
-    DRAFT_UTILIZATION.set(assigned_sequences / capacity_sequences if capacity_sequences > 0 else 0.0)
+    DRAFT_UTILIZATION.set(_ratio(assigned_sequences, capacity_sequences))
 
 
 def set_queue_state(active: int, queued: int) -> None:
     """Scheduler gauges: sequences in the engine and requests waiting for admission."""
     ACTIVE_SEQUENCES.set(active)
     QUEUE_DEPTH.set(queued)
+
+
+def bind_state(pool: Callable[[], tuple[int, int, int]] | None = None,
+               queue: Callable[[], tuple[int, int]] | None = None) -> None:
+    """Compute the pool/queue gauges at scrape time from callbacks (no hot-path cost; a failure reads NaN)."""
+    # pool() -> (live draft leases, sequences assigned to them, their capacity); queue() -> (active, queued)
+    if pool is not None:
+        REGISTERED_DRAFTS.set_function(lambda: _safe(lambda: pool()[0]))
+        DRAFT_UTILIZATION.set_function(lambda: _safe(lambda: _ratio(*pool()[1:])))
+    if queue is not None:
+        ACTIVE_SEQUENCES.set_function(lambda: _safe(lambda: queue()[0]))
+        QUEUE_DEPTH.set_function(lambda: _safe(lambda: queue()[1]))
+
+
+def unbind_state() -> None:
+    """Undo `bind_state`: the gauges take `set_*_state` values again (tests, a stopped server)."""
+    for gauge in (REGISTERED_DRAFTS, DRAFT_UTILIZATION, ACTIVE_SEQUENCES, QUEUE_DEPTH):
+        vars(gauge).pop("_child_samples", None)  # set_function's per-instance override
+
+
+def _ratio(assigned: int, capacity: int) -> float:
+    return assigned / capacity if capacity > 0 else 0.0
+
+
+def _safe(read: Callable[[], float]) -> float:
+    try:
+        return float(read())
+    except Exception:  # noqa: BLE001 - a scrape must never take the server down
+        log.debug("metrics state callback failed", exc_info=True)
+        return float("nan")
 
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> int:

@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--grace-s", type=float, default=5.0, help="SIGTERM grace period")
     parser.add_argument("--openai-port", type=int, default=0, help="also serve the OpenAI HTTP API on this port")
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
     parser.add_argument("--served-model-name", default="", help="OpenAI model name (default: the model dir name)")
 
 
@@ -65,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     try:
         cfg = config_from_args(args)
+        if args.metrics_port:
+            from ssd_core.metrics import start_metrics_server
+
+            start_metrics_server(args.metrics_port, args.host)
         return serve(cfg)
     except ModelLoadError as exc:
         log.error("%s", exc)

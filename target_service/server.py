@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ssd_core import metrics
 from ssd_core.config import Mode, SpecConfig
 from ssd_core.engine import Engine
 from ssd_core.models import LoadedModel, load_model, tokenizer_fingerprint
@@ -92,11 +93,18 @@ def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple
     registry = DraftRegistry(identity, cfg.lease_ttl_s, cfg.auth_token)
     scheduler = Scheduler(lane_factory(target, registry, cfg, replica_id), cfg.max_batch, cfg.max_queue)
     scheduler.start()
+    metrics.bind_state(pool=lambda: _pool_state(registry), queue=scheduler.counts)
     app = TargetApp(cfg, target, scheduler, registry, replica_id)
     apps.app, registries.registry = app, registry
     for name in ("", *SERVICES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return TargetServer(server, health_servicer, app), port
+
+
+def _pool_state(registry: DraftRegistry) -> tuple[int, int, int]:
+    """(live leases, sequences this replica assigned to them, their announced capacity) for /metrics."""
+    leases = registry.live()
+    return len(leases), sum(registry.load(x.lease_id) for x in leases), sum(x.max_sequences for x in leases)
 
 
 def lane_factory(target: LoadedModel, registry: DraftRegistry, cfg: TargetConfig, replica_id: str) -> LaneFactory:
