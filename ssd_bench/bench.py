@@ -57,12 +57,14 @@ class ModeRun:
     hit_rates: list[float] = field(default_factory=list)
     backup_uses: int = 0
     rounds: int = 0
+    wall_s: float = 0.0
     breakdown_s: dict[str, float] = field(default_factory=dict)
     outputs: list[tuple[int, ...]] = field(default_factory=list)
 
     def record(self, results, wall_s: float) -> None:
         """One batch: its wall time and each result's tokens and speculation stats."""
         lengths = [len(r.token_ids) for r in results]
+        self.wall_s += wall_s
         self.tokens_per_s.append(sum(lengths) / wall_s)
         self.latency_ms.append(1000 * wall_s / max(1, max(lengths)))
         for r in results:
@@ -80,6 +82,7 @@ class ModeRun:
             "cache_hit_rate": statistics.fmean(self.hit_rates) if self.hit_rates else 0.0,
             "backup_uses": self.backup_uses,
             "rounds": self.rounds,
+            "ms_per_round": round(1000 * self.wall_s / self.rounds, 3) if self.rounds else 0.0,
             "round_breakdown_ms": {k: round(v, 3) for k, v in per_round.items()},
         }
 
@@ -211,21 +214,27 @@ def report(results: dict[str, dict[int, ModeRun]], cfg: BenchConfig, problems: l
     for a, b in (("ssd", "sd"), ("ssd", "ar"), ("ssd", "hf-assisted"), ("sd", "ar"), ("ssd-grpc", "sd"), ("ssd-grpc", "ar")):
         if a in modes and b in modes and modes[b]["tokens_per_s"]:
             ratios[f"{a}/{b}"] = round(modes[a]["tokens_per_s"] / modes[b]["tokens_per_s"], 3)
+    overhead = None
+    if "ssd" in modes and "ssd-grpc" in modes and 1 in results.get("ssd", {}) and 1 in results.get("ssd-grpc", {}):
+        # same outputs, same rounds: the per-round difference is what gRPC control messages cost
+        overhead = round(modes["ssd-grpc"]["by_batch"]["1"]["ms_per_round"] - modes["ssd"]["by_batch"]["1"]["ms_per_round"], 3)
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "hardware": hardware(),
             "config": {k: getattr(cfg, k) for k in cfg.__slots__}, "modes": modes, "ratios": ratios,
-            "outputs_identical": not problems, "problems": problems}
+            "grpc_control_overhead_ms_per_round": overhead, "outputs_identical": not problems, "problems": problems}
 
 
 def format_table(rep: dict) -> str:
-    lines = [f"{'mode':<12} {'b':>3} {'tok/s':>8} {'ms/tok':>8} {'acc.len':>7} {'hit':>5} {'backup':>6}  round ms (verify/draft_wait/commit | tree)"]
+    lines = [f"{'mode':<12} {'b':>3} {'tok/s':>8} {'ms/tok':>8} {'ms/rnd':>7} {'acc.len':>7} {'hit':>5} {'backup':>6}  round ms (verify/draft_wait/commit | tree)"]
     for mode, m in rep["modes"].items():
         for b, s in m["by_batch"].items():
             br = s["round_breakdown_ms"]
-            lines.append(f"{mode:<12} {b:>3} {s['tokens_per_s']:>8.1f} {s['per_token_latency_ms']:>8.2f} "
+            lines.append(f"{mode:<12} {b:>3} {s['tokens_per_s']:>8.1f} {s['per_token_latency_ms']:>8.2f} {s['ms_per_round']:>7.2f} "
                          f"{s['mean_accepted_length']:>7.2f} {s['cache_hit_rate']:>5.2f} {s['backup_uses']:>6}  "
                          f"{br.get('verify', 0):.2f}/{br.get('draft_wait', 0):.2f}/{br.get('commit', 0):.2f} | "
                          f"{br.get('draft_tree_overlapped', 0):.2f}")
     lines.append("ratios: " + ", ".join(f"{k} = {v:.2f}x" for k, v in rep["ratios"].items()))
+    if rep.get("grpc_control_overhead_ms_per_round") is not None:
+        lines.append(f"gRPC control overhead: {rep['grpc_control_overhead_ms_per_round']:.2f} ms per round (ssd-grpc minus ssd, b=1)")
     lines.append("greedy outputs identical across modes: " + ("yes" if rep["outputs_identical"] else "NO"))
     return "\n".join(lines)
 
