@@ -31,3 +31,16 @@ def test_bench_rejects_unknown_modes(tmp_path, capsys):
     target, draft = save_tiny_pair(tmp_path)
     assert main(["bench", "--target", str(target), "--draft", str(draft), "--modes", "ar,warp"]) != 0
     assert "warp" in capsys.readouterr().err
+
+
+def test_bench_ssd_grpc_mode_runs_services_and_agrees(tmp_path, capsys, monkeypatch):
+    target, draft = save_tiny_pair(tmp_path)
+    monkeypatch.setenv("SSD_BENCH_LOG_DIR", str(tmp_path / "logs"))
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--target", str(target), "--draft", str(draft), "--num-prompts", "2", "--max-new-tokens", "8",
+               "--modes", "ar,ssd,ssd-grpc", "--lookahead", "3", "--json", str(out)])
+    assert rc == 0, capsys.readouterr()
+    rep = json.loads(out.read_text())
+    assert rep["outputs_identical"] is True
+    assert rep["modes"]["ssd-grpc"]["rounds"] > 0
+    assert rep["grpc_control_overhead_ms_per_round"] is not None
