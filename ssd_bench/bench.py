@@ -44,6 +44,7 @@ class BenchConfig:
     temperature: float = 0.0
     seed: int = 0
     draft_placement: str = "process"  # process | thread (in-process SD/SSD)
+    draft_dir: str = ""  # the child process loads the draft from here (else the model is pickled over)
     prompt_chars: int = 600  # keep the prompt tail (long HumanEval docstrings)
 
 
@@ -116,7 +117,8 @@ def run_engine_mode(mode: str, target: LoadedModel, draft: LoadedModel, prompts,
                     draft_cpus: set[int]) -> dict[int, ModeRun]:
     from ssd_core.config import BatchPolicy, PolicyRow
 
-    factory = process_factory(draft, 1, draft_cpus) if cfg.draft_placement == "process" and mode != "ar" else None
+    source = Path(cfg.draft_dir) if cfg.draft_dir else draft
+    factory = process_factory(source, 1, draft_cpus) if cfg.draft_placement == "process" and mode != "ar" else None
     # the bench sweeps batch sizes itself: speculate at every size it asks for
     policy = BatchPolicy((PolicyRow(max(cfg.batch_sizes), cfg.lookahead, BackupKind(cfg.backup) if cfg.backup != "auto" else BackupKind.JIT),))
     engine = Engine(target, draft, spec_for(mode, cfg), policy, speculator_factory=factory)

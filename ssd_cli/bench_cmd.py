@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
         t, d = default_pair_dirs()
         args.target, args.draft = args.target or t, args.draft or d
+    cfg.draft_dir = str(args.draft)
     target = load_model(args.target, args.device, args.dtype)
     draft = load_model(args.draft, args.device, args.dtype)
     if target.tokenizer is None:
