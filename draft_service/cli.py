@@ -11,6 +11,7 @@ import torch
 
 from draft_service.config import DraftLimits, DraftServerConfig
 from draft_service.server import serve
+from client.tls import add_tls_arguments
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sequences", type=int, default=DraftLimits().max_sequences,
                         help="capacity across all sessions")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds in-flight RPCs get on SIGTERM")
+    add_tls_arguments(parser, "the targets (registration)")
 
 
 def config_from_args(args: argparse.Namespace) -> DraftServerConfig:
@@ -44,7 +46,8 @@ def config_from_args(args: argparse.Namespace) -> DraftServerConfig:
     return DraftServerConfig(model_dir=args.model, host=args.host, port=args.port, advertise=args.advertise,
                              targets=targets, device=args.device, dtype=args.dtype, auth_token=token,
                              draft_id=args.draft_id, limits=DraftLimits(max_sequences=args.max_sequences),
-                             grace_s=args.grace)
+                             grace_s=args.grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                             tls_client_ca=args.tls_client_ca, tls_ca=args.tls_ca)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("draft_service").setLevel(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, OSError) as exc:
+        log.error("cannot start the draft: %s", exc)
+        return 2
     if not cfg.targets:
         log.warning("no --targets: serving, but no target will know about this draft")
     return serve(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from client.tls import check_files
 from ssd_core.errors import InvalidParameter
 
 
@@ -42,6 +43,12 @@ class DraftServerConfig:
     resolve_interval_s: float = 10.0  # re-resolve target names this often (new replicas)
     rpc_timeout_s: float = 2.0  # deadline of every registry call
     max_backoff_s: float = 5.0  # registration retry backoff cap
+    # TLS from PEM files ("" = off). cert+key: serve TLS; client_ca: require client certs (mTLS);
+    # ca: registration channels to the targets use TLS verified with it (presenting cert+key when set).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    tls_ca: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -55,6 +62,12 @@ class DraftServerConfig:
         if self.resolve_interval_s <= 0 or self.rpc_timeout_s <= 0 or self.max_backoff_s <= 0:
             raise InvalidParameter("intervals", (self.resolve_interval_s, self.rpc_timeout_s, self.max_backoff_s),
                                    "must be > 0")
+
+        try:
+            check_files(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_ca)
+        except ValueError as exc:
+            raise InvalidParameter("tls", (self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_ca),
+                                   str(exc)) from None
 
     def endpoint(self, port: int) -> str:
         """host:port the targets dial to reach this draft's Speculator service."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from client.tls import open_channel
 from ssd_protos.ssd.v1 import speculation_pb2 as pb, speculation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,13 @@ class Registrar:
 
     def __init__(self, targets: Sequence[str], endpoint: str, draft_id: str, info: pb.DraftInfo, auth_token: str,
                  load: Callable[[], pb.DraftLoad], rpc_timeout_s: float = 2.0, resolve_interval_s: float = 10.0,
-                 max_backoff_s: float = 5.0, resolve: Callable[[str], list[str]] = resolve_target) -> None:
+                 max_backoff_s: float = 5.0, resolve: Callable[[str], list[str]] = resolve_target,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.targets, self.endpoint, self.draft_id = tuple(targets), endpoint, draft_id
         self.info, self.auth_token, self.load = info, auth_token, load
         self.rpc_timeout_s, self.resolve_interval_s, self.max_backoff_s = rpc_timeout_s, resolve_interval_s, max_backoff_s
         self._resolve = resolve
+        self._credentials = credentials  # TLS to the targets (None: plaintext)
         self._resolved: dict[str, list[str]] = {}
         self._leases: dict[str, _Lease] = {}
         self._lock = threading.Lock()
@@ -124,7 +127,7 @@ class Registrar:
                 log.warning("cannot resolve target %s (%s); keeping %s", entry, exc, self._resolved.get(entry, []))
         wanted = {a for addrs in self._resolved.values() for a in addrs}
         for address in sorted(wanted - set(self._leases)):
-            channel = grpc.insecure_channel(address, options=self._channel_options())
+            channel = open_channel(address, self._credentials, self._channel_options())
             with self._lock:
                 self._leases[address] = _Lease(address, channel, speculation_pb2_grpc.TargetRegistryStub(channel))
             log.info("target %s added", address)

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from client.tls import channel_credentials, server_credentials
 from ssd_core.models import LoadedModel, load_model
 from ssd_protos.ssd.v1 import speculation_pb2, speculation_pb2_grpc
 
@@ -50,7 +51,9 @@ class DraftServer:
             raise RuntimeError("set_model() before start_registration(): registration carries DraftInfo")
         self.registrar = Registrar(self.cfg.targets, self.endpoint, self.cfg.draft_id or self.endpoint,
                                    self.servicer.info, self.cfg.auth_token, self.servicer.load,
-                                   self.cfg.rpc_timeout_s, self.cfg.resolve_interval_s, self.cfg.max_backoff_s)
+                                   self.cfg.rpc_timeout_s, self.cfg.resolve_interval_s, self.cfg.max_backoff_s,
+                                   credentials=channel_credentials(self.cfg.tls_ca, self.cfg.tls_cert, self.cfg.tls_key)
+                                   if self.cfg.tls_ca else None)
         self.registrar.start()
         return self.registrar
 
@@ -78,7 +81,11 @@ def create_server(cfg: DraftServerConfig, model: LoadedModel | None = None) -> t
     reflection.enable_server_reflection((SPECULATOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server)
     address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
     try:
-        port = grpc_server.add_insecure_port(address)
+        if cfg.tls_cert:
+            port = grpc_server.add_secure_port(address, server_credentials(cfg.tls_cert, cfg.tls_key,
+                                                                           cfg.tls_client_ca or None))
+        else:
+            port = grpc_server.add_insecure_port(address)
     except RuntimeError as exc:
         raise PortInUse(f"cannot listen on {address}: address in use or not available ({exc})") from exc
     if port == 0:

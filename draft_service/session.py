@@ -219,12 +219,14 @@ class DraftSession:
         return ""
 
     def _drop(self, seq_ids: list[str]) -> None:
-        if not seq_ids:
+        # once each, and only active ones: a round may name a sequence in several errors (found by fuzzing)
+        ids = [sid for sid in dict.fromkeys(seq_ids) if sid in self.handed]
+        if not ids:
             return
-        self.speculator.remove(seq_ids)
-        for sid in seq_ids:
+        self.speculator.remove(ids)
+        for sid in ids:
             del self.handed[sid]
-        self.tracker.release(len(seq_ids))
+        self.tracker.release(len(ids))
 
     def _fatal(self, code: int, message: str) -> list[pb.SessionResponse]:
         log.warning("session %s ends: %s", self.session_id, message)

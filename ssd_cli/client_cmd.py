@@ -51,6 +51,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--addr", required=True, help="target address(es): HOST:PORT[,HOST:PORT...]")
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
     parser.add_argument("--max-retries", type=int, default=3, help="retries on UNAVAILABLE (default 3)")
+    parser.add_argument("--tls-ca", default="", metavar="FILE", help="PEM CA bundle: connect with TLS, verify with it")
+    parser.add_argument("--tls-cert", default="", metavar="FILE", help="PEM client certificate (mTLS; with --tls-ca)")
+    parser.add_argument("--tls-key", default="", metavar="FILE", help="PEM private key of --tls-cert")
+
+
+def _credentials(args: argparse.Namespace):
+    """TLS channel credentials when --tls-ca is given, else None (plaintext)."""
+    if not args.tls_ca:
+        return None
+    from client.tls import channel_credentials
+
+    return channel_credentials(args.tls_ca, args.tls_cert or None, args.tls_key or None)
 
 
 def _int_list(text: str) -> list[int]:
@@ -67,7 +79,7 @@ def _generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos, mode=args.mode, lookahead=args.lookahead, fan_out=args.fan_out,
         saguaro_c=args.saguaro_c, request_id=args.request_id,
     )  # fmt: skip
-    with Client(args.addr, timeout=args.timeout, max_retries=args.max_retries) as client:
+    with Client(args.addr, timeout=args.timeout, max_retries=args.max_retries, credentials=_credentials(args)) as client:
         try:
             if args.stream:
                 result = _stream(client, kwargs, echo=not args.json)
@@ -96,7 +108,7 @@ def _stream(client: Client, kwargs: dict, echo: bool) -> GenerationResult:
 
 
 def _info(args: argparse.Namespace) -> int:
-    with Client(args.addr, timeout=args.timeout, max_retries=args.max_retries) as client:
+    with Client(args.addr, timeout=args.timeout, max_retries=args.max_retries, credentials=_credentials(args)) as client:
         try:
             info = client.model_info()
         except SSDError as error:
@@ -106,7 +118,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _abort(args: argparse.Namespace) -> int:
-    with Client(args.addr, timeout=args.timeout, max_retries=args.max_retries) as client:
+    with Client(args.addr, timeout=args.timeout, max_retries=args.max_retries, credentials=_credentials(args)) as client:
         try:
             found = client.abort(args.request_id, reason="ssd client abort")
         except SSDError as error:

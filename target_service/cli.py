@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ssd_core.config import BackupKind, BatchPolicy, Mode
+from client.tls import add_tls_arguments
 from target_service.config import TargetConfig
 from target_service.server import ModelLoadError, serve
 
@@ -43,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--openai-port", type=int, default=0, help="also serve the OpenAI HTTP API on this port")
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
     parser.add_argument("--served-model-name", default="", help="OpenAI model name (default: the model dir name)")
+    add_tls_arguments(parser, "the draft endpoints")
+
 
 
 def config_from_args(args: argparse.Namespace) -> TargetConfig:
@@ -56,7 +59,8 @@ def config_from_args(args: argparse.Namespace) -> TargetConfig:
         max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         default_max_tokens=min(128, args.max_tokens), draft_timeout_s=args.draft_timeout_s,
         lease_ttl_s=args.lease_ttl_s, auth_token=token, grace_s=args.grace_s, openai_port=args.openai_port,
-        served_model_name=args.served_model_name,
+        served_model_name=args.served_model_name, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, tls_ca=args.tls_ca,
     )  # fmt: skip
 
 

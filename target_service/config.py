@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from client.tls import check_files
 from ssd_core.config import BackupKind, BatchPolicy, Mode
 from ssd_core.errors import InvalidParameter
 
@@ -35,6 +36,13 @@ class TargetConfig:
     rpc_threads: int = 64
     openai_port: int = 0  # > 0: also serve the OpenAI-compatible HTTP API here
     served_model_name: str = ""  # OpenAI model name ("" -> the model directory name)
+    # TLS from PEM files ("" = off). cert+key: serve TLS; client_ca: also require client certs (mTLS);
+    # ca: verify the drafts' Speculator servers with it (the target's session channels use TLS then,
+    # presenting cert+key as the client certificate when set).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    tls_ca: str = ""
 
     def __post_init__(self) -> None:
         checks = [
@@ -54,6 +62,14 @@ class TargetConfig:
         for name, value, ok, why in checks:
             if not ok:
                 raise InvalidParameter(name, value, why)
+        if self.tls_cert and self.openai_port:
+            raise InvalidParameter("openai_port", self.openai_port,
+                                   "the in-process OpenAI gateway dials the target in plaintext: not with --tls-cert")
+        try:
+            check_files(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_ca)
+        except ValueError as exc:
+            raise InvalidParameter("tls", (self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_ca),
+                                   str(exc)) from None
 
     @property
     def default_lookahead(self) -> int:

@@ -25,6 +25,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import grpc
+
 from ssd_core.backup import ngram_guess
 from ssd_core.config import SamplingParams
 from ssd_core.plan import RoundPlan
@@ -59,11 +61,12 @@ class PooledSpeculator:
     """Speculator over remote draft endpoints; see the module docstring."""
 
     def __init__(self, registry: DraftRegistry, plan: RoundPlan, saguaro_c: float, *, replica_id: str,
-                 vocab_size: int, timeout_s: float = 2.0) -> None:
+                 vocab_size: int, timeout_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.fan_out, self.tree, self.backup = plan.fan_out, plan.tree, plan.backup
         self.lookahead = plan.lookahead
         self.saguaro_c = saguaro_c
         self._registry, self._replica, self._vocab, self._timeout_s = registry, replica_id, vocab_size, timeout_s
+        self._credentials = credentials
         self._tracks: dict[str, _Track] = {}
         self._sessions: dict[str, DraftSession] = {}
         self.rounds_by_endpoint: dict[str, int] = {}
@@ -167,7 +170,7 @@ class PooledSpeculator:
         session = self._sessions.get(lease.lease_id)
         if session is None:
             config = config_to_pb(self.fan_out, self.saguaro_c, self.backup, self.lookahead)
-            session = DraftSession(lease.lease_id, lease.endpoint, self._replica, config)
+            session = DraftSession(lease.lease_id, lease.endpoint, self._replica, config, self._credentials)
             self._sessions[lease.lease_id] = session
         stale = [t.start.seq_id for t, _ in group if not t.synced and t.held == lease.lease_id]
         session.remove(stale)  # a resync on the same endpoint: drop the old state first

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from client.tls import channel_credentials, server_credentials
 from ssd_core import metrics
 from ssd_core.config import Mode, SpecConfig
 from ssd_core.engine import Engine
@@ -76,7 +77,11 @@ def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple
     speculation_pb2_grpc.add_TargetRegistryServicer_to_server(TargetRegistryServicer(registries), server)
     reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if cfg.tls_cert:
+            creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None)
+            port = server.add_secure_port(f"{cfg.host}:{cfg.port}", creds)
+        else:
+            port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     except RuntimeError as exc:
         raise PortInUse(f"cannot bind {cfg.host}:{cfg.port}: {exc}") from None
     if port == 0:
@@ -110,9 +115,12 @@ def _pool_state(registry: DraftRegistry) -> tuple[int, int, int]:
 def lane_factory(target: LoadedModel, registry: DraftRegistry, cfg: TargetConfig, replica_id: str) -> LaneFactory:
     """Engines over the shared target; SD/SSD lanes speculate through the draft pool."""
 
+    # TLS to the drafts when --tls-ca is set (our cert+key, if any, is presented for mTLS)
+    creds = channel_credentials(cfg.tls_ca, cfg.tls_cert, cfg.tls_key) if cfg.tls_ca else None
+
     def speculator(plan: RoundPlan, saguaro_c: float) -> PooledSpeculator:
         return PooledSpeculator(registry, plan, saguaro_c, replica_id=replica_id, vocab_size=target.vocab_size,
-                                timeout_s=cfg.draft_timeout_s)
+                                timeout_s=cfg.draft_timeout_s, credentials=creds)
 
     def make(spec: SpecConfig) -> Engine:
         factory = None if spec.mode is Mode.AR else speculator

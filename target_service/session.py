@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from client.tls import open_channel
 from ssd_core.types import RoundOutcome, SeqStart
 from ssd_core.wire.codec import outcome_to_pb, start_to_pb
 from ssd_protos.ssd.v1 import speculation_pb2 as spb
@@ -29,11 +30,12 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", _MAX_MESSAGE), ("grpc.max
 class DraftSession:
     """The client end of ssd.v1 Speculator.Session for one lease."""
 
-    def __init__(self, lease_id: str, endpoint: str, replica_id: str, config: spb.SessionConfig) -> None:
+    def __init__(self, lease_id: str, endpoint: str, replica_id: str, config: spb.SessionConfig,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.lease_id, self.endpoint = lease_id, endpoint
         self.error: str | None = None
         self.rounds_served = 0
-        self._channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(endpoint, credentials, CHANNEL_OPTIONS)
         self._requests: queue.Queue[spb.SessionRequest | None] = queue.Queue()
         self._answers: dict[int, spb.Speculations] = {}
         self._failed: set[str] = set()

@@ -1,0 +1,264 @@
+#!/usr/bin/env python
+"""Soak: N concurrent streaming clients for T seconds against real processes (a target + 2 drafts,
+as `ssd up` starts them), while a draft is killed with SIGKILL and restarted every few seconds.
+
+    .venv/bin/python scripts/soak.py --clients 16 --duration 300 --kill-every 10
+
+Counts requests, errors, tokens that differ from the target-only greedy output (reference from the
+in-process Engine in AR mode), draft kills, and the target's RSS at start and end; prints one JSON
+summary line. Tiny random models are made in a temp dir unless --target/--draft are given.
+Exit status 0 iff there were no errors and no wrong tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def make_tiny_pair(root: Path) -> tuple[Path, Path]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import save_tiny_pair  # the suite's tiny seeded pair (no downloads)
+
+    return save_tiny_pair(root)
+
+
+class Procs:
+    """Target and draft processes of one run, with their logs under `root`."""
+
+    def __init__(self, root: Path, target_dir: Path, draft_dir: Path, n_targets: int = 1, n_drafts: int = 2,
+                 draft_timeout_s: float = 2.0, lease_ttl_s: float = 3.0) -> None:
+        self.root, self.target_dir, self.draft_dir = root, target_dir, draft_dir
+        self.t_ports = [free_port() for _ in range(n_targets)]
+        self.d_ports = [free_port() for _ in range(n_drafts)]
+        self.draft_timeout_s, self.lease_ttl_s = draft_timeout_s, lease_ttl_s
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def targets(self) -> list[str]:
+        return [f"{HOST}:{p}" for p in self.t_ports]
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "ssd_cli.main", "--log-level", "INFO", *argv]
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        return self.procs[name]
+
+    def start_target(self, i: int) -> subprocess.Popen:
+        return self.spawn(f"target{i}", ["serve", "target", "--model", str(self.target_dir), "--port",
+                                         str(self.t_ports[i]), "--replica-id", f"r{i}", "--threads", "1",
+                                         "--draft-timeout-s", str(self.draft_timeout_s), "--lease-ttl-s",
+                                         str(self.lease_ttl_s), "--grace-s", "2"])
+
+    def start_draft(self, i: int) -> subprocess.Popen:
+        return self.spawn(f"draft{i}", ["serve", "draft", "--model", str(self.draft_dir), "--port",
+                                        str(self.d_ports[i]), "--threads", "1", "--draft-id", f"d{i}",
+                                        "--targets", ",".join(self.targets), "--grace", "1"])
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_serving(self, addrs: list[str], timeout_s: float = 120.0) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        end = time.monotonic() + timeout_s
+        for addr in addrs:
+            while True:
+                try:
+                    with grpc.insecure_channel(addr) as ch:
+                        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                dead = [n for n, p in self.procs.items() if p.poll() is not None and not n.startswith("killed")]
+                if dead:
+                    raise RuntimeError(f"{dead} exited: " + " ".join(self.log(n)[-1500:] for n in dead))
+                if time.monotonic() > end:
+                    raise TimeoutError(f"{addr} not SERVING after {timeout_s}s")
+                time.sleep(0.2)
+
+    def wait_drafts_known(self, n: int, timeout_s: float = 60.0) -> None:
+        """Until every target's log shows n distinct draft ids registered."""
+        end = time.monotonic() + timeout_s
+        for i in range(len(self.targets)):
+            while self._count_drafts(self.log(f"target{i}")) < n:
+                if time.monotonic() > end:
+                    raise TimeoutError(f"{n} drafts not registered with {self.targets[i]}")
+                time.sleep(0.2)
+
+    @staticmethod
+    def _count_drafts(text: str) -> int:
+        return len({line.split("draft_id=")[1].split()[0] for line in text.splitlines() if "draft registered:" in line})
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        self.procs[f"killed-{name}-{time.monotonic_ns()}"] = proc
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def reference(target_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Target-only greedy output from the in-process Engine in AR mode."""
+    import torch
+
+    from ssd_core.config import Mode, SamplingParams, SpecConfig
+    from ssd_core.engine import Engine, Request
+    from ssd_core.models import load_model
+
+    torch.set_num_threads(1)
+    engine = Engine(load_model(str(target_dir), "cpu", "float32"), spec=SpecConfig(mode=Mode.AR))
+    params = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
+    results = engine.generate([Request(tuple(p), params, f"ref{i}") for i, p in enumerate(prompts)])
+    return [list(r.token_ids) for r in results]
+
+
+def prompts_for(n: int, vocab: int = 64) -> list[list[int]]:
+    return [[(7 * i + 3 * j) % (vocab - 1) + 1 for j in range(4 + i % 5)] for i in range(n)]
+
+
+def run_load(targets: list[str], prompts: list[list[int]], expected: list[list[int]], clients: int,
+             duration_s: float, max_tokens: int, stats: dict, stop: threading.Event | None = None) -> None:
+    """`clients` threads streaming greedy SSD/SD requests until `duration_s` passes; fills `stats`."""
+    from client import Client
+
+    lock = threading.Lock()
+    end = time.monotonic() + duration_s
+    errors: list[str] = []
+
+    def worker(w: int) -> None:
+        with Client(targets, timeout=60, max_retries=3) as c:
+            i = w
+            while time.monotonic() < end and not (stop and stop.is_set()):
+                p = i % len(prompts)
+                mode = ("ssd", "sd")[i % 2]
+                i += clients
+                try:
+                    stream = c.stream(prompt_ids=prompts[p], max_tokens=max_tokens, ignore_eos=True, mode=mode)
+                    tokens = [t for d in stream for t in d.token_ids]
+                    wrong = sum(a != b for a, b in zip(tokens, expected[p])) + abs(len(tokens) - len(expected[p]))
+                    with lock:
+                        stats["requests"] += 1
+                        stats["tokens"] += len(tokens)
+                        stats["wrong_tokens"] += wrong
+                        stats["wrong_requests"] += wrong > 0
+                except Exception as exc:  # noqa: BLE001 - counted, reported
+                    with lock:
+                        stats["requests"] += 1
+                        stats["errors"] += 1
+                        errors.append(repr(exc)[:300])
+
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats["error_samples"] = errors[:5]
+
+
+def kill_drafts(procs: Procs, stats: dict, stop: threading.Event, every_s: float, restart_after_s: float) -> None:
+    """Every `every_s`: SIGKILL draft0 / draft1 in turn, restart it `restart_after_s` later (same port, id)."""
+    victim = 0
+    while every_s > 0 and not stop.wait(every_s):
+        procs.kill(f"draft{victim}")
+        stats["draft_kills"] += 1
+        if stop.wait(restart_after_s):
+            return
+        procs.start_draft(victim)
+        victim = 1 - victim
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--duration", type=float, default=300.0, help="seconds of load")
+    ap.add_argument("--kill-every", type=float, default=10.0, help="SIGKILL a draft this often (0: never)")
+    ap.add_argument("--restart-after", type=float, default=1.0, help="seconds before the killed draft restarts")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--draft-timeout-s", type=float, default=2.0)
+    ap.add_argument("--target", default=None, help="target model dir (default: a tiny random pair)")
+    ap.add_argument("--draft", default=None)
+    ap.add_argument("--log-dir", default=None, help="keep process logs here (default: a temp dir)")
+    args = ap.parse_args()
+
+    root = Path(args.log_dir or tempfile.mkdtemp(prefix="ssd-soak-"))
+    root.mkdir(parents=True, exist_ok=True)
+    if args.target and args.draft:
+        target_dir, draft_dir = Path(args.target), Path(args.draft)
+    else:
+        target_dir, draft_dir = make_tiny_pair(root)
+    prompts = prompts_for(args.prompts)
+    expected = reference(target_dir, prompts, args.max_tokens)
+
+    procs = Procs(root, target_dir, draft_dir, draft_timeout_s=args.draft_timeout_s)
+    stats = {"requests": 0, "errors": 0, "tokens": 0, "wrong_tokens": 0, "wrong_requests": 0, "draft_kills": 0}
+    try:
+        target = procs.start_target(0)
+        for i in range(2):
+            procs.start_draft(i)
+        procs.wait_serving(procs.targets + [f"{HOST}:{p}" for p in procs.d_ports])
+        procs.wait_drafts_known(2)
+        rss_start = rss_kib(target.pid)
+        stop = threading.Event()
+
+        kt = threading.Thread(target=kill_drafts, args=(procs, stats, stop, args.kill_every, args.restart_after),
+                              daemon=True)
+        t0 = time.monotonic()
+        kt.start()
+        run_load(procs.targets, prompts, expected, args.clients, args.duration, args.max_tokens, stats)
+        stop.set()
+        kt.join()
+        elapsed = time.monotonic() - t0
+        stats.update(
+            seconds=round(elapsed, 1), clients=args.clients, max_tokens=args.max_tokens,
+            requests_per_s=round(stats["requests"] / elapsed, 2), tokens_per_s=round(stats["tokens"] / elapsed, 1),
+            target_rss_kib_start=rss_start, target_rss_kib_end=rss_kib(target.pid),
+            target_alive=target.poll() is None, logs=str(root),
+        )  # fmt: skip
+    finally:
+        procs.stop()
+    print(json.dumps(stats))
+    return 0 if stats["errors"] == 0 and stats["wrong_tokens"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""TLS and mTLS for both services, with certificates made at test time (loopback, in process).
+
+Target and draft both serve TLS and require client certificates (mTLS); the draft registers over
+TLS and the target's session channel to the draft is TLS too. Plaintext and unverified clients fail.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from client import Client
+from client.tls import channel_credentials
+from conftest import hf_greedy, make_pair
+from target_service.config import TargetConfig
+from target_service.server import create_server
+
+PROMPT = [3, 1, 4, 1, 5, 9]
+
+
+def _write_pki(root):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def save(stem, key, cert):
+        (root / f"{stem}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                             serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+        (root / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def ca(cn):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn)).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        return key, cert
+
+    def leaf(cn, ca_key, ca_cert):
+        key = ec.generate_private_key(ec.SECP256R1())
+        san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+        eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_cert.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(san, critical=False).add_extension(eku, critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        return key, cert
+
+    ca_key, ca_cert = ca("ssd test CA")
+    save("ca", ca_key, ca_cert)
+    for stem in ("target", "draft", "client"):
+        save(stem, *leaf(f"ssd {stem}", ca_key, ca_cert))
+    save("rogue_ca", *ca("someone else's CA"))
+    rogue_key, rogue_cert = ca("someone else's CA")
+    save("rogue_client", *leaf("rogue", rogue_key, rogue_cert))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return _write_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair()
+
+
+@pytest.fixture(scope="module")
+def cluster(pki, pair):
+    """A TLS+mTLS target and a TLS+mTLS draft registered with it over TLS."""
+    from draft_service.config import DraftServerConfig
+    from draft_service.server import create_server as create_draft
+
+    target, draft = pair
+    p = {k: str(pki / f) for k, f in (("ca", "ca.pem"), ("tc", "target.pem"), ("tk", "target.key"),
+                                      ("dc", "draft.pem"), ("dk", "draft.key"))}
+    server, port = create_server(TargetConfig(model="in-process", port=0, draft_timeout_s=5.0, auth_token="tok",
+                                              tls_cert=p["tc"], tls_key=p["tk"], tls_client_ca=p["ca"],
+                                              tls_ca=p["ca"]), target=target)
+    addr = f"127.0.0.1:{port}"
+    drafts, _ = create_draft(DraftServerConfig(port=0, targets=(addr,), auth_token="tok", tls_cert=p["dc"],
+                                               tls_key=p["dk"], tls_client_ca=p["ca"], tls_ca=p["ca"]), model=draft)
+    drafts.start()
+    try:
+        assert drafts.start_registration().wait_registered(1, 20), "the draft did not register over TLS"
+        yield server, addr
+    finally:
+        drafts.stop(0)
+        server.stop(0)
+
+
+def _mtls(pki, stem="client", ca="ca.pem"):
+    return channel_credentials(pki / ca, pki / f"{stem}.pem", pki / f"{stem}.key")
+
+
+def test_tls_round_trip_with_a_draft_over_tls(cluster, pki, pair, caplog):
+    caplog.set_level(logging.INFO, logger="target_service")
+    server, addr = cluster
+    with Client(addr, timeout=60, max_retries=0, credentials=_mtls(pki)) as c:
+        for mode in ("ssd", "sd", "ar"):
+            result = c.generate(prompt_ids=PROMPT, max_tokens=12, ignore_eos=True, mode=mode)
+            assert list(result.token_ids) == hf_greedy(pair[0].model, PROMPT, 12), mode
+        assert c.model_info().draft_model_id  # the draft registered over TLS
+    assert "draft session in use" in caplog.text  # the target's session to the draft (TLS) answered rounds
+
+
+@pytest.mark.parametrize("how", ["plaintext", "no_client_cert", "wrong_ca", "untrusted_client_cert"])
+def test_clients_without_the_right_credentials_fail(cluster, pki, how):
+    _, addr = cluster
+    creds = {"plaintext": None, "no_client_cert": channel_credentials(pki / "ca.pem"),
+             "wrong_ca": _mtls(pki, ca="rogue_ca.pem"),
+             "untrusted_client_cert": _mtls(pki, stem="rogue_client")}[how]
+    with Client(addr, timeout=5, max_retries=0, credentials=creds) as c:
+        with pytest.raises(Exception) as info:
+            c.generate(prompt_ids=PROMPT, max_tokens=2)
+    assert "UNAVAILABLE" in repr(info.value) or "Unavailable" in type(info.value).__name__, repr(info.value)
+
+
+def test_tls_without_mtls_and_the_cli_client(pki, pair):
+    """Server TLS only (no client CA): any client that trusts the CA connects; `ssd client --tls-ca`."""
+    server, port = create_server(TargetConfig(model="in-process", port=0, tls_cert=str(pki / "target.pem"),
+                                              tls_key=str(pki / "target.key")), target=pair[0])
+    addr = f"127.0.0.1:{port}"
+    try:
+        with Client(addr, timeout=30, max_retries=0, credentials=channel_credentials(pki / "ca.pem")) as c:
+            assert len(c.generate(prompt_ids=PROMPT, max_tokens=4, ignore_eos=True).token_ids) == 4
+        cmd = [sys.executable, "-m", "ssd_cli.main", "client", "generate", "--addr", addr, "--prompt-ids", "3,1,4",
+               "--max-new-tokens", "3", "--ignore-eos", "--json", "--tls-ca", str(pki / "ca.pem")]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert len(json.loads(done.stdout)["token_ids"]) == 3
+    finally:
+        server.stop(0)
+
+
+def test_registration_with_a_wrong_token_over_tls_is_unauthenticated(cluster, pki, pair):
+    from ssd_core.models import tokenizer_fingerprint
+    from ssd_protos.ssd.v1 import speculation_pb2 as spb
+    from ssd_protos.ssd.v1 import speculation_pb2_grpc as spb_grpc
+
+    target = pair[0]
+    info = spb.DraftInfo(model_id="x", vocab_size=target.vocab_size, proto_version=1,
+                         tokenizer_fingerprint=tokenizer_fingerprint(target.tokenizer, target.vocab_size))
+    with grpc.secure_channel(cluster[1], _mtls(pki)) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            spb_grpc.TargetRegistryStub(channel).Register(
+                spb.RegisterRequest(endpoint="127.0.0.1:1", draft_id="x", info=info, auth_token="nope"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_tls_flag_combinations_are_checked(pki):
+    from ssd_core.errors import InvalidParameter
+
+    with pytest.raises(InvalidParameter, match="go together"):
+        TargetConfig(model="m", tls_cert=str(pki / "target.pem"))
+    with pytest.raises(InvalidParameter, match="no such file"):
+        TargetConfig(model="m", tls_cert=str(pki / "nope.pem"), tls_key=str(pki / "target.key"))
+    with pytest.raises(InvalidParameter, match="needs --tls-cert"):
+        TargetConfig(model="m", tls_client_ca=str(pki / "ca.pem"))
