@@ -206,7 +206,7 @@ def check_identical(results: dict[str, dict[int, ModeRun]], temperature: float) 
     return problems
 
 
-def report(results: dict[str, dict[int, ModeRun]], cfg: BenchConfig, problems: list[str]) -> dict:
+def report(results: dict[str, dict[int, ModeRun]], cfg: BenchConfig, problems: list[str], hw: dict) -> dict:
     modes = {}
     for mode, runs in results.items():
         first = runs[min(runs)].summary()
@@ -220,7 +220,7 @@ def report(results: dict[str, dict[int, ModeRun]], cfg: BenchConfig, problems: l
     if "ssd" in modes and "ssd-grpc" in modes and 1 in results.get("ssd", {}) and 1 in results.get("ssd-grpc", {}):
         # same outputs, same rounds: the per-round difference is what gRPC control messages cost
         overhead = round(modes["ssd-grpc"]["by_batch"]["1"]["ms_per_round"] - modes["ssd"]["by_batch"]["1"]["ms_per_round"], 3)
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "hardware": hardware(),
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "hardware": hw,
             "config": {k: getattr(cfg, k) for k in cfg.__slots__}, "modes": modes, "ratios": ratios,
             "grpc_control_overhead_ms_per_round": overhead, "outputs_identical": not problems, "problems": problems}
 
@@ -276,7 +276,9 @@ def plot(rep: dict, out_dir: Path) -> list[Path]:
 
 
 def run_bench(target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig, grpc_runner=None) -> dict:
+    hw = hardware()  # before pinning, so it reports the machine's cores
     target_cpus, draft_cpus = split_cpus()
+    hw.update(target_cpus=sorted(target_cpus), draft_cpus=sorted(draft_cpus))
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, target_cpus)
     torch.set_num_threads(len(target_cpus))
@@ -294,4 +296,4 @@ def run_bench(target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig
         else:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(ALL_MODES)}")
     problems = check_identical(results, cfg.temperature)
-    return report(results, cfg, problems)
+    return report(results, cfg, problems, hw)
