@@ -54,6 +54,7 @@ class TargetServer:
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
         self.app.scheduler.close()
+        metrics.unbind_state()  # the process-wide gauges stop reading this replica's state
         log.info("target stopped: replica=%s", self.app.replica_id)
         self._stopped.set()
         return self._stopped

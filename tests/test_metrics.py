@@ -56,6 +56,7 @@ def test_miss_rate_window_is_an_ewma_and_sets_the_gauge() -> None:
 
 
 def test_metrics_server_serves_a_page_the_autoscaler_parses() -> None:
+    metrics.unbind_state()  # the gauges are process-wide: a server of another test may have bound them
     metrics.set_pool_state(registered_drafts=2, assigned_sequences=3, capacity_sequences=12)
     metrics.set_queue_state(active=4, queued=5)
     port = metrics.start_metrics_server(0, addr="127.0.0.1")
