@@ -85,6 +85,7 @@ def load_pair(args: argparse.Namespace, need_draft: bool = True):
 
         default_target, default_draft = default_pair_dirs()
         target_dir, draft_dir = target_dir or default_target, draft_dir or default_draft
+    args.target, args.draft = target_dir, draft_dir  # resolved, for callers that start a draft process
     target = load_model(target_dir, args.device, args.dtype)
     draft = load_model(draft_dir, args.device, args.dtype) if need_draft else None
     return target, draft
@@ -138,12 +139,21 @@ def run_demo(args: argparse.Namespace) -> int:
     from ssd_core.config import BackupKind, Mode, SamplingParams, SpecConfig
     from ssd_core.engine import Engine, Request
 
+    from ssd_core.proc_speculator import process_factory, split_cpus
+
+    target_cpus, draft_cpus = split_cpus()  # the target on one half of the cores, the draft process on the other
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, target_cpus)
     target, draft = load_pair(args)
-    print(f"target {target.name}, draft {draft.name}, device {args.device}, greedy, {args.max_new_tokens} new tokens")
+    print(f"target {target.name}, draft {draft.name} (own process), device {args.device}, greedy, "
+          f"{args.max_new_tokens} new tokens")
     outputs = {}
     for mode in (Mode.AR, Mode.SD, Mode.SSD):
         spec = SpecConfig(mode=mode, lookahead=args.lookahead, backup=BackupKind.JIT)
-        engine = Engine(target, draft, spec)
+        factory = None if mode is Mode.AR else process_factory(args.draft, 1, draft_cpus, args.device, args.dtype)
+        engine = Engine(target, draft, spec, speculator_factory=factory)
+        warm = tuple(target.tokenizer.encode(DEMO_PROMPTS[0]))
+        engine.generate([Request(warm, SamplingParams(max_new_tokens=8, ignore_eos=True))])  # start-up off the clock
         for prompt in DEMO_PROMPTS:
             ids = tuple(target.tokenizer.encode(prompt))
             (result,) = engine.generate([Request(ids, SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True))])
