@@ -6,12 +6,8 @@ import argparse
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -66,34 +62,25 @@ def _lazy_run(module: str, args: argparse.Namespace) -> int:
 
 # -- ssd up ------------------------------------------------------------------------------------
 def _up(args: argparse.Namespace) -> int:
+    from ssd_cli.local_services import service_pair
+
     target_dir, draft_dir = _model_dirs(args)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="ssd-up-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    t_port, d_port = args.target_port or _free_port(args.host), args.draft_port or _free_port(args.host)
-    t_addr, d_addr = f"{args.host}:{t_port}", f"{args.host}:{d_port}"
     cores = _core_plan()
-    procs = []
+    cpus = tuple({c} if c is not None else None for c in cores)
     try:
-        procs.append(_spawn("target", ["serve", "target", "--model", str(target_dir), "--host", args.host,
-                                       "--port", str(t_port), "--threads", "1"], log_dir, cores[0]))
-        procs.append(_spawn("draft", ["serve", "draft", "--model", str(draft_dir), "--host", args.host,
-                                      "--port", str(d_port), "--threads", "1", "--targets", t_addr], log_dir, cores[1]))
-        deadline = time.monotonic() + args.startup_timeout_s
-        for name, addr in (("target", t_addr), ("draft", d_addr)):
-            _wait(lambda a=addr: _serving(a), deadline, procs, f"{name} health SERVING on {addr}", log_dir)
-        _wait(lambda: _draft_registered(t_addr), deadline, procs, "the draft to register with the target", log_dir)
-        print(f"target {t_addr} (cpu {cores[0]}), draft {d_addr} (cpu {cores[1]}); logs in {log_dir}")
-        code = _demo(t_addr, args)
-        if args.keep_running:
-            print("services are up; Ctrl-C stops them")
-            signal.signal(signal.SIGTERM, _interrupt)
-            while all(p.poll() is None for _, p in procs):
-                time.sleep(0.5)
-        return code
+        with service_pair(target_dir, draft_dir, log_dir, cpus[0], cpus[1], args.host, args.target_port,
+                          args.draft_port, startup_timeout_s=args.startup_timeout_s) as (t_addr, d_addr, procs):
+            print(f"target {t_addr} (cpu {cores[0]}), draft {d_addr} (cpu {cores[1]}); logs in {log_dir}")
+            code = _demo(t_addr, args)
+            if args.keep_running:
+                print("services are up; Ctrl-C stops them")
+                signal.signal(signal.SIGTERM, _interrupt)
+                while all(p.poll() is None for _, p in procs):
+                    time.sleep(0.5)
+            return code
     except KeyboardInterrupt:
         return 0
-    finally:
-        _stop_all(procs)
 
 
 def _model_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -120,47 +107,12 @@ def _core_plan() -> tuple[int | None, int | None]:
     return (cores[0], cores[1 % len(cores)]) if cores else (None, None)
 
 
-def _spawn(name: str, argv: list[str], log_dir: Path, core: int | None) -> tuple[str, subprocess.Popen]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "ssd_cli.main", "--log-level", "INFO", *argv]
-    out = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
-    pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
-    log.info("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
-    return name, proc
 
 
-def _wait(ready: Callable[[], bool], deadline: float, procs: list, what: str, log_dir: Path) -> None:
-    while not ready():
-        for name, proc in procs:
-            if proc.poll() is not None:
-                tail = (log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise OSError(f"{name} exited with code {proc.returncode} while waiting for {what}:\n{tail}")
-        if time.monotonic() > deadline:
-            raise OSError(f"timed out waiting for {what} (logs in {log_dir})")
-        time.sleep(0.2)
 
 
-def _serving(addr: str) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(addr) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _draft_registered(addr: str) -> bool:
-    from client import Client, SSDError
-
-    try:
-        with Client(addr, timeout=2, max_retries=0) as c:
-            return bool(c.model_info().draft_model_id)
-    except SSDError:
-        return False
 
 
 def _demo(addr: str, args: argparse.Namespace) -> int:
@@ -182,23 +134,8 @@ def _demo(addr: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_all(procs: list[tuple[str, subprocess.Popen]]) -> None:
-    for name, proc in reversed(procs):  # the draft first: it deregisters from a live target
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            log.warning("%s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
-            proc.kill()
-            proc.wait()
 
 
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
