@@ -22,7 +22,7 @@ import torch
 
 from ssd_core import metrics
 from ssd_core.backup import ngram_guess
-from ssd_core.config import BackupKind, BatchPolicy, Mode, SamplingParams, SpecConfig
+from ssd_core.config import BatchPolicy, Mode, SamplingParams, SpecConfig
 from ssd_core.errors import InvalidParameter
 from ssd_core.kv import BatchKV
 from ssd_core.models import LoadedModel, check_pair
@@ -145,13 +145,11 @@ class Engine:
         ts = time.perf_counter()
         plan = self._replan()
         specs = self._speculate(plan)
-        # speculation-cache lookups of this round, counted as RequestStats does (before _commit retires rows)
-        lookups = [sp.source for s, sp in zip(self.seqs, specs) if plan.tree and s.stats.rounds > 0 and sp.tokens]
         t0 = time.perf_counter()
         target_probs = self._verify_forward(specs)
         t1 = time.perf_counter()
         num_accepted, bonus = self._verify(specs, target_probs)
-        deltas = self._commit(specs, num_accepted, bonus)
+        deltas, lookups = self._commit(specs, num_accepted, bonus)
         t2 = time.perf_counter()
         self.timings.add(verify_s=t1 - t0, commit_s=t2 - t1)
         metrics.record_round(num_accepted.tolist(), len(specs[0].tokens), hits=lookups.count(SpecSource.CACHE_HIT),
@@ -229,13 +227,17 @@ class Engine:
         uniforms, race = draw_noise([s.gen for s in self.seqs], k_plus_1 - 1, vocab)
         return verify(draft_tokens, draft_probs, target_probs, uniforms, race)
 
-    def _commit(self, specs: list[Speculation], num_accepted: torch.Tensor, bonus: torch.Tensor) -> list[Delta]:
+    def _commit(self, specs: list[Speculation], num_accepted: torch.Tensor,
+                bonus: torch.Tensor) -> tuple[list[Delta], list[SpecSource]]:
+        """Commit the round; returns the deltas and the sources of this round's cache lookups."""
         self.kv.keep(torch.tensor([len(s.tokens) - 1 for s in self.seqs]) + num_accepted)
         self.kv.compact()
-        deltas, finished = [], []
+        deltas, finished, lookups = [], [], []
         for i, (seq, sp, k, t) in enumerate(zip(self.seqs, specs, num_accepted.tolist(), bonus.tolist())):
             seq.round = sp.round
-            seq.stats.record_round(len(sp.tokens), k, sp.source, self._plan.tree)
+            lookup = seq.stats.record_round(len(sp.tokens), k, sp.source, self._plan.tree)
+            if lookup is not None:
+                lookups.append(lookup)
             emitted = list(sp.tokens[:k]) + [t]
             self._outcomes[seq.req.seq_id] = RoundOutcome(seq.req.seq_id, sp.round, k, t)
             emitted, reason = self._apply_stops(seq, emitted)
@@ -247,7 +249,7 @@ class Engine:
         if finished:
             results = {r.seq_id: r for r in self._retire(finished)}
             deltas = [Delta(d.seq_id, d.token_ids, results.get(d.seq_id)) for d in deltas]
-        return deltas
+        return deltas, lookups
 
     def _apply_stops(self, seq: _Seq, emitted: list[int]) -> tuple[list[int], str | None]:
         params = seq.req.params

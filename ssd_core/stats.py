@@ -22,8 +22,10 @@ class RequestStats:
     start_s: float = field(default_factory=time.perf_counter)
     end_s: float = 0.0
 
-    def record_round(self, lookahead: int, num_accepted: int, source: SpecSource, cached: bool) -> None:
-        if cached and self.rounds > 0 and lookahead > 0:
+    def record_round(self, lookahead: int, num_accepted: int, source: SpecSource, cached: bool) -> SpecSource | None:
+        """Count one verification round; returns `source` when the round was a cache lookup."""
+        lookup = cached and self.rounds > 0 and lookahead > 0
+        if lookup:
             self.lookups += 1
             self.hits += source is SpecSource.CACHE_HIT
             self.backup_jit += source is SpecSource.JIT
@@ -32,6 +34,7 @@ class RequestStats:
         self.drafted += lookahead
         self.accepted += num_accepted
         self.emitted += num_accepted + 1
+        return source if lookup else None
 
     def finish(self, new_tokens: int) -> None:
         self.new_tokens = new_tokens
