@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sequences", type=int, default=DraftLimits().max_sequences,
                         help="capacity across all sessions")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds in-flight RPCs get on SIGTERM")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="serve Prometheus /metrics on this port (0: off), on --host")
     add_tls_arguments(parser, "the targets (registration)")
 
 
@@ -63,4 +65,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not cfg.targets:
         log.warning("no --targets: serving, but no target will know about this draft")
+    if args.metrics_port:
+        from draft_service.metrics import start_metrics_server
+
+        try:
+            start_metrics_server(args.metrics_port, args.host)
+        except OSError as exc:
+            log.error("cannot start the draft: metrics port %d: %s", args.metrics_port, exc)
+            return 2
     return serve(cfg)

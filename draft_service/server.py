@@ -15,6 +15,7 @@ from client.tls import channel_credentials, server_credentials
 from ssd_core.models import LoadedModel, load_model
 from ssd_protos.ssd.v1 import speculation_pb2, speculation_pb2_grpc
 
+from draft_service import metrics
 from draft_service.config import DraftServerConfig
 from draft_service.registration import Registrar
 from draft_service.servicer import SpeculatorServicer
@@ -55,6 +56,8 @@ class DraftServer:
                                    credentials=channel_credentials(self.cfg.tls_ca, self.cfg.tls_cert, self.cfg.tls_key)
                                    if self.cfg.tls_ca else None)
         self.registrar.start()
+        registrar = self.registrar
+        metrics.bind_targets(lambda: len(registrar.registered()), registrar.known)
         return self.registrar
 
     def stop(self, grace_s: float | None = None) -> None:
@@ -63,6 +66,7 @@ class DraftServer:
         if self.registrar is not None:
             self.registrar.stop()
         self.grpc_server.stop(self.cfg.grace_s if grace_s is None else grace_s).wait()
+        metrics.unbind_state()  # the process-wide gauges stop reading this server's state
 
     def _set_health(self, status: int) -> None:
         for name in ("", SPECULATOR_SERVICE):
@@ -91,6 +95,8 @@ def create_server(cfg: DraftServerConfig, model: LoadedModel | None = None) -> t
     if port == 0:
         raise PortInUse(f"cannot listen on {address}: address in use or not available")
     server = DraftServer(cfg, grpc_server, servicer, health_servicer, port)
+    metrics.bind_state(sessions=lambda: servicer.tracker.sessions, sequences=lambda: servicer.tracker.sequences,
+                       capacity=cfg.limits.max_sequences)
     server._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     if model is not None:
         server.set_model(model)

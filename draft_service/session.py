@@ -20,6 +20,7 @@ from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart
 from ssd_core.wire import codec
 from ssd_protos.ssd.v1 import speculation_pb2 as pb
 
+from draft_service import metrics
 from draft_service.config import DraftLimits
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ _INVALID, _NOT_FOUND, _EXISTS = (grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc
                                  grpc.StatusCode.ALREADY_EXISTS.value[0])
 _PRECONDITION, _EXHAUSTED = grpc.StatusCode.FAILED_PRECONDITION.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 _UNIMPLEMENTED, _INTERNAL = grpc.StatusCode.UNIMPLEMENTED.value[0], grpc.StatusCode.INTERNAL.value[0]
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
 class LoadTracker:
@@ -56,6 +58,7 @@ class LoadTracker:
 
 
 def _error(code: int, message: str, seq_ids: list[str] | None = None) -> pb.SessionResponse:
+    metrics.observe_error(_CODE_NAMES.get(code, str(code)))
     return pb.SessionResponse(error=pb.SessionError(code=code, message=message, seq_ids=seq_ids or []))
 
 
@@ -119,6 +122,8 @@ class DraftSession:
         backup = BackupKind.JIT if backup is BackupKind.AUTO else backup
         self.speculator = DraftSpeculator(self.model, fan_out, saguaro_c, backup, tree=sum(fan_out) > 0,
                                           replica=m.target_replica_id)
+        self.speculator.on_build = metrics.observe_build
+        metrics.SESSIONS_OPENED.inc()
         log.info("session %s opened by %s: K=%d fan_out=%s C=%s backup=%s", self.session_id,
                  m.target_replica_id or "?", lookahead, fan_out, saguaro_c, backup.value)
         accepted = codec.config_to_pb(fan_out, saguaro_c, backup, lookahead)
@@ -160,6 +165,7 @@ class DraftSession:
         self._drop([sid for e in errors for sid in e.error.seq_ids if sid in self.handed])
         stats = self.speculator.stats
         wait0, jit0, tree0 = stats.wait_s, stats.jit_s, stats.tree_s
+        hits0, njit0, fast0 = stats.hits, stats.jit, stats.fast
         try:
             specs = self.speculator.propose(outcomes) if outcomes else []
         except Exception as exc:  # the speculator may be half-updated: end the session
@@ -174,6 +180,8 @@ class DraftSession:
         timings = pb.SpeculationTimings(queue_ns=wait, jit_ns=jit, lookup_ns=max(0, t_enc - t_start - wait - jit),
                                         encode_ns=t_end - t_enc, total_ns=t_end - t_start,
                                         prefetch_ns=int((stats.tree_s - tree0) * 1e9))
+        metrics.observe_request((t_end - t_start) / 1e9, wait / 1e9, jit / 1e9, stats.hits - hits0,
+                                stats.jit - njit0, stats.fast - fast0)
         return errors + [pb.SessionResponse(speculations=pb.Speculations(round=m.round, sequences=seqs,
                                                                           timings=timings))]
 

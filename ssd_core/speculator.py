@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,9 @@ class DraftSpeculator:
         self.stats = SpeculatorStats()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ssd-tree") if self.tree else None
         self._pending: concurrent.futures.Future | None = None
+        # Called on the worker thread after each cache build: (glue seconds, tree seconds, entries
+        # put). The draft service feeds its /metrics from it; it must be cheap and must not raise.
+        self.on_build: Callable[[float, float, int], None] | None = None
 
     @property
     def lookahead(self) -> int:
@@ -241,8 +245,12 @@ class DraftSpeculator:
         t0 = time.perf_counter()
         with torch.inference_mode():
             self._glue()
-            self._tree()
-        self.stats.tree_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            built = self._tree()
+        t2 = time.perf_counter()
+        self.stats.tree_s += t2 - t0
+        if self.on_build is not None:
+            self.on_build(t1 - t0, t2 - t1, built)
 
     def _glue(self) -> None:
         """Feed each row's unfed tail of (tokens + spec); fills the missing candidate rows."""
@@ -266,8 +274,9 @@ class DraftSpeculator:
                     r.cand_logits[k] = logits[i, col]
             r.fed = len(streams[i])
 
-    def _tree(self) -> None:
-        """One batched forward per depth over every predicted outcome (k, t*) of every row."""
+    def _tree(self) -> int:
+        """One batched forward per depth over every predicted outcome (k, t*) of every row; returns
+        how many cache entries it put."""
         k_max, rows = self.lookahead, self.rows
         ks, ts = self._candidates()  # [B, N] each
         batch, width = ks.shape
@@ -292,6 +301,7 @@ class DraftSpeculator:
                 key = OutcomeKey(r.seq_id, r.round, int(ks[b, i]), int(ts[b, i]), self.replica)
                 self.cache.put(key, _Branch(i, out_tokens[b, i].tolist(), None if greedy else out_probs[b, i],
                                             out_logits[b, i]))
+        return batch * width
 
     def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Bonus candidates per acceptance length: the draft's top tokens at position k+1,

@@ -321,3 +321,123 @@ def test_re_resolution_picks_up_new_targets_and_drops_gone_ones(draft) -> None:
         srv_a.stop(0)
         srv_b.stop(0)
     assert fake_b.count("deregister") == 1
+
+
+# -- /metrics of the draft endpoint ---------------------------------------------------------------
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """GET /metrics and parse it: {(sample name, sorted labels): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _v(page: dict, name: str, **labels) -> float:
+    return page.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def metrics_port() -> int:
+    from draft_service.metrics import start_metrics_server
+
+    return start_metrics_server(0, "127.0.0.1")
+
+
+def test_metrics_page_counts_sessions_requests_cache_builds_and_errors(server, draft, metrics_port) -> None:
+    srv, channel = server
+    before = _scrape(metrics_port)  # the registry is process-wide: compare deltas
+    assert _v(before, "ssd_draft_capacity_sequences") == srv.cfg.limits.max_sequences
+    stream = _Stream(channel)
+    stream.open()
+    starts = [SeqStart("a", (1, 5, 9, 3), SamplingParams(), 11), SeqStart("b", (4, 2, 7), SamplingParams(), 12)]
+    stream.send(add=pb.AddSequences(sequences=[codec.start_to_pb(s) for s in starts]))
+    tokens = {s.seq_id: list(s.token_ids) for s in starts}
+    outcomes = [RoundOutcome.first(s.seq_id) for s in starts]
+    rounds = 4
+    for step in range(rounds):
+        stream.send(round=pb.RoundRequest(round=step, outcomes=[codec.outcome_to_pb(o) for o in outcomes]))
+        remote = [codec.speculation_from_pb(m) for m in stream.recv().speculations.sequences]
+        outcomes = []
+        for spec in remote:
+            out = _greedy_outcome(draft, tokens[spec.seq_id], spec)
+            tokens[spec.seq_id] += list(spec.tokens[:out.num_accepted]) + [out.bonus_token]
+            outcomes.append(out)
+    mid = _scrape(metrics_port)
+    assert _v(mid, "ssd_draft_sessions") == 1 and _v(mid, "ssd_draft_active_sequences") == 2
+    stream.send(add=pb.AddSequences(sequences=[pb.SequenceStart(seq_id="empty")]))  # INVALID_ARGUMENT
+    assert stream.recv().error.seq_ids == ["empty"]
+    stream.send(close=pb.SessionClose(reason="done"))
+    assert list(stream.responses) == []
+    assert _wait_for(lambda: srv.servicer.tracker.sessions == 0)
+    after = _scrape(metrics_port)
+
+    def delta(name: str, **labels) -> float:
+        return _v(after, name, **labels) - _v(before, name, **labels)
+
+    assert delta("ssd_draft_sessions_opened_total") == 1
+    assert delta("ssd_draft_speculation_requests_total") == rounds
+    # same model as the "target": every lookup after the first round is a hit (2 sequences x 3 rounds)
+    assert delta("ssd_draft_speculations_total", result="hit") == 2 * (rounds - 1)
+    assert delta("ssd_draft_speculations_total", result="jit") == 0
+    builds = delta("ssd_draft_cache_builds_total")
+    assert builds >= rounds - 1  # the last round's build may still be running or cut short by the close
+    branches = sum(FAN_OUT)  # one cache entry per predicted outcome per sequence
+    assert delta("ssd_draft_cache_entries_built_total") == builds * 2 * branches
+    for phase in ("glue", "tree"):
+        assert delta("ssd_draft_phase_seconds_count", phase=phase) == builds
+        assert delta("ssd_draft_phase_seconds_sum", phase=phase) > 0
+    assert delta("ssd_draft_phase_seconds_count", phase="request") == rounds
+    assert delta("ssd_draft_errors_total", code="INVALID_ARGUMENT") == 1
+    assert _v(after, "ssd_draft_sessions") == 0 and _v(after, "ssd_draft_active_sequences") == 0
+
+
+def test_ssd_serve_draft_metrics_port_in_a_real_process(tmp_path, model_dir) -> None:
+    """`ssd serve draft --metrics-port N` in its own process: the page is up, carries the registration
+    and session gauges, and a Session opened over gRPC shows on it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    registry, reg_port, fake = _start_registry("t")
+    grpc_port, metrics_port = free_port(), free_port()
+    cmd = [sys.executable, "-c", "import sys; from ssd_cli.main import main; sys.exit(main())", "serve", "draft",
+           "--model", model_dir, "--port", str(grpc_port), "--metrics-port", str(metrics_port),
+           "--targets", f"127.0.0.1:{reg_port}", "--max-sequences", "7", "--grace", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        def page_ok() -> bool:
+            try:
+                return _v(_scrape(metrics_port), "ssd_draft_registered_targets") == 1
+            except OSError:
+                assert proc.poll() is None, f"ssd serve draft exited {proc.returncode}:\n{proc.stdout.read()}"
+                return False
+        assert _wait_for(page_ok, timeout=60), "no /metrics page with a registered target within 60 s"
+        page = _scrape(metrics_port)
+        assert _v(page, "ssd_draft_capacity_sequences") == 7 and _v(page, "ssd_draft_known_targets") == 1
+        assert _v(page, "ssd_draft_sessions") == 0
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stream = _Stream(channel)
+            assert stream.open().opened.session_id
+            assert _wait_for(lambda: _v(_scrape(metrics_port), "ssd_draft_sessions") == 1)
+            assert _v(_scrape(metrics_port), "ssd_draft_sessions_opened_total") == 1
+            stream.end()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert fake.count("deregister") == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        registry.stop(0)

@@ -190,6 +190,23 @@ def test_autoscaler_rbac_is_least_privilege(overlay: str) -> None:
 
 
 @needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_targets_and_drafts_serve_metrics_on_a_named_port(overlay: str) -> None:
+    """Both pools run with --metrics-port on the container port named `metrics`, annotated for scrapers,
+    and the headless Services carry it (a ServiceMonitor selects by port name)."""
+    docs = render(overlay)
+    for kind, name, svc in (("StatefulSet", "ssd-target", "ssd-target-headless"),
+                            ("Deployment", "ssd-draft", "ssd-draft-headless")):
+        tmpl = find(docs, kind, name)["spec"]["template"]
+        c = tmpl["spec"]["containers"][0]
+        port = {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"]
+        assert f"--metrics-port={port}" in c["args"], name
+        assert tmpl["metadata"]["annotations"]["prometheus.io/port"] == str(port), name
+        svc_ports = {p["name"]: p["targetPort"] for p in find(docs, "Service", svc)["spec"]["ports"]}
+        assert svc_ports.get("metrics") == "metrics", svc
+
+
+@needs_kubectl
 def test_gpu_overlay_requests_gpus_and_sets_transport_knobs() -> None:
     docs = render("gpu")
     for kind, name in (("StatefulSet", "ssd-target"), ("Deployment", "ssd-draft")):
