@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ import torch
 from ssd_core.config import BackupKind, Mode, SamplingParams, SpecConfig
 from ssd_core.engine import Engine, Request
 from ssd_core.models import LoadedModel
+from ssd_core.perfmodel import RequestCounts
 from ssd_core.proc_speculator import process_factory, split_cpus
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,13 @@ class ModeRun:
     wall_s: float = 0.0
     breakdown_s: dict[str, float] = field(default_factory=dict)
     outputs: list[tuple[int, ...]] = field(default_factory=list)
+    requests: list[RequestCounts] = field(default_factory=list)  # what each request did (ssd simulate)
 
-    def record(self, results, wall_s: float) -> None:
+    def record(self, results, wall_s: float, prompts=()) -> None:
         """One batch: its wall time and each result's tokens and speculation stats."""
         lengths = [len(r.token_ids) for r in results]
+        for r, p in zip(results, prompts):
+            self.requests.append(RequestCounts(len(p), len(r.token_ids), r.stats.rounds, r.stats.hits))
         self.wall_s += wall_s
         self.tokens_per_s.append(sum(lengths) / wall_s)
         self.latency_ms.append(1000 * wall_s / max(1, max(lengths)))
@@ -85,6 +89,7 @@ class ModeRun:
             "rounds": self.rounds,
             "ms_per_round": round(1000 * self.wall_s / self.rounds, 3) if self.rounds else 0.0,
             "round_breakdown_ms": {k: round(v, 3) for k, v in per_round.items()},
+            "requests": [asdict(c) for c in self.requests],
         }
 
 
@@ -144,7 +149,7 @@ def _run_batch(engine: Engine, batch, cfg: BenchConfig, run: ModeRun) -> None:
     results = engine.generate(reqs)
     wall = time.perf_counter() - t0
     after = engine.timings.to_dict()
-    run.record(results, wall)
+    run.record(results, wall, batch)
     run.rounds += after["steps"] - before["steps"]
     parts = {"verify": "verify_s", "draft_wait": "speculate_s", "commit": "commit_s", "prefill": "prefill_s"}
     for name, key in parts.items():

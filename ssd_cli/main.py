@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "ssd_cli.client_cmd",  # ssd client ...
     "ssd_cli.serve_cmd",  # ssd serve ..., ssd up
     "ssd_cli.bench_cmd",  # ssd bench
+    "ssd_cli.simulate_cmd",  # ssd simulate
     "ssd_cli.autoscale_cmd",  # ssd autoscale
 )
 

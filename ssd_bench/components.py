@@ -1,0 +1,255 @@
+"""Measure the component times of ssd_core.perfmodel on this machine, with the real code.
+
+Placement is the bench's: the target side in this process on the target cores, the draft in a
+child process pinned to the draft cores. What comes from where:
+  - draft side (child, alone): `DraftSpeculator` driven with outcomes that hit (answer time,
+    then the cache build's glue + tree time) and that miss (JIT answer time); draft prefill.
+  - overlap slowdowns: the same target verify forward and draft cache build, run side by side.
+  - transport: a control round trip over the child's pipe.
+  - target side: target prefill; the per-round verify forward and commit (verification, KV
+    rollback, bookkeeping) from the engine's phase timers in short AR and SD calibration runs
+    on prompts that are not the ones predicted.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ssd_core.config import BackupKind, BatchPolicy, Mode, PolicyRow, SamplingParams, SpecConfig
+from ssd_core.engine import Engine, Request
+from ssd_core.kv import BatchKV
+from ssd_core.models import LoadedModel
+from ssd_core.perfmodel import ComponentTimes
+from ssd_core.proc_speculator import process_factory
+from ssd_core.types import RoundOutcome, SeqStart, SpecSource
+
+log = logging.getLogger(__name__)
+
+
+def _median_ms(xs: list[float]) -> float:
+    return 1000 * statistics.median(xs)
+
+
+def _fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares (fixed, per token) through (length, ms) points."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+    return (my - slope * mx, slope)
+
+
+# -- the draft child ----------------------------------------------------------------------------
+class _DraftDriver:
+    """A one-sequence DraftSpeculator driven with outcomes chosen to hit or to miss its cache."""
+
+    def __init__(self, draft: LoadedModel, fan_out: tuple[int, ...], prompt: tuple[int, ...]) -> None:
+        from ssd_core.speculator import DraftSpeculator
+
+        self.draft, self.fan_out, self.prompt = draft, fan_out, prompt
+        self.k = len(fan_out) - 1
+        self.spec = DraftSpeculator(draft, fan_out, backup=BackupKind.JIT, tree=True)
+        self.max_len = draft.max_context - 2 * (self.k + 1)
+        self._restart()
+
+    def _restart(self) -> None:
+        if self.spec.rows:
+            self.spec.remove(["m"])
+        self.spec.add([SeqStart("m", self.prompt, SamplingParams(max_new_tokens=1, ignore_eos=True), 1)])
+        self.spec.propose([RoundOutcome.first("m")])
+        self.spec._wait()
+
+    def round(self, hit: bool) -> tuple[float, float]:
+        """One round; returns (answer seconds, cache build seconds)."""
+        if len(self.spec.rows[0].tokens) >= self.max_len:
+            self._restart()
+        row = self.spec.rows[0]
+        if hit:  # the longest cached acceptance length, bonus = its first candidate: cached
+            k = max(i for i, f in enumerate(self.fan_out) if f > 0)
+            top = [t for t in row.cand_logits[k].topk(2).indices.tolist() if k >= len(row.spec) or t != row.spec[k]]
+            outcome = RoundOutcome("m", row.round, k, top[0])
+        else:  # nothing accepted, bonus = the draft's least likely token: never cached
+            outcome = RoundOutcome("m", row.round, 0, int(row.cand_logits[0].argmin()))
+        before = self.spec.stats.tree_s
+        t0 = time.perf_counter()
+        (got,) = self.spec.propose([outcome])
+        answer = time.perf_counter() - t0
+        self.spec._wait()
+        want = SpecSource.CACHE_HIT if hit else SpecSource.JIT
+        if got.source is not want:
+            raise RuntimeError(f"component bench: expected a {want.value} round, got {got.source.value}")
+        return answer, self.spec.stats.tree_s - before
+
+
+def _draft_child(conn, draft_src, fan_out, cpus, prompt, device, dtype) -> None:
+    from ssd_core.models import load_model
+
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(1)
+    draft = load_model(draft_src, device, dtype) if isinstance(draft_src, (str, Path)) else draft_src
+    driver = _DraftDriver(draft, fan_out, prompt)
+    conn.send(("ok", None))
+    while True:
+        name, arg = conn.recv()
+        try:
+            if name == "ping":
+                value = None
+            elif name == "alone":
+                value = _draft_alone(driver, draft, prompt, arg)
+            elif name == "beside":  # cache builds until the parent says stop
+                builds = []
+                while not conn.poll():
+                    builds.append(driver.round(True)[1])
+                conn.recv()
+                value = builds
+            elif name == "close":
+                conn.send(("ok", None))
+                break
+            else:
+                raise ValueError(name)
+            conn.send(("ok", value))
+        except Exception as exc:  # reported to the parent, which raises it
+            conn.send(("err", f"{type(exc).__name__}: {exc}"))
+
+
+def _draft_alone(driver: _DraftDriver, draft: LoadedModel, prompt: tuple[int, ...], reps: int) -> dict:
+    answers, builds, jits = [], [], []
+    for i in range(2 * reps + 4):
+        hit = i % 2 == 0
+        answer, build = driver.round(hit)
+        if i < 4:
+            continue  # warm-up
+        (answers if hit else jits).append(answer)
+        builds.append(build)
+    prefill = []
+    for n in _prefill_lengths(len(prompt)):
+        ts = []
+        for _ in range(max(3, reps // 4)):
+            t0 = time.perf_counter()
+            BatchKV.prefill(draft.model, [list(prompt[:n])], draft.device)
+            ts.append(time.perf_counter() - t0)
+        prefill.append((n, _median_ms(ts)))
+    return {"answer": _median_ms(answers), "jit": _median_ms(jits), "tree_build": _median_ms(builds),
+            "prefill": _fit_line(prefill)}
+
+
+def _prefill_lengths(n: int) -> list[int]:
+    return sorted({max(2, n // 4), max(2, n // 2), n})
+
+
+# -- the target side ------------------------------------------------------------------------------
+def _verify_forwards(target: LoadedModel, prompt: tuple[int, ...], k: int, seconds: float) -> list[float]:
+    """Target forwards over K+1 tokens at the prompt's end, rolled back after each."""
+    kv = BatchKV.prefill(target.model, [list(prompt)], target.device)
+    n = len(prompt) - 1
+    tokens = torch.tensor([list(prompt[-1:]) + [1] * k])
+    pos = torch.arange(n, n + k + 1)[None, :]
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 5:
+        t0 = time.perf_counter()
+        kv.forward(target.model, tokens, pos)
+        times.append(time.perf_counter() - t0)
+        kv.keep(torch.tensor([n - 1]))
+        kv.compact()
+    return times
+
+
+def _calibrate_engine(mode: Mode, target: LoadedModel, draft_src, k: int, fan_out: tuple[int, ...],
+                      prompts: list[tuple[int, ...]], new_tokens: int, draft_cpus: set[int],
+                      device: str, dtype: str) -> dict:
+    factory = process_factory(draft_src, 1, draft_cpus, device, dtype) if mode is not Mode.AR else None
+    policy = BatchPolicy((PolicyRow(1, k, BackupKind.JIT),))
+    spec = SpecConfig(mode=mode, lookahead=k, fan_out=fan_out if mode is Mode.SSD else ())
+    engine = Engine(target, None, spec, policy, speculator_factory=factory)
+    try:
+        engine.generate([Request(prompts[0][:8], SamplingParams(max_new_tokens=8, ignore_eos=True))])
+        before = engine.timings.to_dict()
+        for p in prompts:
+            engine.generate([Request(p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))])
+        after = engine.timings.to_dict()
+    finally:
+        engine.close()
+    steps = after["steps"] - before["steps"]
+    return {key: 1000 * (after[key] - before[key]) / steps for key in ("speculate_s", "verify_s", "commit_s")}
+
+
+def measure_components(target: LoadedModel, draft_src: LoadedModel | Path, lookahead: int, fan_out: tuple[int, ...],
+                       calib_prompts: list[tuple[int, ...]], target_cpus: set[int], draft_cpus: set[int],
+                       new_tokens: int = 48, reps: int = 30, device: str = "cpu", dtype: str = "float32") -> ComponentTimes:
+    """All component times for batch 1 at lookahead K with this fan-out (F_0..F_K)."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, target_cpus)
+    torch.set_num_threads(len(target_cpus))
+    prompt = calib_prompts[0]
+    ctx = mp.get_context("spawn")
+    conn, child_end = ctx.Pipe()
+    proc = ctx.Process(target=_draft_child, name="ssd-draft-bench", daemon=True,
+                       args=(child_end, draft_src, tuple(fan_out), draft_cpus, prompt, device, dtype))
+    proc.start()
+    child_end.close()
+
+    def call(name, arg=None):
+        conn.send((name, arg))
+        status, value = conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"draft component bench failed in {name}: {value}")
+        return value
+
+    try:
+        status, value = conn.recv()  # loaded
+        if status != "ok":
+            raise RuntimeError(value)
+        pings = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            call("ping")
+            pings.append(time.perf_counter() - t0)
+        alone = call("alone", reps)
+        verify_alone = _verify_forwards(target, prompt, lookahead, 1.5)
+        conn.send(("beside", None))
+        time.sleep(0.2)  # let the child's loop start
+        verify_beside = _verify_forwards(target, prompt, lookahead, 1.5)
+        conn.send(("stop", None))
+        status, builds_beside = conn.recv()
+        if status != "ok":
+            raise RuntimeError(builds_beside)
+        call("close")
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+        conn.close()
+
+    target_prefill = []
+    for n in _prefill_lengths(len(prompt)):
+        ts = []
+        for _ in range(max(3, reps // 4)):
+            t0 = time.perf_counter()
+            BatchKV.prefill(target.model, [list(prompt[:n])], target.device)
+            ts.append(time.perf_counter() - t0)
+        target_prefill.append((n, _median_ms(ts)))
+
+    ar = _calibrate_engine(Mode.AR, target, draft_src, lookahead, fan_out, calib_prompts, new_tokens, draft_cpus, device, dtype)
+    sd = _calibrate_engine(Mode.SD, target, draft_src, lookahead, fan_out, calib_prompts, new_tokens, draft_cpus, device, dtype)
+    v_alone, v_beside = _median_ms(verify_alone), _median_ms(verify_beside)
+    return ComponentTimes(
+        lookahead=lookahead,
+        ar_step=ar["speculate_s"] + ar["verify_s"] + ar["commit_s"],
+        verify=sd["verify_s"], commit=sd["commit_s"],
+        jit=alone["jit"], answer=alone["answer"], tree_build=alone["tree_build"],
+        transport=_median_ms(pings),
+        verify_slowdown=max(1.0, v_beside / v_alone),
+        tree_slowdown=max(1.0, _median_ms(builds_beside) / alone["tree_build"]) if builds_beside else 1.0,
+        prefill_target=_fit_line(target_prefill), prefill_draft=tuple(alone["prefill"]),
+        source=f"measured on this machine: target cpus {sorted(target_cpus)}, draft cpus {sorted(draft_cpus)}; "
+               f"SD calibration speculate {sd['speculate_s']:.3f} ms/round (model: transport + jit)",
+    )

@@ -1,0 +1,174 @@
+"""A performance model of AR, SD and SSD decoding from measured component times.
+
+The paper's Theorem 7 (times in units of one verification T_v):
+
+    speedup_SSD = [p_hit E_hit + (1 - p_hit) E_miss] / [p_hit max(1, T_p) + (1 - p_hit)(1 + T_b)]
+
+Our engine pays costs the theorem leaves out, so the round times below add them, in the order
+they happen (see ssd_core/speculator.py): the draft answers (a cache lookup on a hit, K JIT
+steps on a miss), hands the speculation over (`transport`: one control round trip), and at once
+starts the next cache build (glue + K tree steps, `tree_build`) while the target verifies and
+commits. The next answer waits for whichever finishes last:
+
+    SSD round = answer-or-backup + max(transport + verify' + commit, tree_build')
+    SD  round = transport + jit + verify + commit
+    AR  round = ar_step
+
+where ' marks a time measured while the other side runs beside it (shared memory bandwidth and
+caches: `verify_slowdown`, `tree_slowdown`). With transport = commit = answer = 0, slowdowns 1
+and jit = T_b these reduce to the theorem's denominators (tests/test_perfmodel.py checks it).
+Batches (Corollary 16): a round is all-hit with probability p_hit^b; any miss puts the JIT
+backup on the critical path of the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(slots=True)
+class ComponentTimes:
+    """Component times in milliseconds, for one batch size and lookahead K."""
+
+    lookahead: int
+    ar_step: float  # AR: one target decode step, sampling and commit included
+    verify: float  # target forward over K+1 tokens, logits processing included
+    commit: float  # verification, KV rollback and bookkeeping after the verify forward
+    jit: float  # the draft answering a miss with K JIT steps (outcome applied, reply built)
+    answer: float  # the draft answering a cache hit (outcome applied, lookup, reply built)
+    tree_build: float  # the speculation cache for one round: glue + K tree steps
+    transport: float  # one control round trip between target and draft
+    fast_backup: float = 0.0  # a fast (n-gram) backup answer instead of jit
+    verify_slowdown: float = 1.0  # verify time factor while a tree build runs beside it
+    tree_slowdown: float = 1.0  # tree build time factor while a verify runs beside it
+    prefill_target: tuple[float, float] = (0.0, 0.0)  # (fixed ms, ms per prompt token)
+    prefill_draft: tuple[float, float] = (0.0, 0.0)
+    source: str = ""  # where the numbers come from
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ComponentTimes":
+        known = {k: v for k, v in d.items() if k in cls.__slots__}
+        for key in ("prefill_target", "prefill_draft"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+
+@dataclass(slots=True)
+class RequestCounts:
+    """What one request did (from an engine run): enough to time it with the model."""
+
+    prompt_tokens: int
+    new_tokens: int
+    rounds: int  # verification rounds (AR: decode steps)
+    hits: int = 0  # SSD rounds answered from the speculation cache
+
+
+@dataclass(slots=True)
+class Prediction:
+    mode: str
+    tokens_per_s: float
+    ms_per_round: float
+    detail: dict = field(default_factory=dict)
+
+
+# -- round times ------------------------------------------------------------------------------
+def overlap_ms(t: ComponentTimes) -> float:
+    """The part of an SSD round where the target and the draft work side by side."""
+    return max(t.transport + t.verify * t.verify_slowdown + t.commit, t.tree_build * t.tree_slowdown)
+
+
+def ssd_round_ms(t: ComponentTimes, hit: bool, backup: str = "jit") -> float:
+    front = t.answer if hit else (t.jit if backup == "jit" else t.fast_backup)
+    return front + overlap_ms(t)
+
+
+def sd_round_ms(t: ComponentTimes) -> float:
+    return t.transport + t.jit + t.verify + t.commit
+
+
+def prefill_ms(t: ComponentTimes, prompt_tokens: int, mode: str) -> float:
+    a, b = t.prefill_target
+    ms = a + b * prompt_tokens
+    if mode != "ar":  # the draft's prefill runs after the target's (Engine.add), not beside it
+        a, b = t.prefill_draft
+        ms += t.transport + a + b * prompt_tokens
+    return ms
+
+
+def request_ms(t: ComponentTimes, mode: str, c: RequestCounts, backup: str = "jit") -> float:
+    """Predicted wall time of one request (batch 1) from its rounds and cache hits."""
+    if mode == "ar":
+        rounds = c.rounds * t.ar_step
+    elif mode == "sd":
+        rounds = c.rounds * sd_round_ms(t)
+    elif mode == "ssd":
+        misses = c.rounds - c.hits  # the first round is always a miss (nothing cached yet)
+        rounds = c.hits * ssd_round_ms(t, True) + misses * ssd_round_ms(t, False, backup)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return prefill_ms(t, c.prompt_tokens, mode) + rounds
+
+
+def predict_requests(t: ComponentTimes, mode: str, counts: list[RequestCounts], backup: str = "jit") -> list[float]:
+    """Predicted tokens/s of each request."""
+    return [c.new_tokens / (request_ms(t, mode, c, backup) / 1000) for c in counts]
+
+
+# -- expectations (no run needed): acceptance a, hit rate, batch size ---------------------------
+def expected_tokens_per_round(a: float, k: int) -> float:
+    """E = (1 - a^(K+1)) / (1 - a): tokens per round at per-token acceptance a."""
+    return k + 1.0 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+
+
+def hit_rate_from_fanout(a: float, fan_out: tuple[int, ...], r: float = 1.0) -> float:
+    """P(hit) under the paper's miss law 1 - p_hit(F) = F^-r per acceptance length, with
+    P(k) = a^k (1 - a) for k < K and a^K for k = K."""
+    k_max = len(fan_out) - 1
+    p = 0.0
+    for k, f in enumerate(fan_out):
+        pk = a ** k * (1 - a) if k < k_max else a ** k_max
+        if f > 0:
+            p += pk * (1 - f ** (-r))
+    return p
+
+
+def expected_round_ms(t: ComponentTimes, mode: str, p_hit: float = 0.0, batch: int = 1, backup: str = "jit") -> float:
+    if mode == "ar":
+        return t.ar_step
+    if mode == "sd":
+        return sd_round_ms(t)
+    all_hit = p_hit ** batch  # Corollary 16: one miss in the batch puts the backup on the critical path
+    return all_hit * ssd_round_ms(t, True) + (1 - all_hit) * ssd_round_ms(t, False, backup)
+
+
+def expected_tokens_per_s(t: ComponentTimes, mode: str, e_hit: float, e_miss: float | None = None,
+                          p_hit: float = 0.0, batch: int = 1, backup: str = "jit") -> float:
+    """Decode throughput of a batch (prefill excluded). e_hit / e_miss: tokens per round after a
+    cache hit / miss (a JIT backup drafts as well as the cache, so by default the same). SD runs
+    the same rounds as SSD, only slower, so both commit the same mixture of the two."""
+    if mode == "ar":
+        e = 1.0
+    else:
+        miss = e_hit if e_miss is None else e_miss
+        e = p_hit * e_hit + (1 - p_hit) * miss
+    return batch * e / (expected_round_ms(t, mode, p_hit, batch, backup) / 1000)
+
+
+# -- the paper's closed forms (for checks and for comparison) ----------------------------------
+def paper_speedup_ssd(p_hit: float, e_hit: float, e_miss: float, t_p: float, t_b: float) -> float:
+    """Theorem 7, times in units of T_v."""
+    return (p_hit * e_hit + (1 - p_hit) * e_miss) / (p_hit * max(1.0, t_p) + (1 - p_hit) * (1 + t_b))
+
+
+def paper_speedup_sd(a: float, k: int, t_sd: float) -> float:
+    """E_SD / (1 + T_SD), T_SD the drafting time in units of T_v."""
+    return expected_tokens_per_round(a, k) / (1 + t_sd)
+
+
+def relative_error(predicted: float, measured: float) -> float:
+    return math.inf if measured <= 0 else abs(predicted - measured) / measured
