@@ -36,7 +36,7 @@ def validate(target, draft, draft_dir: Path, prompts, calib_prompts, cfg, reps: 
     policy = BatchPolicy((PolicyRow(1, cfg.lookahead, BackupKind(cfg.backup)),))
     plan = resolve_plan(spec_for("ssd", cfg), policy, 1)
     times = measure_components(target, draft_dir, cfg.lookahead, plan.fan_out, calib_prompts, target_cpus, draft_cpus,
-                               new_tokens=min(48, cfg.max_new_tokens), reps=reps)
+                               new_tokens=cfg.max_new_tokens, reps=reps)
     cfg = replace(cfg, modes=MODES, batch_sizes=(1,), draft_dir=str(draft_dir))
     rep = run_bench(target, draft, prompts, cfg)
     rows = {}

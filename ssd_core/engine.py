@@ -210,7 +210,9 @@ class Engine:
         tokens = torch.tensor([[s.tokens[-1], *sp.tokens] for s, sp in zip(self.seqs, specs)], dtype=torch.long)
         start = torch.tensor([len(s.tokens) - 1 for s in self.seqs])[:, None]
         pos = start + torch.arange(lookahead + 1)[None, :]
-        logits = self.kv.forward(self.target.model, tokens, pos)
+        # sampling and verification run on the CPU (a no-op there); keeping them on the GPU is
+        # part of the GPU fast path, which needs a GPU to measure (issue 8)
+        logits = self.kv.forward(self.target.model, tokens, pos).cpu()
         flat = logits.reshape(-1, logits.shape[-1])
         p = [s.req.params for s in self.seqs for _ in range(lookahead + 1)]
         probs = process_logits(flat, torch.tensor([x.temperature for x in p]), torch.tensor([x.top_k for x in p]),

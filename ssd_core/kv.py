@@ -48,10 +48,10 @@ class BatchKV:
         branch: torch.Tensor | None = None,  # [B, L] long, -1 = main stream
         limit: torch.Tensor | None = None,  # [B, L] long, last trunk position visible
     ) -> torch.Tensor:  # logits [B, L, V]
-        if branch is None:
-            branch = torch.full_like(pos, -1)
-        if limit is None:
-            limit = pos
+        # callers build small index tensors on the CPU; the mask is built where the cache lives
+        pos = pos.to(self.device)
+        branch = torch.full_like(pos, -1) if branch is None else branch.to(self.device)
+        limit = pos if limit is None else limit.to(self.device)
         all_pos = torch.cat([self.pos, pos], dim=1)  # [B, T+L]
         all_branch = torch.cat([self.branch, branch], dim=1)
         valid = (all_pos >= 0)[:, None, :]
@@ -64,7 +64,7 @@ class BatchKV:
         mask.masked_fill_(~visible, torch.finfo(dtype).min)
         out = model(
             input_ids=tokens.to(self.device),
-            position_ids=pos.clamp(min=0).to(self.device),
+            position_ids=pos.clamp(min=0),
             attention_mask=mask[:, None],
             past_key_values=self.cache,
             use_cache=True,
@@ -92,9 +92,9 @@ class BatchKV:
     def keep(self, trunk_limit: torch.Tensor, keep_branch: torch.Tensor | None = None) -> None:
         """Keep trunk slots with pos <= trunk_limit[b] and promote branch keep_branch[b] (-1: none)
         to the trunk; every other slot becomes invalid. trunk_limit/keep_branch: [B] long."""
+        trunk_limit = trunk_limit.to(self.device)
         trunk = (self.branch == -1) & (self.pos <= trunk_limit[:, None])
-        if keep_branch is None:
-            keep_branch = torch.full_like(trunk_limit, -1)
+        keep_branch = torch.full_like(trunk_limit, -1) if keep_branch is None else keep_branch.to(self.device)
         promoted = (self.branch == keep_branch[:, None]) & (keep_branch[:, None] >= 0)
         keep = (trunk | promoted) & (self.pos >= 0)
         self.pos = torch.where(keep, self.pos, torch.full_like(self.pos, -1))

@@ -223,7 +223,7 @@ class DraftSpeculator:
         raw = torch.zeros(len(rows), k_next + 1, vocab)
         sel = torch.tensor(idx)
         for j in range(k_next):
-            logits = self.kv.forward(self.draft.model, tokens, pos)[sel, -1].float()  # [R, V]
+            logits = self.kv.forward(self.draft.model, tokens, pos)[sel.to(self.kv.device), -1].float().cpu()  # [R, V]
             raw[:, j] = logits
             drafted[:, j], q_rows[:, j] = self._draw(logits, rows, self.fan_out[j])
             tokens = torch.zeros(len(self.rows), 1, dtype=torch.long)
@@ -262,7 +262,7 @@ class DraftSpeculator:
             tail = s[r.fed :]
             tokens[i, : len(tail)] = torch.tensor(tail, dtype=torch.long)
             pos[i, : len(tail)] = torch.arange(r.fed, len(s))
-        logits = self.kv.forward(self.draft.model, tokens, pos).float()  # [B, W, V]
+        logits = self.kv.forward(self.draft.model, tokens, pos).float().cpu()  # [B, W, V]
         k_max = self.lookahead
         for i, r in enumerate(self.rows):
             n = len(r.tokens)
@@ -288,7 +288,7 @@ class DraftSpeculator:
         out_probs = torch.zeros(batch, width, k_max, self.draft.vocab_size)
         out_logits = torch.zeros(batch, width, k_max, self.draft.vocab_size)
         for depth in range(k_max):
-            logits = self.kv.forward(self.draft.model, tokens, n + ks + depth, branch, limit).float()
+            logits = self.kv.forward(self.draft.model, tokens, n + ks + depth, branch, limit).float().cpu()
             flat = logits.reshape(batch * width, -1)
             drawn, q = self._draw(flat, rows, self.fan_out[depth], repeat=width)
             out_tokens[:, :, depth] = drawn.view(batch, width)
