@@ -15,6 +15,7 @@ from k8s_autoscaler.scrape import TargetSample, aggregate, fetch_metrics, parse_
 log = logging.getLogger(__name__)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+MERGE_PATCH = "application/merge-patch+json"
 
 
 @dataclass
@@ -39,11 +40,12 @@ class Controller:
         self._fetch, self._clock = fetch, clock
         self._previous: dict[str, TargetSample] = {}
         self.last_change_s: float | None = clock()  # a restarted controller waits out one cooldown
+        self.slices_api = discovery is not None  # False once the server said it has no discovery.k8s.io/v1
 
     def target_addresses(self) -> list[str]:
         """Ready target pod IPs behind the headless Service, as IP:METRICS_PORT (EndpointSlices, else Endpoints)."""
         ips: set[str] = set()
-        if self.discovery is not None:
+        if self.slices_api:
             try:
                 slices = self.discovery.list_namespaced_endpoint_slice(
                     self.cfg.namespace, label_selector=f"{SERVICE_NAME_LABEL}={self.cfg.target_service}")
@@ -53,7 +55,11 @@ class Controller:
                             ips.update(ep.addresses or [])
                 return [self._addr(ip) for ip in sorted(ips)]
             except Exception as exc:  # noqa: BLE001 - e.g. no discovery.k8s.io access: fall back
-                log.warning("listing EndpointSlices failed (%s); falling back to Endpoints", _short(exc))
+                if getattr(exc, "status", None) == 404:  # Kubernetes < 1.21: no v1 EndpointSlices; stop asking
+                    self.slices_api = False
+                    log.info("no discovery.k8s.io/v1 EndpointSlices on this API server; using Endpoints from now on")
+                else:
+                    log.warning("listing EndpointSlices failed (%s); falling back to Endpoints", _short(exc))
         endpoints = self.core.read_namespaced_endpoints(self.cfg.target_service, self.cfg.namespace)
         for subset in endpoints.subsets or []:
             ips.update(a.ip for a in subset.addresses or [])  # not_ready_addresses are skipped
@@ -75,9 +81,10 @@ class Controller:
         return int(scale.spec.replicas or 0)
 
     def set_replicas(self, replicas: int) -> None:
-        """Patch the scale subresource (a merge patch of spec.replicas only)."""
+        """Patch the scale subresource (a JSON merge patch of spec.replicas only; named explicitly, since
+        clients differ in what they pick for a dict body)."""
         self.apps.patch_namespaced_deployment_scale(self.cfg.draft_deployment, self.cfg.namespace,
-                                                    {"spec": {"replicas": replicas}})
+                                                    {"spec": {"replicas": replicas}}, _content_type=MERGE_PATCH)
 
     def step(self) -> tuple[MetricsSnapshot, Decision]:
         """One iteration: discover, scrape, decide, and apply (unless dry-run)."""

@@ -147,6 +147,23 @@ def test_discovery_falls_back_to_endpoints() -> None:
     core.read_namespaced_endpoints.assert_called_once_with("ssd-target-headless", "ssd")
 
 
+def test_a_server_without_v1_endpoint_slices_is_asked_once() -> None:
+    """Kubernetes < 1.21 answers 404 for discovery.k8s.io/v1: use Endpoints from then on (no warning per step);
+    a 403 (say) is retried every time, since access may be granted later."""
+    ctl, _, core, disc, _ = make({})
+    disc.list_namespaced_endpoint_slice.side_effect = k8s.exceptions.ApiException(status=404, reason="Not Found")
+    core.read_namespaced_endpoints.return_value = k8s.V1Endpoints(subsets=[k8s.V1EndpointSubset(
+        addresses=[k8s.V1EndpointAddress(ip="10.0.0.9")])])
+    assert ctl.target_addresses() == ctl.target_addresses() == ["10.0.0.9:9400"]
+    assert disc.list_namespaced_endpoint_slice.call_count == 1 and core.read_namespaced_endpoints.call_count == 2
+    ctl, _, core, disc, _ = make({})
+    disc.list_namespaced_endpoint_slice.side_effect = k8s.exceptions.ApiException(status=403, reason="Forbidden")
+    core.read_namespaced_endpoints.return_value = k8s.V1Endpoints(subsets=[])
+    ctl.target_addresses()
+    ctl.target_addresses()
+    assert disc.list_namespaced_endpoint_slice.call_count == 2
+
+
 def test_step_scales_up_through_the_scale_subresource_then_cools_down() -> None:
     pages = {"10.0.0.1:9400": page(hits=0, misses=0), "10.0.0.2:9400": page(hits=0, misses=0)}
     ctl, apps, _, _, clock = make(pages)
@@ -157,7 +174,8 @@ def test_step_scales_up_through_the_scale_subresource_then_cools_down() -> None:
     snap, d = ctl.step()
     assert snap.miss_rate == pytest.approx(0.8) and d.replicas == 3
     apps.read_namespaced_deployment_scale.assert_called_with("ssd-draft", "ssd")
-    apps.patch_namespaced_deployment_scale.assert_called_once_with("ssd-draft", "ssd", {"spec": {"replicas": 3}})
+    apps.patch_namespaced_deployment_scale.assert_called_once_with("ssd-draft", "ssd", {"spec": {"replicas": 3}},
+                                                                   _content_type="application/merge-patch+json")
     assert ctl.last_change_s == clock.t
     apps.read_namespaced_deployment_scale.return_value = k8s.V1Scale(spec=k8s.V1ScaleSpec(replicas=3))
     pages.update({"10.0.0.1:9400": page(hits=20, misses=80, util=0.5), "10.0.0.2:9400": page(hits=20, misses=80)})
@@ -175,7 +193,8 @@ def test_step_scales_down_and_skips_unreachable_targets() -> None:
     clock.t += 15
     snap, d = ctl.step()
     assert snap.targets == 1 and d.replicas == 3
-    apps.patch_namespaced_deployment_scale.assert_called_once_with("ssd-draft", "ssd", {"spec": {"replicas": 3}})
+    apps.patch_namespaced_deployment_scale.assert_called_once_with("ssd-draft", "ssd", {"spec": {"replicas": 3}},
+                                                                   _content_type="application/merge-patch+json")
 
 
 def test_dry_run_never_patches_and_run_survives_api_errors() -> None:
@@ -221,7 +240,8 @@ def test_controller_scrapes_a_live_metrics_server_over_http() -> None:
     assert snap.targets == 1 and snap.lookups == 20 and snap.miss_rate == pytest.approx(0.9)
     assert snap.spec_wait_s == pytest.approx(0.2)
     assert d.replicas == 3
-    apps.patch_namespaced_deployment_scale.assert_called_once_with("ssd-draft", "ssd", {"spec": {"replicas": 3}})
+    apps.patch_namespaced_deployment_scale.assert_called_once_with("ssd-draft", "ssd", {"spec": {"replicas": 3}},
+                                                                   _content_type="application/merge-patch+json")
 
 
 def test_cli_without_cluster_config_exits_2(tmp_path) -> None:
