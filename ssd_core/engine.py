@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -30,7 +30,7 @@ from ssd_core.plan import RoundPlan, resolve_plan
 from ssd_core.sampling import process_logits
 from ssd_core.speculator import DraftSpeculator
 from ssd_core.stats import EngineTimings, RequestStats
-from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Speculation, Speculator
+from ssd_core.types import RoundOutcome, SeqStart, SpecSource, Speculation, Speculator
 from ssd_core.validate import speculation_problem
 from ssd_core.verify import draw_noise, point_mass, verify
 
@@ -98,9 +98,6 @@ class Engine:
         self._plan: RoundPlan | None = None
         self._speculator: Speculator | None = None
         self._outcomes: dict[str, RoundOutcome] = {}
-        # A speculator numbers a sequence's rounds from 0 when it first sees it; after a switch that
-        # is the engine's round base (seq.round + 1), so rounds are translated at the seam.
-        self._round_base: dict[str, int] = {}
         self._ids = itertools.count()
 
     # -- public API --------------------------------------------------------------------------
@@ -124,7 +121,6 @@ class Engine:
             self._speculator.add([self._start(s) for s in new])
         for s in new:
             self._outcomes[s.req.seq_id] = RoundOutcome.first(s.req.seq_id)
-            self._round_base[s.req.seq_id] = 0
         self.seqs.extend(new)
         return [s.req.seq_id for s in new]
 
@@ -176,7 +172,6 @@ class Engine:
         self._speculator = self._factory(plan, self.spec.saguaro_c)
         self._speculator.add([self._start(s) for s in self.seqs])
         self._outcomes = {s.req.seq_id: RoundOutcome.first(s.req.seq_id) for s in self.seqs}
-        self._round_base = {s.req.seq_id: s.round + 1 for s in self.seqs}
 
     def _speculate(self, plan: RoundPlan) -> list[Speculation]:
         t0 = time.perf_counter()
@@ -184,11 +179,7 @@ class Engine:
         if self._speculator is None:
             specs = [Speculation(s.req.seq_id, s.round + 1, (), None, SpecSource.NONE) for s in self.seqs]
         else:
-            base = self._round_base
-            outcomes = [o if o.num_accepted == FIRST_ROUND else replace(o, round=o.round - base[o.seq_id])
-                        for o in outcomes]
             specs = self._speculator.propose(outcomes, plan.lookahead)
-            specs = [replace(sp, round=sp.round + base.get(sp.seq_id, 0)) for sp in specs]
         specs = [self._local_backup(s, sp, plan.lookahead) for s, sp in zip(self.seqs, specs)]
         self.timings.add(speculate_s=time.perf_counter() - t0)
         return specs
@@ -279,7 +270,6 @@ class Engine:
             seq.stats.finish(len(new_ids))
             results.append(Result(seq.req.seq_id, tuple(new_ids), text, reason, seq.stats))
             self._outcomes.pop(seq.req.seq_id, None)
-            self._round_base.pop(seq.req.seq_id, None)
         keep = [i for i in range(len(self.seqs)) if i not in gone]
         if self._speculator is not None:
             self._speculator.remove([self.seqs[i].req.seq_id for i in gone])
@@ -310,7 +300,8 @@ class Engine:
 
     def _start(self, seq: _Seq) -> SeqStart:
         base = seq.gen.initial_seed()
-        return SeqStart(seq.req.seq_id, tuple(seq.tokens), seq.req.params, (base * 1_000_003 + 7) % 2**63)
+        return SeqStart(seq.req.seq_id, tuple(seq.tokens), seq.req.params, (base * 1_000_003 + 7) % 2**63,
+                        first_round=seq.round + 1)
 
     def _prefill(self, new: list[_Seq]) -> None:
         """Target KV for all but the last prompt token (it is fed with the first verify pass)."""

@@ -101,6 +101,7 @@ class DraftSpeculator:
         new = [_Row(s.seq_id, list(s.token_ids), s, torch.Generator().manual_seed(s.draft_seed)) for s in starts]
         for r in new:
             r.fed = len(r.tokens) - 1
+            r.round = r.start.first_round - 1  # rounds are numbered as the target numbers them
         self.kv.extend(BatchKV.prefill(self.draft.model, [r.tokens for r in new], self.draft.device))
         self.rows.extend(new)
 
@@ -177,14 +178,14 @@ class DraftSpeculator:
                 row.cand_logits = torch.cat([hit.logits, hit.logits[:1]])  # last row filled by glue
                 row.cand_known = k_next
                 specs[i] = Speculation(row.seq_id, row.round, tuple(hit.tokens), hit.probs, SpecSource.CACHE_HIT)
-            elif backup is BackupKind.FAST and row.round > 0:
+            elif backup is BackupKind.FAST and row.round > row.start.first_round:
                 self.stats.fast += 1
                 row.spec = list(ngram_guess(row.tokens, k_next))
                 specs[i] = Speculation(row.seq_id, row.round, tuple(row.spec), None, SpecSource.FAST)
             else:
                 jit_rows.append(i)
         if jit_rows:
-            self.stats.jit += sum(1 for i in jit_rows if self.rows[i].round > 0)
+            self.stats.jit += sum(1 for i in jit_rows if self.rows[i].round > self.rows[i].start.first_round)
             t0 = time.perf_counter()
             for i, (tokens, probs) in zip(jit_rows, self._jit(jit_rows, k_next)):
                 specs[i] = Speculation(self.rows[i].seq_id, self.rows[i].round, tokens, probs, SpecSource.JIT)

@@ -31,6 +31,7 @@ class SeqStart:
     token_ids: tuple[int, ...]
     params: SamplingParams
     draft_seed: int
+    first_round: int = 0  # round of the first speculation handed out for it (the target's numbering)
 
 
 @dataclass(frozen=True, slots=True)

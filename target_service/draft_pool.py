@@ -15,8 +15,8 @@ requests still run, exactly, on the engine's fast n-gram backup; we chose this o
 to AR because a draft that registers later is picked up mid-generation (its sequences are added
 at the next round).
 
-Round numbers: a sequence (re-)added to a draft starts at draft round 0, so the pool keeps an
-offset per sequence: engine round = draft round + offset.
+Round numbers are the engine's everywhere: a sequence (re-)added to a draft carries the round of
+its next speculation (SeqStart.first_round).
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ class _Track:
     round: int = -1  # engine round of the speculation handed out last
     spec: tuple[int, ...] = ()  # the tokens the engine verified in `round` (as far as we know)
     lease_id: str | None = None  # primary endpoint
-    offset: int = 0  # engine round = draft round + offset
     synced: bool = False  # the primary holds this sequence's current state
     held: str | None = None  # the lease whose draft holds a row for it (current or stale)
 
@@ -178,13 +177,12 @@ class PooledSpeculator:
         for track, o in group:
             if not track.synced:
                 start = track.start
-                starts.append(SeqStart(start.seq_id, tuple(track.tokens), start.params, start.draft_seed))
-                track.offset, track.synced, track.held = o.round + 1, True, lease.lease_id
+                starts.append(SeqStart(start.seq_id, tuple(track.tokens), start.params, start.draft_seed,
+                                       first_round=o.round + 1))
+                track.synced, track.held = True, lease.lease_id
                 wire.append(RoundOutcome.first(o.seq_id))
-            elif o.num_accepted == FIRST_ROUND:
-                wire.append(o)
             else:
-                wire.append(RoundOutcome(o.seq_id, o.round - track.offset, o.num_accepted, o.bonus_token))
+                wire.append(o)
         session.add(starts)
         want_probs = any(not t.start.params.greedy for t, _ in group)
         return session.send_round(wire, want_probs), sum(len(x.token_ids) for x in starts)
@@ -204,7 +202,6 @@ class PooledSpeculator:
                 log.warning("undecodable speculation from %s for %s: %s", endpoint, o.seq_id, exc)
                 track.synced = False
                 continue
-            spec = Speculation(o.seq_id, spec.round + track.offset, spec.tokens, spec.draft_probs, spec.source)
             problem = speculation_problem(spec, o.seq_id, o.round + 1, self.lookahead, self._vocab)
             if problem is not None:
                 if spec.source is not SpecSource.NONE:

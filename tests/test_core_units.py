@@ -211,3 +211,22 @@ def test_load_model_from_a_local_hf_directory(tmp_path):
         load_model(tmp_path / "missing")
     with pytest.raises(InvalidParameter, match="dtype"):
         load_model(tmp_path / "m", dtype="int3")
+
+
+def test_speculator_numbers_rounds_from_the_sequences_first_round(perturbed_pair):
+    """A sequence re-added mid-generation keeps the target's round numbers (no translation)."""
+    from ssd_core.speculator import DraftSpeculator
+    from ssd_core.types import RoundOutcome, SeqStart, SpecSource
+
+    _, draft = perturbed_pair
+    spec = DraftSpeculator(draft, (1, 1, 2), tree=True)
+    try:
+        spec.add([SeqStart("s", (3, 1, 4, 1, 5), SamplingParams(), 7, first_round=12)])
+        (first,) = spec.propose([RoundOutcome.first("s")])
+        assert first.round == 12 and first.source is SpecSource.JIT
+        with pytest.raises(ValueError, match="stale"):
+            spec.propose([RoundOutcome("s", 0, 1, 9)])  # a draft-local round number is refused
+        (nxt,) = spec.propose([RoundOutcome("s", 12, 2, 9)])
+        assert nxt.round == 13
+    finally:
+        spec.close()

@@ -49,6 +49,8 @@ def test_params_and_start_round_trip() -> None:
     assert codec.params_from_pb(speculation_pb2.DraftSamplingParams()).top_p == 1.0  # 0 = disabled
     s = SeqStart("req-1", (5, 6, 7), SamplingParams(temperature=1.0, top_p=0.95), 2**63 - 5)
     assert codec.start_from_pb(codec.start_to_pb(s)) == s
+    moved = SeqStart("req-1", (5, 6, 7), SamplingParams(), 9, first_round=41)  # re-added mid-generation
+    assert codec.start_from_pb(codec.start_to_pb(moved)).first_round == 41
     with pytest.raises(ValueError, match="token_ids"):
         codec.start_from_pb(speculation_pb2.SequenceStart(seq_id="x"))
     with pytest.raises(ValueError, match="temperature"):

@@ -124,7 +124,7 @@ def params_from_pb(m: speculation_pb2.DraftSamplingParams) -> SamplingParams:
 
 def start_to_pb(s: SeqStart) -> speculation_pb2.SequenceStart:
     return speculation_pb2.SequenceStart(seq_id=s.seq_id, token_ids=list(s.token_ids),
-                                         sampling=params_to_pb(s.params, s.draft_seed))
+                                         sampling=params_to_pb(s.params, s.draft_seed), first_round=s.first_round)
 
 
 def start_from_pb(m: speculation_pb2.SequenceStart) -> SeqStart:
@@ -135,7 +135,7 @@ def start_from_pb(m: speculation_pb2.SequenceStart) -> SeqStart:
         raise InvalidParameter("token_ids", [], f"sequence {m.seq_id!r} needs at least one token")
     if min(m.token_ids) < 0:
         raise InvalidParameter("token_ids", min(m.token_ids), f"negative token id in sequence {m.seq_id!r}")
-    return SeqStart(m.seq_id, tuple(m.token_ids), params_from_pb(m.sampling), int(m.sampling.seed))
+    return SeqStart(m.seq_id, tuple(m.token_ids), params_from_pb(m.sampling), int(m.sampling.seed), int(m.first_round))
 
 
 # -- round outcomes and speculations -----------------------------------------------------------

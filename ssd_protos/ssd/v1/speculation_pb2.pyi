@@ -175,14 +175,16 @@ class DraftSamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SequenceStart(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "sampling")
+    __slots__ = ("seq_id", "token_ids", "sampling", "first_round")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: DraftSamplingParams
-    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[DraftSamplingParams, _Mapping]] = ...) -> None: ...
+    first_round: int
+    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[DraftSamplingParams, _Mapping]] = ..., first_round: _Optional[int] = ...) -> None: ...
 
 class AddSequences(_message.Message):
     __slots__ = ("sequences",)
