@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target registries to register with; a DNS name registers with every address")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--backend", choices=["hf", "lean"], default=None,
+                        help="model implementation: hf (transformers modules) or lean (ssd_core.lean, same weights and outputs); default: $SSD_BACKEND, else the built-in default")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--auth-token-file", default="", metavar="FILE",
                         help=f"registration token file (default: ${AUTH_TOKEN_ENV})")
@@ -46,7 +48,8 @@ def config_from_args(args: argparse.Namespace) -> DraftServerConfig:
     token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else os.environ.get(AUTH_TOKEN_ENV, "")
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     return DraftServerConfig(model_dir=args.model, host=args.host, port=args.port, advertise=args.advertise,
-                             targets=targets, device=args.device, dtype=args.dtype, auth_token=token,
+                             targets=targets, device=args.device, dtype=args.dtype, backend=args.backend,
+                             auth_token=token,
                              draft_id=args.draft_id, limits=DraftLimits(max_sequences=args.max_sequences),
                              grace_s=args.grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
                              tls_client_ca=args.tls_client_ca, tls_ca=args.tls_ca)

@@ -35,6 +35,7 @@ class DraftServerConfig:
     targets: tuple[str, ...] = ()
     device: str = "cpu"
     dtype: str = "float32"
+    backend: str | None = None  # hf | lean; None: $SSD_BACKEND, else ssd_core.models.DEFAULT_BACKEND
     auth_token: str = ""
     draft_id: str = ""  # stable instance name; default: the advertised endpoint
     limits: DraftLimits = field(default_factory=DraftLimits)

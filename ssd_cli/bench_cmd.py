@@ -14,6 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", type=Path, help="draft HF model dir (default: embedded pair)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--backend", choices=["hf", "lean"], default=None,
+                   help="model implementation: hf (transformers modules) or lean (ssd_core.lean, same weights and outputs); default: $SSD_BACKEND, else the built-in default")
     p.add_argument("--prompts", default="humaneval", help="humaneval | FILE.jsonl (one {\"prompt\": ...} a line)")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -36,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ssd_bench.bench import ALL_MODES, BenchConfig, format_table, load_prompts, plot, run_bench
     from ssd_cli.generate_cmd import parse_ids
-    from ssd_core.models import load_model
+    from ssd_core.models import load_model, set_default_backend
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     unknown = [m for m in modes if m not in ALL_MODES]
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         t, d = default_pair_dirs()
         args.target, args.draft = args.target or t, args.draft or d
     cfg.draft_dir = str(args.draft)
+    set_default_backend(args.backend)  # the draft process and the ssd-grpc services inherit it
     target = load_model(args.target, args.device, args.dtype)
     draft = load_model(args.draft, args.device, args.dtype)
     if target.tokenizer is None:

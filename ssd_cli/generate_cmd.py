@@ -38,6 +38,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", type=Path, help="draft HF model dir (default: embedded pair)")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--backend", choices=["hf", "lean"], default=None,
+                   help="model implementation: hf (transformers modules) or lean (ssd_core.lean, same weights and outputs); default: $SSD_BACKEND, else the built-in default")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per model side (default: half the cores, so target and draft "
                         "each own one half, as on the paper's distinct hardware)")
@@ -75,8 +77,9 @@ def spec_from_args(args: argparse.Namespace):
 def load_pair(args: argparse.Namespace, need_draft: bool = True):
     import torch
 
-    from ssd_core.models import load_model
+    from ssd_core.models import load_model, set_default_backend
 
+    set_default_backend(args.backend)  # also for a draft process started from the directory
     threads = args.threads or max(1, (os.cpu_count() or 2) // 2)
     torch.set_num_threads(threads)
     target_dir, draft_dir = args.target, args.draft

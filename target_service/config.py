@@ -17,6 +17,7 @@ class TargetConfig:
     replica_id: str = ""  # "" -> "target-<port>"
     device: str = "cpu"
     dtype: str = "float32"
+    backend: str | None = None  # hf | lean; None: $SSD_BACKEND, else ssd_core.models.DEFAULT_BACKEND
     mode_default: Mode = Mode.SSD
     lookahead: int | None = None  # None: by batch size (BatchPolicy)
     fan_out: tuple[int, ...] = ()

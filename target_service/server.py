@@ -89,7 +89,7 @@ def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple
         raise PortInUse(f"cannot bind {cfg.host}:{cfg.port} (in use?)")
     server.start()
     try:
-        target = target or load_model(cfg.model, cfg.device, cfg.dtype)
+        target = target or load_model(cfg.model, cfg.device, cfg.dtype, cfg.backend)
     except Exception as exc:
         server.stop(None)
         raise ModelLoadError(f"cannot load the target model from {cfg.model!r}: {exc}") from exc
