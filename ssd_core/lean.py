@@ -140,7 +140,7 @@ class LeanCausalLM(nn.Module):
             self._layers.append(lyr)
 
         self.attention_scaling = float(rotary.attention_scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.inv_freq = inv_freq  # fp32, not a buffer: .to(dtype) must not round it
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         max_pos = int(_cfg(config, "max_position_embeddings", 2048) or 2048)
@@ -194,15 +194,21 @@ class LeanCausalLM(nn.Module):
     def _build_rope(self, positions: int) -> None:
         """cos/sin tables [positions, D] computed as HF's rotary embedding does (fp32, then the
         model dtype); sin carries rotate_half's sign so that rope(x) = x*cos + roll(x)*sin."""
-        dtype = self.norm_weight.dtype
-        pos = torch.arange(positions, device=self.inv_freq.device)
-        freqs = pos[:, None].float() * self.inv_freq[None, :]
+        dtype, device = self.norm_weight.dtype, self.norm_weight.device
+        pos = torch.arange(positions, device=device)
+        freqs = pos[:, None].float() * self.inv_freq.to(device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)
         half = self.head_dim // 2
         sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
         self.cos, self.sin = cos, sin
+
+    def _apply(self, fn, recurse: bool = True):
+        """.to()/.cuda()/.half() move the HF model too, so generate() keeps working (the HF
+        projections that were views of the fused matrices then get their own copies)."""
+        self.hf._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     # -- what wrap_model / generate read -------------------------------------------------------
     def get_output_embeddings(self) -> nn.Module:

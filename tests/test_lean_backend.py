@@ -303,3 +303,16 @@ def test_rope_table_grows_past_its_initial_size():
     a = BatchKV(1).forward(hf, ids, pos)
     b = BatchKV(1).forward(lean, ids, pos)
     assert lean.cos.shape[0] > 6 and torch.allclose(a, b, atol=ATOL, rtol=RTOL)
+
+
+def test_dtype_conversion_after_building_keeps_both_models_consistent():
+    hf = _model("qwen2")
+    lean = from_hf(hf).to(torch.float64)  # .to() after building: the HF model follows
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    pos = torch.arange(5)[None]
+    a = BatchKV(1).forward(hf, ids, pos)
+    b = BatchKV(1).forward(lean, ids, pos)
+    assert a.dtype == b.dtype == torch.float64 and torch.allclose(a, b, atol=1e-10, rtol=1e-10)
+    assert lean.inv_freq.dtype == torch.float32
+    assert lean.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=3,
+                         pad_token_id=0).shape == (1, 8)
