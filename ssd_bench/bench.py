@@ -2,7 +2,8 @@
 
 Same prompts, models, max_new_tokens and seeds for every mode. On CPU the target side runs on
 the lower half of the cores and the draft on the upper half (the "distinct hardware" of the
-paper), for SD as well as SSD. Greedy outputs of all modes must be identical, or the run fails.
+paper), for SD as well as SSD. ar, sd and ssd run interleaved, batch by batch, so drift of the
+machine's speed hits them alike. Greedy outputs of all modes must be identical, or the run fails.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ssd_core.config import BackupKind, Mode, SamplingParams, SpecConfig
 from ssd_core.engine import Engine, Request
 from ssd_core.models import LoadedModel
 from ssd_core.perfmodel import RequestCounts
-from ssd_core.proc_speculator import process_factory, split_cpus
+from ssd_core.proc_speculator import pinned, process_factory, split_cpus
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,31 @@ def spec_for(mode: str, cfg: BenchConfig) -> SpecConfig:
                       budget=cfg.budget, saguaro_c=cfg.saguaro_c, backup=BackupKind(cfg.backup))
 
 
-def run_engine_mode(mode: str, target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig,
-                    draft_cpus: set[int]) -> dict[int, ModeRun]:
+def run_engine_modes(modes: list[str], target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig,
+                     draft_cpus: set[int]) -> dict[str, dict[int, ModeRun]]:
+    """The in-process modes, interleaved: each batch runs in every mode in turn (which mode goes
+    first rotates), so this machine's drift over the run (tens of percent within seconds on
+    shared vCPUs) hits every mode alike instead of favouring whichever ran in a quiet minute."""
+    engines: dict[str, Engine] = {}
+    try:
+        for mode in modes:
+            engines[mode] = _open_engine(mode, target, draft, prompts, cfg, draft_cpus)
+        runs: dict[str, dict[int, ModeRun]] = {m: {} for m in modes}
+        for b in cfg.batch_sizes:
+            for m in modes:
+                runs[m][b] = ModeRun()
+            for i, start in enumerate(range(0, len(prompts) - b + 1, b)):
+                shift = i % len(modes)
+                for m in modes[shift:] + modes[:shift]:
+                    _run_batch(engines[m], prompts[start : start + b], cfg, runs[m][b])
+        return runs
+    finally:
+        for engine in engines.values():
+            engine.close()
+
+
+def _open_engine(mode: str, target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig,
+                 draft_cpus: set[int]) -> Engine:
     from ssd_core.config import BatchPolicy, PolicyRow
 
     source = Path(cfg.draft_dir) if cfg.draft_dir else draft
@@ -127,17 +151,8 @@ def run_engine_mode(mode: str, target: LoadedModel, draft: LoadedModel, prompts,
     # the bench sweeps batch sizes itself: speculate at every size it asks for
     policy = BatchPolicy((PolicyRow(max(cfg.batch_sizes), cfg.lookahead, BackupKind(cfg.backup) if cfg.backup != "auto" else BackupKind.JIT),))
     engine = Engine(target, draft, spec_for(mode, cfg), policy, speculator_factory=factory)
-    try:
-        engine.generate([Request(prompts[0][:8], SamplingParams(max_new_tokens=8, ignore_eos=True))])  # warm-up
-        runs = {}
-        for b in cfg.batch_sizes:
-            run = ModeRun()
-            for start in range(0, len(prompts) - b + 1, b):
-                _run_batch(engine, prompts[start : start + b], cfg, run)
-            runs[b] = run
-        return runs
-    finally:
-        engine.close()
+    engine.generate([Request(prompts[0][:8], SamplingParams(max_new_tokens=8, ignore_eos=True))])  # warm-up
+    return engine
 
 
 def _run_batch(engine: Engine, batch, cfg: BenchConfig, run: ModeRun) -> None:
@@ -284,14 +299,20 @@ def run_bench(target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig
     hw = hardware()  # before pinning, so it reports the machine's cores
     target_cpus, draft_cpus = split_cpus()
     hw.update(target_cpus=sorted(target_cpus), draft_cpus=sorted(draft_cpus))
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, target_cpus)
-    torch.set_num_threads(len(target_cpus))
+    with pinned(target_cpus):
+        results = _run_modes(target, draft, prompts, cfg, grpc_runner, target_cpus, draft_cpus)
+    problems = check_identical(results, cfg.temperature)
+    return report(results, cfg, problems, hw)
+
+
+def _run_modes(target, draft, prompts, cfg: BenchConfig, grpc_runner, target_cpus, draft_cpus) -> dict[str, dict[int, ModeRun]]:
+    engine_modes = [m for m in cfg.modes if m in ("ar", "sd", "ssd")]
+    interleaved = run_engine_modes(engine_modes, target, draft, prompts, cfg, draft_cpus) if engine_modes else {}
     results: dict[str, dict[int, ModeRun]] = {}
     for mode in cfg.modes:
         log.info("bench mode %s", mode)
-        if mode in ("ar", "sd", "ssd"):
-            results[mode] = run_engine_mode(mode, target, draft, prompts, cfg, draft_cpus)
+        if mode in interleaved:
+            results[mode] = interleaved[mode]
         elif mode == "hf-assisted":
             results[mode] = run_hf_assisted(target, draft, prompts, cfg)
         elif mode == "ssd-grpc":
@@ -300,5 +321,4 @@ def run_bench(target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig
             results[mode] = grpc_runner(prompts, cfg, target_cpus, draft_cpus)
         else:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(ALL_MODES)}")
-    problems = check_identical(results, cfg.temperature)
-    return report(results, cfg, problems, hw)
+    return results

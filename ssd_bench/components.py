@@ -8,7 +8,8 @@ child process pinned to the draft cores. What comes from where:
   - transport: a control round trip over the child's pipe.
   - target side: target prefill; the per-round verify forward and commit (verification, KV
     rollback, bookkeeping) from the engine's phase timers in short AR and SD calibration runs
-    on prompts that are not the ones predicted.
+    on prompts that are not the ones predicted; the JIT answer from the SD run too (the draft
+    wakes from idle every round there, which a warm loop does not show: ~10-30% here).
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from ssd_core.config import BackupKind, BatchPolicy, Mode, PolicyRow, SamplingParams, SpecConfig
-from ssd_core.engine import Engine, Request
+from ssd_core.config import BackupKind, SamplingParams
 from ssd_core.kv import BatchKV
 from ssd_core.models import LoadedModel
 from ssd_core.perfmodel import ComponentTimes
-from ssd_core.proc_speculator import process_factory
+from ssd_core.proc_speculator import pinned
 from ssd_core.types import RoundOutcome, SeqStart, SpecSource
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,10 @@ def _draft_child(conn, draft_src, fan_out, cpus, prompt, device, dtype) -> None:
                 value = None
             elif name == "alone":
                 value = _draft_alone(driver, draft, prompt, arg)
-            elif name == "beside":  # cache builds until the parent says stop
-                builds = []
-                while not conn.poll():
+            elif name == "builds":  # cache builds for `arg` seconds
+                builds, end = [], time.perf_counter() + arg
+                while time.perf_counter() < end or not builds:
                     builds.append(driver.round(True)[1])
-                conn.recv()
                 value = builds
             elif name == "close":
                 conn.send(("ok", None))
@@ -163,32 +162,29 @@ def _verify_forwards(target: LoadedModel, prompt: tuple[int, ...], k: int, secon
     return times
 
 
-def _calibrate_engine(mode: Mode, target: LoadedModel, draft_src, k: int, fan_out: tuple[int, ...],
-                      prompts: list[tuple[int, ...]], new_tokens: int, draft_cpus: set[int],
-                      device: str, dtype: str) -> dict:
-    factory = process_factory(draft_src, 1, draft_cpus, device, dtype) if mode is not Mode.AR else None
-    policy = BatchPolicy((PolicyRow(1, k, BackupKind.JIT),))
-    spec = SpecConfig(mode=mode, lookahead=k, fan_out=fan_out if mode is Mode.SSD else ())
-    engine = Engine(target, None, spec, policy, speculator_factory=factory)
-    try:
-        engine.generate([Request(prompts[0][:8], SamplingParams(max_new_tokens=8, ignore_eos=True))])
-        before = engine.timings.to_dict()
-        for p in prompts:
-            engine.generate([Request(p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))])
-        after = engine.timings.to_dict()
-    finally:
-        engine.close()
-    steps = after["steps"] - before["steps"]
-    return {key: 1000 * (after[key] - before[key]) / steps for key in ("speculate_s", "verify_s", "commit_s")}
+def _calibrate_engine(target: LoadedModel, draft_src, k: int, prompts: list[tuple[int, ...]], new_tokens: int,
+                      draft_cpus: set[int]) -> dict[str, dict[str, float]]:
+    """Per-round phase times (ms) of AR and SD, run interleaved as the bench runs them."""
+    from ssd_bench.bench import BenchConfig, run_engine_modes
+
+    cfg = BenchConfig(modes=("ar", "sd"), max_new_tokens=new_tokens, lookahead=k,
+                      draft_dir=str(draft_src) if isinstance(draft_src, (str, Path)) else "")
+    runs = run_engine_modes(["ar", "sd"], target, draft_src if not cfg.draft_dir else None, prompts, cfg, draft_cpus)
+    return {mode: {part: 1000 * s / r[1].rounds for part, s in r[1].breakdown_s.items()} for mode, r in runs.items()}
 
 
 def measure_components(target: LoadedModel, draft_src: LoadedModel | Path, lookahead: int, fan_out: tuple[int, ...],
                        calib_prompts: list[tuple[int, ...]], target_cpus: set[int], draft_cpus: set[int],
-                       new_tokens: int = 48, reps: int = 30, device: str = "cpu", dtype: str = "float32") -> ComponentTimes:
+                       new_tokens: int = 48, reps: int = 30, device: str = "cpu", dtype: str = "float32",
+                       window_s: float = 0.4) -> ComponentTimes:
     """All component times for batch 1 at lookahead K with this fan-out (F_0..F_K)."""
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, target_cpus)
-    torch.set_num_threads(len(target_cpus))
+    with pinned(target_cpus):
+        return _measure(target, draft_src, lookahead, fan_out, calib_prompts, draft_cpus, new_tokens, reps, device,
+                        dtype, window_s, target_cpus)
+
+
+def _measure(target, draft_src, lookahead, fan_out, calib_prompts, draft_cpus, new_tokens, reps, device, dtype,
+             window_s, target_cpus) -> ComponentTimes:
     prompt = calib_prompts[0]
     ctx = mp.get_context("spawn")
     conn, child_end = ctx.Pipe()
@@ -214,14 +210,18 @@ def measure_components(target: LoadedModel, draft_src: LoadedModel | Path, looka
             call("ping")
             pings.append(time.perf_counter() - t0)
         alone = call("alone", reps)
-        verify_alone = _verify_forwards(target, prompt, lookahead, 1.5)
-        conn.send(("beside", None))
-        time.sleep(0.2)  # let the child's loop start
-        verify_beside = _verify_forwards(target, prompt, lookahead, 1.5)
-        conn.send(("stop", None))
-        status, builds_beside = conn.recv()
-        if status != "ok":
-            raise RuntimeError(builds_beside)
+        # Overlap slowdowns: the verify forward and the cache build, each alone and side by side,
+        # in alternating windows (this machine's speed drifts more than the effect measured).
+        verify_alone, verify_beside, builds_alone, builds_beside = [], [], [], []
+        for _ in range(3):
+            verify_alone += _verify_forwards(target, prompt, lookahead, window_s)
+            builds_alone += call("builds", window_s)
+            conn.send(("builds", window_s))
+            verify_beside += _verify_forwards(target, prompt, lookahead, window_s)
+            status, value = conn.recv()
+            if status != "ok":
+                raise RuntimeError(value)
+            builds_beside += value
         call("close")
     finally:
         proc.join(timeout=10)
@@ -238,18 +238,20 @@ def measure_components(target: LoadedModel, draft_src: LoadedModel | Path, looka
             ts.append(time.perf_counter() - t0)
         target_prefill.append((n, _median_ms(ts)))
 
-    ar = _calibrate_engine(Mode.AR, target, draft_src, lookahead, fan_out, calib_prompts, new_tokens, draft_cpus, device, dtype)
-    sd = _calibrate_engine(Mode.SD, target, draft_src, lookahead, fan_out, calib_prompts, new_tokens, draft_cpus, device, dtype)
+    calib = _calibrate_engine(target, draft_src, lookahead, calib_prompts, new_tokens, draft_cpus)
+    ar, sd = calib["ar"], calib["sd"]
     v_alone, v_beside = _median_ms(verify_alone), _median_ms(verify_beside)
+    transport = _median_ms(pings)
     return ComponentTimes(
         lookahead=lookahead,
-        ar_step=ar["speculate_s"] + ar["verify_s"] + ar["commit_s"],
-        verify=sd["verify_s"], commit=sd["commit_s"],
-        jit=alone["jit"], answer=alone["answer"], tree_build=alone["tree_build"],
-        transport=_median_ms(pings),
+        ar_step=ar["draft_wait"] + ar["verify"] + ar["commit"],
+        verify=sd["verify"], commit=sd["commit"],
+        # JIT as the SD run paid it (the draft wakes from idle each round), not the warm loop's
+        jit=sd["draft_wait"] - transport, answer=alone["answer"], tree_build=alone["tree_build"],
+        transport=transport,
         verify_slowdown=max(1.0, v_beside / v_alone),
-        tree_slowdown=max(1.0, _median_ms(builds_beside) / alone["tree_build"]) if builds_beside else 1.0,
+        tree_slowdown=max(1.0, _median_ms(builds_beside) / _median_ms(builds_alone)),
         prefill_target=_fit_line(target_prefill), prefill_draft=tuple(alone["prefill"]),
         source=f"measured on this machine: target cpus {sorted(target_cpus)}, draft cpus {sorted(draft_cpus)}; "
-               f"SD calibration speculate {sd['speculate_s']:.3f} ms/round (model: transport + jit)",
+               f"JIT in a warm loop {alone['jit']:.3f} ms, in the SD run {sd['draft_wait'] - transport:.3f} ms",
     )

@@ -24,46 +24,64 @@ SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
 TOLERANCE = 0.15
 
 
-def validate(target, draft, draft_dir: Path, prompts, calib_prompts, cfg, reps: int = 30) -> dict:
-    """Components on calib_prompts, then the bench on prompts; predicted vs measured per mode."""
+def validate(target, draft, draft_dir: Path, prompts, calib_prompts, cfg, reps: int = 30, repeats: int = 5) -> dict:
+    """`repeats` times: components on calib_prompts, then the bench on prompts. Each bench
+    request is timed by the model from its own rounds and hits with that repetition's
+    components; per mode, the median over repetitions of the predicted and of the measured
+    tokens/s are compared (this machine's speed drifts by tens of percent from minute to minute,
+    so one pair of measurements says more about the drift than about the model)."""
     from ssd_bench.bench import run_bench, spec_for
     from ssd_bench.components import measure_components
-    from ssd_core.config import BatchPolicy, PolicyRow, BackupKind
+    from ssd_core.config import BackupKind, BatchPolicy, PolicyRow
     from ssd_core.plan import resolve_plan
     from ssd_core.proc_speculator import split_cpus
 
     target_cpus, draft_cpus = split_cpus()
     policy = BatchPolicy((PolicyRow(1, cfg.lookahead, BackupKind(cfg.backup)),))
     plan = resolve_plan(spec_for("ssd", cfg), policy, 1)
-    times = measure_components(target, draft_dir, cfg.lookahead, plan.fan_out, calib_prompts, target_cpus, draft_cpus,
-                               new_tokens=cfg.max_new_tokens, reps=reps)
     cfg = replace(cfg, modes=MODES, batch_sizes=(1,), draft_dir=str(draft_dir))
-    rep = run_bench(target, draft, prompts, cfg)
+    runs, identical, rep = [], True, {}
+    for _ in range(repeats):
+        times = measure_components(target, draft_dir, cfg.lookahead, plan.fan_out, calib_prompts, target_cpus,
+                                   draft_cpus, new_tokens=cfg.max_new_tokens, reps=reps)
+        rep = run_bench(target, draft, prompts, cfg)
+        identical &= rep["outputs_identical"]
+        run = {"components_ms": times.to_dict(), "modes": {}, "measured_ratios": rep["ratios"]}
+        for mode in MODES:
+            summary = rep["modes"][mode]["by_batch"]["1"]
+            counts = [RequestCounts(**c) for c in summary["requests"]]
+            run["modes"][mode] = {"predicted": statistics.median(predict_requests(times, mode, counts, cfg.backup)),
+                                  "measured": summary["tokens_per_s"],
+                                  "rounds": sum(c.rounds for c in counts), "hits": sum(c.hits for c in counts)}
+        runs.append(run)
     rows = {}
     for mode in MODES:
-        summary = rep["modes"][mode]["by_batch"]["1"]
-        counts = [RequestCounts(**c) for c in summary["requests"]]
-        predicted = statistics.median(predict_requests(times, mode, counts, cfg.backup))
-        measured = summary["tokens_per_s"]
-        rows[mode] = {"predicted_tokens_per_s": round(predicted, 2), "measured_tokens_per_s": round(measured, 2),
-                      "error": round(relative_error(predicted, measured), 4),
-                      "rounds": sum(c.rounds for c in counts), "hits": sum(c.hits for c in counts)}
+        pred = statistics.median(r["modes"][mode]["predicted"] for r in runs)
+        meas = statistics.median(r["modes"][mode]["measured"] for r in runs)
+        rows[mode] = {"predicted_tokens_per_s": round(pred, 2), "measured_tokens_per_s": round(meas, 2),
+                      "error": round(relative_error(pred, meas), 4),
+                      "per_repeat": [(round(r["modes"][mode]["predicted"], 1), round(r["modes"][mode]["measured"], 1))
+                                     for r in runs],
+                      "rounds": runs[-1]["modes"][mode]["rounds"], "hits": runs[-1]["modes"][mode]["hits"]}
     ok = all(r["error"] <= TOLERANCE for r in rows.values())
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "hardware": rep["hardware"],
-            "fan_out": list(plan.fan_out), "components_ms": times.to_dict(), "modes": rows,
-            "measured_ratios": rep["ratios"], "outputs_identical": rep["outputs_identical"],
-            "tolerance": TOLERANCE, "within_tolerance": ok}
+            "fan_out": list(plan.fan_out), "repeats": repeats, "components_ms": runs[-1]["components_ms"],
+            "runs": runs, "modes": rows, "outputs_identical": identical, "tolerance": TOLERANCE,
+            "within_tolerance": ok}
 
 
 def format_validation(res: dict) -> str:
     t = res["components_ms"]
-    lines = [f"components (ms, b=1, K={t['lookahead']}, fan-out {res['fan_out']}): "
+    lines = [f"components of the last repeat (ms, b=1, K={t['lookahead']}, fan-out {res['fan_out']}): "
              f"ar_step {t['ar_step']:.2f}, verify {t['verify']:.2f}, commit {t['commit']:.2f}, jit {t['jit']:.2f}, "
              f"answer {t['answer']:.2f}, tree_build {t['tree_build']:.2f}, transport {t['transport']:.3f}, "
              f"slowdown verify x{t['verify_slowdown']:.2f} tree x{t['tree_slowdown']:.2f}",
+             f"medians over {res['repeats']} repeats:",
              f"{'mode':<5} {'predicted tok/s':>16} {'measured tok/s':>15} {'error':>7}"]
     for mode, r in res["modes"].items():
-        lines.append(f"{mode:<5} {r['predicted_tokens_per_s']:>16.1f} {r['measured_tokens_per_s']:>15.1f} {100 * r['error']:>6.1f}%")
+        each = ", ".join(f"{p:.0f}/{m:.0f}" for p, m in r["per_repeat"])
+        lines.append(f"{mode:<5} {r['predicted_tokens_per_s']:>16.1f} {r['measured_tokens_per_s']:>15.1f} "
+                     f"{100 * r['error']:>6.1f}%   (predicted/measured per repeat: {each})")
     verdict = "yes" if res["within_tolerance"] else "NO"
     lines.append(f"all within {100 * res['tolerance']:.0f}%: {verdict}; greedy outputs identical: "
                  f"{'yes' if res['outputs_identical'] else 'NO'}")

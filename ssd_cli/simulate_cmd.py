@@ -21,10 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", type=Path, help="draft HF model dir (default: embedded pair)")
     p.add_argument("--prompts", default="humaneval", help="humaneval | FILE.jsonl")
     p.add_argument("--num-prompts", type=int, default=8, help="bench prompts (predicted and measured)")
-    p.add_argument("--calib-prompts", type=int, default=2, help="further prompts for the calibration runs")
+    p.add_argument("--calib-prompts", type=int, default=6, help="further prompts for the calibration runs")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--lookahead", type=int, default=3)
     p.add_argument("--reps", type=int, default=30, help="repetitions of each draft component measurement")
+    p.add_argument("--repeats", type=int, default=5, help="component measurement + bench pairs (medians compared)")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     p.set_defaults(func=run)
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     prompts, calib = every[: args.num_prompts], every[args.num_prompts :]
     if len(prompts) < args.num_prompts or not calib:
         raise ValueError(f"need {args.num_prompts + args.calib_prompts} prompts in {args.prompts}")
-    res = simulate.validate(target, draft, args.draft, prompts, calib, cfg, args.reps)
+    res = simulate.validate(target, draft, args.draft, prompts, calib, cfg, args.reps, args.repeats)
     print(simulate.format_validation(res))
     _write(args.json, res)
     return 0 if res["within_tolerance"] and res["outputs_identical"] else 1

@@ -8,6 +8,7 @@ it over a pipe (~0.1 ms a round trip) with the same seam objects the gRPC servic
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -131,3 +132,23 @@ def split_cpus() -> tuple[set[int], set[int]]:
         return set(cores), set(cores)
     half = len(cores) // 2
     return set(cores[:half]), set(cores[half:])
+
+
+@contextlib.contextmanager
+def pinned(cpus: set[int], threads: int | None = None):
+    """Run this process on `cpus` with `threads` torch threads, then put both back (a second
+    bench in the same process must see all the cores again when it splits them)."""
+    import torch
+
+    before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    before_threads = torch.get_num_threads()
+    if before is not None:
+        os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(threads or len(cpus))
+    try:
+        yield
+    finally:
+        if before is not None:
+            os.sched_setaffinity(0, before)
+        torch.set_num_threads(before_threads)
+

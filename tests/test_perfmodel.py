@@ -105,7 +105,7 @@ def test_simulate_measures_predicts_and_reports_on_tiny_models(tmp_path, capsys)
     target, draft = save_tiny_pair(tmp_path)
     out = tmp_path / "sim.json"
     rc = main(["simulate", "--target", str(target), "--draft", str(draft), "--num-prompts", "2", "--calib-prompts", "1",
-               "--max-new-tokens", "12", "--reps", "3", "--json", str(out)])
+               "--max-new-tokens", "12", "--reps", "3", "--repeats", "2", "--json", str(out)])
     assert rc in (0, 1), capsys.readouterr()  # 1: a prediction off by > 15% (tiny models, shared CPU)
     res = json.loads(out.read_text())
     assert res["outputs_identical"] is True
