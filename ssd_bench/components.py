@@ -129,20 +129,21 @@ def _draft_alone(driver: _DraftDriver, draft: LoadedModel, prompt: tuple[int, ..
             continue  # warm-up
         (answers if hit else jits).append(answer)
         builds.append(build)
-    prefill = []
-    for n in _prefill_lengths(len(prompt)):
+    return {"answer": _median_ms(answers), "jit": _median_ms(jits), "tree_build": _median_ms(builds),
+            "prefill": _prefill_line(draft, prompt, reps)}
+
+
+def _prefill_line(model: LoadedModel, prompt: tuple[int, ...], reps: int) -> tuple[float, float]:
+    """(fixed ms, ms per token) of a prefill, fitted over a quarter, half and all of the prompt."""
+    points = []
+    for n in sorted({max(2, len(prompt) // 4), max(2, len(prompt) // 2), len(prompt)}):
         ts = []
         for _ in range(max(3, reps // 4)):
             t0 = time.perf_counter()
-            BatchKV.prefill(draft.model, [list(prompt[:n])], draft.device)
+            BatchKV.prefill(model.model, [list(prompt[:n])], model.device)
             ts.append(time.perf_counter() - t0)
-        prefill.append((n, _median_ms(ts)))
-    return {"answer": _median_ms(answers), "jit": _median_ms(jits), "tree_build": _median_ms(builds),
-            "prefill": _fit_line(prefill)}
-
-
-def _prefill_lengths(n: int) -> list[int]:
-    return sorted({max(2, n // 4), max(2, n // 2), n})
+        points.append((n, _median_ms(ts)))
+    return _fit_line(points)
 
 
 # -- the target side ------------------------------------------------------------------------------
@@ -229,15 +230,6 @@ def _measure(target, draft_src, lookahead, fan_out, calib_prompts, draft_cpus, n
             proc.kill()
         conn.close()
 
-    target_prefill = []
-    for n in _prefill_lengths(len(prompt)):
-        ts = []
-        for _ in range(max(3, reps // 4)):
-            t0 = time.perf_counter()
-            BatchKV.prefill(target.model, [list(prompt[:n])], target.device)
-            ts.append(time.perf_counter() - t0)
-        target_prefill.append((n, _median_ms(ts)))
-
     calib = _calibrate_engine(target, draft_src, lookahead, calib_prompts, new_tokens, draft_cpus)
     ar, sd = calib["ar"], calib["sd"]
     v_alone, v_beside = _median_ms(verify_alone), _median_ms(verify_beside)
@@ -251,7 +243,7 @@ def _measure(target, draft_src, lookahead, fan_out, calib_prompts, draft_cpus, n
         transport=transport,
         verify_slowdown=max(1.0, v_beside / v_alone),
         tree_slowdown=max(1.0, _median_ms(builds_beside) / _median_ms(builds_alone)),
-        prefill_target=_fit_line(target_prefill), prefill_draft=tuple(alone["prefill"]),
+        prefill_target=_prefill_line(target, prompt, reps), prefill_draft=tuple(alone["prefill"]),
         source=f"measured on this machine: target cpus {sorted(target_cpus)}, draft cpus {sorted(draft_cpus)}; "
                f"JIT in a warm loop {alone['jit']:.3f} ms, in the SD run {sd['draft_wait'] - transport:.3f} ms",
     )
