@@ -173,6 +173,8 @@ def _run_batch(engine: Engine, batch, cfg: BenchConfig, run: ModeRun) -> None:
     if sp_before is not None and sp_after is not None:
         run.breakdown_s["draft_tree_overlapped"] = run.breakdown_s.get("draft_tree_overlapped", 0.0) + sp_after.tree_s - sp_before.tree_s
         run.breakdown_s["draft_jit"] = run.breakdown_s.get("draft_jit", 0.0) + sp_after.jit_s - sp_before.jit_s
+        answer = (sp_after.answer_s - sp_after.jit_s) - (sp_before.answer_s - sp_before.jit_s)
+        run.breakdown_s["draft_answer"] = run.breakdown_s.get("draft_answer", 0.0) + answer
 
 
 def _spec_stats(engine: Engine):

@@ -2,14 +2,18 @@
 
 Placement is the bench's: the target side in this process on the target cores, the draft in a
 child process pinned to the draft cores. What comes from where:
-  - draft side (child, alone): `DraftSpeculator` driven with outcomes that hit (answer time,
-    then the cache build's glue + tree time) and that miss (JIT answer time); draft prefill.
-  - overlap slowdowns: the same target verify forward and draft cache build, run side by side.
+  - draft alone (a child driving a real `DraftSpeculator` with outcomes that hit, then miss):
+    the cache build (glue + K tree steps) with nothing beside it, and the draft's prefill line.
   - transport: a control round trip over the child's pipe.
-  - target side: target prefill; the per-round verify forward and commit (verification, KV
-    rollback, bookkeeping) from the engine's phase timers in short AR and SD calibration runs
-    on prompts that are not the ones predicted; the JIT answer from the SD run too (the draft
-    wakes from idle every round there, which a warm loop does not show: ~10-30% here).
+  - target prefill line: BatchKV prefills of a quarter, half and all of a prompt.
+  - everything "as paid": short AR, SD and SSD calibration runs, interleaved as the bench runs
+    them, on prompts that are not the ones predicted, read from the engine's phase timers and
+    the speculator's own: the AR step; the verify forward and commit (SD); the JIT answer (SD:
+    the draft wakes from idle every round, which a warm loop does not show, ~10-30% here); the
+    cache-hit answer and the cache build while the target verifies beside it (SSD). The ratios
+    of the SSD run's target side to the SD run's, and of the SSD run's cache build to the one
+    alone, are the overlap slowdowns (the two vCPUs share caches and memory bandwidth).
+The SSD run's waits and round times are NOT inputs: the model predicts them.
 """
 
 from __future__ import annotations
@@ -105,11 +109,6 @@ def _draft_child(conn, draft_src, fan_out, cpus, prompt, device, dtype) -> None:
                 value = None
             elif name == "alone":
                 value = _draft_alone(driver, draft, prompt, arg)
-            elif name == "builds":  # cache builds for `arg` seconds
-                builds, end = [], time.perf_counter() + arg
-                while time.perf_counter() < end or not builds:
-                    builds.append(driver.round(True)[1])
-                value = builds
             elif name == "close":
                 conn.send(("ok", None))
                 break
@@ -146,46 +145,30 @@ def _prefill_line(model: LoadedModel, prompt: tuple[int, ...], reps: int) -> tup
     return _fit_line(points)
 
 
-# -- the target side ------------------------------------------------------------------------------
-def _verify_forwards(target: LoadedModel, prompt: tuple[int, ...], k: int, seconds: float) -> list[float]:
-    """Target forwards over K+1 tokens at the prompt's end, rolled back after each."""
-    kv = BatchKV.prefill(target.model, [list(prompt)], target.device)
-    n = len(prompt) - 1
-    tokens = torch.tensor([list(prompt[-1:]) + [1] * k])
-    pos = torch.arange(n, n + k + 1)[None, :]
-    times, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 5:
-        t0 = time.perf_counter()
-        kv.forward(target.model, tokens, pos)
-        times.append(time.perf_counter() - t0)
-        kv.keep(torch.tensor([n - 1]))
-        kv.compact()
-    return times
-
-
-def _calibrate_engine(target: LoadedModel, draft_src, k: int, prompts: list[tuple[int, ...]], new_tokens: int,
-                      draft_cpus: set[int]) -> dict[str, dict[str, float]]:
-    """Per-round phase times (ms) of AR and SD, run interleaved as the bench runs them."""
+# -- calibration runs (the bench's own loop) --------------------------------------------------------
+def _calibrate_engine(target: LoadedModel, draft_src, k: int, fan_out: tuple[int, ...], prompts: list[tuple[int, ...]],
+                      new_tokens: int, draft_cpus: set[int]) -> dict[str, dict[str, float]]:
+    """Per-round phase times (ms) of AR, SD and SSD, run interleaved as the bench runs them."""
     from ssd_bench.bench import BenchConfig, run_engine_modes
 
-    cfg = BenchConfig(modes=("ar", "sd"), max_new_tokens=new_tokens, lookahead=k,
+    modes = ["ar", "sd", "ssd"]
+    cfg = BenchConfig(modes=tuple(modes), max_new_tokens=new_tokens, lookahead=k, fan_out=tuple(fan_out),
                       draft_dir=str(draft_src) if isinstance(draft_src, (str, Path)) else "")
-    runs = run_engine_modes(["ar", "sd"], target, draft_src if not cfg.draft_dir else None, prompts, cfg, draft_cpus)
+    runs = run_engine_modes(modes, target, draft_src if not cfg.draft_dir else None, prompts, cfg, draft_cpus)
     return {mode: {part: 1000 * s / r[1].rounds for part, s in r[1].breakdown_s.items()} for mode, r in runs.items()}
 
 
 def measure_components(target: LoadedModel, draft_src: LoadedModel | Path, lookahead: int, fan_out: tuple[int, ...],
                        calib_prompts: list[tuple[int, ...]], target_cpus: set[int], draft_cpus: set[int],
-                       new_tokens: int = 48, reps: int = 30, device: str = "cpu", dtype: str = "float32",
-                       window_s: float = 0.4) -> ComponentTimes:
+                       new_tokens: int = 48, reps: int = 30, device: str = "cpu", dtype: str = "float32") -> ComponentTimes:
     """All component times for batch 1 at lookahead K with this fan-out (F_0..F_K)."""
     with pinned(target_cpus):
         return _measure(target, draft_src, lookahead, fan_out, calib_prompts, draft_cpus, new_tokens, reps, device,
-                        dtype, window_s, target_cpus)
+                        dtype, target_cpus)
 
 
 def _measure(target, draft_src, lookahead, fan_out, calib_prompts, draft_cpus, new_tokens, reps, device, dtype,
-             window_s, target_cpus) -> ComponentTimes:
+             target_cpus) -> ComponentTimes:
     prompt = calib_prompts[0]
     ctx = mp.get_context("spawn")
     conn, child_end = ctx.Pipe()
@@ -211,18 +194,6 @@ def _measure(target, draft_src, lookahead, fan_out, calib_prompts, draft_cpus, n
             call("ping")
             pings.append(time.perf_counter() - t0)
         alone = call("alone", reps)
-        # Overlap slowdowns: the verify forward and the cache build, each alone and side by side,
-        # in alternating windows (this machine's speed drifts more than the effect measured).
-        verify_alone, verify_beside, builds_alone, builds_beside = [], [], [], []
-        for _ in range(3):
-            verify_alone += _verify_forwards(target, prompt, lookahead, window_s)
-            builds_alone += call("builds", window_s)
-            conn.send(("builds", window_s))
-            verify_beside += _verify_forwards(target, prompt, lookahead, window_s)
-            status, value = conn.recv()
-            if status != "ok":
-                raise RuntimeError(value)
-            builds_beside += value
         call("close")
     finally:
         proc.join(timeout=10)
@@ -230,20 +201,18 @@ def _measure(target, draft_src, lookahead, fan_out, calib_prompts, draft_cpus, n
             proc.kill()
         conn.close()
 
-    calib = _calibrate_engine(target, draft_src, lookahead, calib_prompts, new_tokens, draft_cpus)
-    ar, sd = calib["ar"], calib["sd"]
-    v_alone, v_beside = _median_ms(verify_alone), _median_ms(verify_beside)
+    calib = _calibrate_engine(target, draft_src, lookahead, fan_out, calib_prompts, new_tokens, draft_cpus)
+    ar, sd, ssd = calib["ar"], calib["sd"], calib["ssd"]
     transport = _median_ms(pings)
     return ComponentTimes(
         lookahead=lookahead,
         ar_step=ar["draft_wait"] + ar["verify"] + ar["commit"],
         verify=sd["verify"], commit=sd["commit"],
-        # JIT as the SD run paid it (the draft wakes from idle each round), not the warm loop's
-        jit=sd["draft_wait"] - transport, answer=alone["answer"], tree_build=alone["tree_build"],
+        jit=sd["draft_wait"] - transport, answer=ssd["draft_answer"], tree_build=alone["tree_build"],
         transport=transport,
-        verify_slowdown=max(1.0, v_beside / v_alone),
-        tree_slowdown=max(1.0, _median_ms(builds_beside) / _median_ms(builds_alone)),
+        verify_slowdown=max(1.0, (ssd["verify"] + ssd["commit"]) / (sd["verify"] + sd["commit"])),
+        tree_slowdown=max(1.0, ssd["draft_tree_overlapped"] / alone["tree_build"]),
         prefill_target=_prefill_line(target, prompt, reps), prefill_draft=tuple(alone["prefill"]),
         source=f"measured on this machine: target cpus {sorted(target_cpus)}, draft cpus {sorted(draft_cpus)}; "
-               f"JIT in a warm loop {alone['jit']:.3f} ms, in the SD run {sd['draft_wait'] - transport:.3f} ms",
+               f"in warm loops the JIT answer took {alone['jit']:.3f} ms and the hit answer {alone['answer']:.3f} ms",
     )

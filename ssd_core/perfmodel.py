@@ -10,7 +10,7 @@ steps on a miss), hands the speculation over (`transport`: one control round tri
 starts the next cache build (glue + K tree steps, `tree_build`) while the target verifies and
 commits. The next answer waits for whichever finishes last:
 
-    SSD round = answer-or-backup + max(transport + verify' + commit, tree_build')
+    SSD round = answer-or-backup + max(transport + (verify + commit)', tree_build')
     SD  round = transport + jit + verify + commit
     AR  round = ar_step
 
@@ -40,7 +40,7 @@ class ComponentTimes:
     tree_build: float  # the speculation cache for one round: glue + K tree steps
     transport: float  # one control round trip between target and draft
     fast_backup: float = 0.0  # a fast (n-gram) backup answer instead of jit
-    verify_slowdown: float = 1.0  # verify time factor while a tree build runs beside it
+    verify_slowdown: float = 1.0  # verify + commit time factor while a tree build runs beside it
     tree_slowdown: float = 1.0  # tree build time factor while a verify runs beside it
     prefill_target: tuple[float, float] = (0.0, 0.0)  # (fixed ms, ms per prompt token)
     prefill_draft: tuple[float, float] = (0.0, 0.0)
@@ -79,7 +79,7 @@ class Prediction:
 # -- round times ------------------------------------------------------------------------------
 def overlap_ms(t: ComponentTimes) -> float:
     """The part of an SSD round where the target and the draft work side by side."""
-    return max(t.transport + t.verify * t.verify_slowdown + t.commit, t.tree_build * t.tree_slowdown)
+    return max(t.transport + (t.verify + t.commit) * t.verify_slowdown, t.tree_build * t.tree_slowdown)
 
 
 def ssd_round_ms(t: ComponentTimes, hit: bool, backup: str = "jit") -> float:

@@ -63,6 +63,7 @@ class SpeculatorStats:
     fast: int = 0
     wait_s: float = 0.0  # target-side time blocked on the previous tree build
     jit_s: float = 0.0
+    answer_s: float = 0.0  # applying outcomes and answering, JIT drafting included (not the wait)
     tree_s: float = 0.0  # worker time spent on glue + tree (overlapped with verification)
 
 
@@ -128,11 +129,13 @@ class DraftSpeculator:
         """
         k_next = self.lookahead if lookahead is None else lookahead
         self._wait()
+        t0 = time.perf_counter()
         by_id = {o.seq_id: o for o in outcomes}
         if set(by_id) != {r.seq_id for r in self.rows}:
             raise ValueError("propose() needs exactly one outcome per active sequence")
         hits = self._apply_outcomes([by_id[r.seq_id] for r in self.rows], k_next)
         specs = self._answer(hits, k_next)
+        self.stats.answer_s += time.perf_counter() - t0
         if self.tree and k_next == self.lookahead and self.rows:
             self._pending = self._pool.submit(self._build_tree)
         return specs
