@@ -144,6 +144,9 @@ class Engine:
         t0 = time.perf_counter()
         target_probs = self._verify_forward(specs)
         t1 = time.perf_counter()
+        for seq in self.seqs:  # before commit: a request that finishes now reports this round too
+            seq.stats.verify_s += t1 - t0
+            seq.stats.speculate_s += t0 - ts
         num_accepted, bonus = self._verify(specs, target_probs)
         deltas, lookups = self._commit(specs, num_accepted, bonus)
         t2 = time.perf_counter()
@@ -309,6 +312,8 @@ class Engine:
         self.kv.extend(BatchKV.prefill(self.target.model, [s.tokens for s in new], self.target.device))
         dt = time.perf_counter() - t0
         self.timings.add(prefill_s=dt)
+        for s in new:
+            s.stats.prefill_s += dt
         metrics.record_round((), 0, phase_seconds={"prefill": dt})
 
     def _text(self, ids: list[int]) -> str:

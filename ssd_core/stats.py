@@ -19,6 +19,11 @@ class RequestStats:
     backup_jit: int = 0
     backup_fast: int = 0
     new_tokens: int = 0
+    # wall time of the engine phases this request took part in (a batch's step counts for each
+    # of its requests: it is the latency each one saw)
+    prefill_s: float = 0.0
+    verify_s: float = 0.0
+    speculate_s: float = 0.0  # waiting for speculations (cache build waits, JIT drafting, drafts' answers)
     start_s: float = field(default_factory=time.perf_counter)
     end_s: float = 0.0
 

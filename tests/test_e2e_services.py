@@ -141,6 +141,10 @@ def test_concurrent_greedy_is_exact_and_every_target_uses_every_draft(cluster):
     for prompt, result in zip(PROMPTS, results):
         assert list(result.token_ids) == hf_greedy(cluster.reference.model, prompt, 24)
     assert sum(r.stats.mean_accepted_length for r in results) / len(results) > 1.0  # the drafts helped
+    for r in results:  # per-request phase times are filled in, and they fit in the request's time
+        t = dict(r.stats.timings_ns)
+        assert t["prefill_ns"] > 0 and t["verify_ns"] > 0 and t["speculation_wait_ns"] > 0
+        assert t["prefill_ns"] + t["verify_ns"] + t["speculation_wait_ns"] <= t["total_ns"]
     for i in range(2):
         used = _sessions_in_use(cluster.log(f"target{i}"))
         assert set(cluster.drafts()) <= set(used), f"target{i} used {sorted(used)}"
