@@ -12,6 +12,7 @@ import torch
 from draft_service.config import DraftLimits, DraftServerConfig
 from draft_service.server import serve
 from client.tls import add_tls_arguments
+from ssd_core.config import BACKEND_HELP, BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target registries to register with; a DNS name registers with every address")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    parser.add_argument("--backend", choices=["hf", "lean"], default=None,
-                        help="model implementation: hf (transformers modules) or lean (ssd_core.lean, same weights and outputs); default: $SSD_BACKEND, else the built-in default")
+    parser.add_argument("--backend", choices=BACKENDS, default=None, help=BACKEND_HELP)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--auth-token-file", default="", metavar="FILE",
                         help=f"registration token file (default: ${AUTH_TOKEN_ENV})")

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from ssd_core.config import BACKEND_HELP, BACKENDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,8 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", type=Path, help="draft HF model dir (default: embedded pair)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--backend", choices=["hf", "lean"], default=None,
-                   help="model implementation: hf (transformers modules) or lean (ssd_core.lean, same weights and outputs); default: $SSD_BACKEND, else the built-in default")
+    p.add_argument("--backend", choices=BACKENDS, default=None, help=BACKEND_HELP)
     p.add_argument("--prompts", default="humaneval", help="humaneval | FILE.jsonl (one {\"prompt\": ...} a line)")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)

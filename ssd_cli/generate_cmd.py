@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from ssd_core.config import BACKEND_HELP, BACKENDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,8 +39,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", type=Path, help="draft HF model dir (default: embedded pair)")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--backend", choices=["hf", "lean"], default=None,
-                   help="model implementation: hf (transformers modules) or lean (ssd_core.lean, same weights and outputs); default: $SSD_BACKEND, else the built-in default")
+    p.add_argument("--backend", choices=BACKENDS, default=None, help=BACKEND_HELP)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per model side (default: half the cores, so target and draft "
                         "each own one half, as on the paper's distinct hardware)")

@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 from ssd_core.errors import InvalidParameter
 
 
+# Model implementations (ssd_core.models.load_model): transformers' modules, or ssd_core.lean.
+BACKENDS = ("hf", "lean")
+BACKEND_HELP = ("model implementation: hf (transformers modules) or lean (ssd_core.lean, same weights and outputs); "
+                "default: $SSD_BACKEND, else the built-in default")
+
+
 class Mode(str, enum.Enum):
     AR = "ar"
     SD = "sd"

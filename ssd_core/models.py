@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from ssd_core.config import BACKENDS
 from ssd_core.errors import IncompatibleModels, InvalidParameter
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-BACKENDS = ("hf", "lean")
 # lean: same logits (bit-identical on this machine) and ~1.3x faster forwards on CPU, measured
 # (docs/design.md, "Lean backend"). As the default it falls back to hf, with a log line, for a
 # model it does not implement; asked for explicitly it refuses such a model instead.

@@ -13,6 +13,7 @@ from ssd_core.config import BackupKind, BatchPolicy, Mode
 from client.tls import add_tls_arguments
 from target_service.config import TargetConfig
 from target_service.server import ModelLoadError, serve
+from ssd_core.config import BACKEND_HELP, BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replica-id", default="", help="stable name of this replica (default target-PORT)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--backend", choices=["hf", "lean"], default=None,
-                        help="model implementation: hf (transformers modules) or lean (ssd_core.lean, same weights and outputs); default: $SSD_BACKEND, else the built-in default")
+    parser.add_argument("--backend", choices=BACKENDS, default=None, help=BACKEND_HELP)
     parser.add_argument("--lookahead", type=int, default=None, help="K (default: by batch size)")
     parser.add_argument("--fan-out", type=_int_list, default=(), help="F_0..F_K, e.g. 4,2,1,1,1")
     parser.add_argument("--saguaro-c", type=float, default=1.0)
