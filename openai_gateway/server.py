@@ -55,14 +55,15 @@ class BackgroundServer:
 
 def attach_to_target(
     grpc_port: int, openai_port: int, host: str = "127.0.0.1", served_model_name: str | None = None,
-    tokenizer_dir: Path | None = None, grpc_host: str = "127.0.0.1",
+    tokenizer_dir: Path | None = None, grpc_host: str = "127.0.0.1", grpc_address: str | None = None,
 ) -> BackgroundServer:  # fmt: skip
-    """Serve the OpenAI API on `host:openai_port` in front of the local target at `grpc_host:grpc_port`.
+    """Serve the OpenAI API on `host:openai_port` in front of the local target at `grpc_host:grpc_port`
+    (or at `grpc_address`, e.g. the TLS target's private unix socket).
 
     For `ssd serve target ... --openai-port P`: call after create_server() with the bound gRPC port
     and tokenizer_dir=cfg.model; stop() the returned server before stopping the target.
     """
-    app = create_app([f"{grpc_host}:{grpc_port}"], served_model_name, tokenizer_dir)
+    app = create_app([grpc_address or f"{grpc_host}:{grpc_port}"], served_model_name, tokenizer_dir)
     return BackgroundServer(app, host, openai_port).start()
 
 

@@ -63,9 +63,6 @@ class TargetConfig:
         for name, value, ok, why in checks:
             if not ok:
                 raise InvalidParameter(name, value, why)
-        if self.tls_cert and self.openai_port:
-            raise InvalidParameter("openai_port", self.openai_port,
-                                   "the in-process OpenAI gateway dials the target in plaintext: not with --tls-cert")
         try:
             check_files(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_ca)
         except ValueError as exc:

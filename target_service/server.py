@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
+import tempfile
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -43,8 +46,12 @@ class ModelLoadError(OSError):
 class TargetServer:
     """A running target replica: the gRPC server plus the app behind it."""
 
-    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer, app: TargetApp) -> None:
+    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer, app: TargetApp,
+                 local_address: str | None = None) -> None:
         self.grpc_server, self.health, self.app = server, health_servicer, app
+        # a plaintext unix socket in a private directory, for the in-process OpenAI gateway of a
+        # TLS target (the network port stays TLS-only); None without TLS
+        self.local_address = local_address
         self._stopped = threading.Event()
 
     def stop(self, grace: float | None = None) -> threading.Event:
@@ -54,6 +61,8 @@ class TargetServer:
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
         self.app.scheduler.close()
+        if self.local_address:
+            shutil.rmtree(os.path.dirname(self.local_address.removeprefix("unix:")), ignore_errors=True)
         metrics.unbind_state()  # the process-wide gauges stop reading this replica's state
         log.info("target stopped: replica=%s", self.app.replica_id)
         self._stopped.set()
@@ -77,10 +86,14 @@ def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(apps), server)
     speculation_pb2_grpc.add_TargetRegistryServicer_to_server(TargetRegistryServicer(registries), server)
     reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    local_address = None
     try:
         if cfg.tls_cert:
             creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None)
             port = server.add_secure_port(f"{cfg.host}:{cfg.port}", creds)
+            if cfg.openai_port:  # only this user can enter the 0700 directory
+                local_address = "unix:" + os.path.join(tempfile.mkdtemp(prefix="ssd-target-"), "grpc.sock")
+                server.add_insecure_port(local_address)
         else:
             port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     except RuntimeError as exc:
@@ -104,7 +117,7 @@ def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple
     apps.app, registries.registry = app, registry
     for name in ("", *SERVICES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return TargetServer(server, health_servicer, app), port
+    return TargetServer(server, health_servicer, app, local_address), port
 
 
 def _pool_state(registry: DraftRegistry) -> tuple[int, int, int]:
@@ -142,7 +155,8 @@ def serve(cfg: TargetConfig) -> int:
     if cfg.openai_port:
         from openai_gateway.server import attach_to_target
 
-        http = attach_to_target(port, cfg.openai_port, cfg.host, cfg.served_model_name or None, Path(cfg.model))
+        http = attach_to_target(port, cfg.openai_port, cfg.host, cfg.served_model_name or None, Path(cfg.model),
+                                grpc_address=server.local_address)
         log.info("OpenAI API on %s/v1", http.url)
 
     def stop() -> None:

@@ -175,3 +175,32 @@ def test_tls_flag_combinations_are_checked(pki):
         TargetConfig(model="m", tls_cert=str(pki / "nope.pem"), tls_key=str(pki / "target.key"))
     with pytest.raises(InvalidParameter, match="needs --tls-cert"):
         TargetConfig(model="m", tls_client_ca=str(pki / "ca.pem"))
+
+
+def test_tls_target_serves_its_in_process_openai_gateway_over_a_private_socket(pki, pair):
+    """--tls-cert with --openai-port: the gateway reaches the target over a plaintext unix socket
+    in a 0700 directory (the TCP port stays TLS-only), and the directory goes with the server."""
+    import openai
+
+    from openai_gateway.server import attach_to_target
+
+    cfg = TargetConfig(model="in-process", port=0, tls_cert=str(pki / "target.pem"), tls_key=str(pki / "target.key"),
+                       tls_client_ca=str(pki / "ca.pem"), openai_port=8000)
+    server, port = create_server(cfg, target=pair[0])
+    http = None
+    try:
+        sock = server.local_address.removeprefix("unix:")
+        assert server.local_address.startswith("unix:") and os.stat(os.path.dirname(sock)).st_mode & 0o777 == 0o700
+        http = attach_to_target(port, 0, grpc_address=server.local_address)
+        oai = openai.OpenAI(base_url=http.url, api_key="none", max_retries=0, timeout=30)
+        out = oai.completions.create(model=oai.models.list().data[0].id, prompt=PROMPT, max_tokens=4,
+                                     temperature=0, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
+        with Client(f"127.0.0.1:{port}", timeout=5, max_retries=0) as plain:  # TCP: still no plaintext
+            with pytest.raises(Exception):
+                plain.generate(prompt_ids=PROMPT, max_tokens=2)
+    finally:
+        if http is not None:
+            http.stop()
+        server.stop(0)
+    assert not os.path.exists(os.path.dirname(sock))
