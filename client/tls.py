@@ -60,3 +60,24 @@ def add_tls_arguments(parser: argparse.ArgumentParser, peers: str) -> None:
                         help=f"PEM CA bundle: use TLS to {peers} and verify them with it "
                              "(--tls-cert/--tls-key are presented as the client certificate)")
 
+
+def add_client_tls_arguments(parser: argparse.ArgumentParser, peers: str) -> None:
+    """--tls-ca (TLS to `peers`, verified with it) and --tls-cert/--tls-key (our certificate, for mTLS)."""
+    parser.add_argument("--tls-ca", default="", metavar="FILE", help=f"PEM CA bundle: connect to {peers} with TLS, verify with it")
+    parser.add_argument("--tls-cert", default="", metavar="FILE", help="PEM client certificate (mTLS; with --tls-ca)")
+    parser.add_argument("--tls-key", default="", metavar="FILE", help="PEM private key of --tls-cert")
+
+
+def client_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """Channel credentials from add_client_tls_arguments' flags; None (plaintext) without --tls-ca."""
+    if not args.tls_ca:
+        if args.tls_cert or args.tls_key:
+            raise ValueError("--tls-cert/--tls-key need --tls-ca (TLS to the targets)")
+        return None
+    check_files("", "", "", args.tls_ca)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: no such file")
+    return channel_credentials(args.tls_ca, args.tls_cert or None, args.tls_key or None)

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -53,12 +54,13 @@ ChunkFn = Callable[[str, str | None], dict[str, Any]]
 
 def create_app(
     targets: Sequence[str] | str, served_model_name: str | None = None, tokenizer_dir: Path | None = None,
-    timeout_s: float | None = None,
+    timeout_s: float | None = None, credentials: grpc.ChannelCredentials | None = None,
 ) -> FastAPI:  # fmt: skip
-    """The gateway app over `targets` ("h:p,h:p" or a list); the model name defaults to the target's model id."""
+    """The gateway app over `targets` ("h:p,h:p" or a list); the model name defaults to the target's
+    model id; `credentials`: TLS to the targets (None: plaintext)."""
     tokenizer = GatewayTokenizer.load(Path(tokenizer_dir)) if tokenizer_dir else None
     addresses = targets.split(",") if isinstance(targets, str) else list(targets)
-    gateway = Gateway(addresses, served_model_name, tokenizer, timeout_s)
+    gateway = Gateway(addresses, served_model_name, tokenizer, timeout_s, credentials)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

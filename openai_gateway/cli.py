@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from client.retry import parse_addresses
+from client.tls import add_client_tls_arguments, client_credentials
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout-s", type=float, default=None,
                         help="deadline of each target call in seconds (default: none)")
     parser.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level (default info)")
+    add_client_tls_arguments(parser, "the targets")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     targets = list(parse_addresses(args.targets))
     return serve_forever(targets, args.host, args.port, args.served_model_name, args.tokenizer,
-                         args.request_timeout_s, args.uvicorn_log_level)  # fmt: skip
+                         args.request_timeout_s, args.uvicorn_log_level, client_credentials(args))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

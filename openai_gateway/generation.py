@@ -9,6 +9,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from starlette.requests import Request
 
 from client import AsyncClient, AsyncGenerationStream, GenerationResult, ModelInfo, StreamDelta
@@ -39,9 +40,9 @@ class Gateway:
 
     def __init__(
         self, targets: Sequence[str], served_model_name: str | None, tokenizer: GatewayTokenizer | None,
-        timeout_s: float | None = None,
+        timeout_s: float | None = None, credentials: grpc.ChannelCredentials | None = None,
     ) -> None:  # fmt: skip
-        self.client = AsyncClient(list(targets), timeout=timeout_s)
+        self.client = AsyncClient(list(targets), timeout=timeout_s, credentials=credentials)
         self.tokenizer = tokenizer
         self.created = int(time.time())
         self._name = served_model_name

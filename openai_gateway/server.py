@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import uvicorn
 from fastapi import FastAPI
 
@@ -69,10 +70,10 @@ def attach_to_target(
 
 def serve_forever(
     targets: Sequence[str], host: str, port: int, served_model_name: str | None, tokenizer_dir: Path | None,
-    timeout_s: float | None = None, log_level: str = "info",
+    timeout_s: float | None = None, log_level: str = "info", credentials: grpc.ChannelCredentials | None = None,
 ) -> int:  # fmt: skip
     """Run the gateway in the foreground until SIGINT/SIGTERM; returns the exit code."""
-    app = create_app(targets, served_model_name, tokenizer_dir, timeout_s)
+    app = create_app(targets, served_model_name, tokenizer_dir, timeout_s, credentials)
     log.info("OpenAI gateway on http://%s:%d/v1 -> targets %s", host, port, ",".join(targets))
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     return 0

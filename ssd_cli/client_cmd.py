@@ -9,6 +9,7 @@ import sys
 from client.codec import MODES
 from client.errors import SSDError
 from client.sync_client import Client
+from client.tls import add_client_tls_arguments, client_credentials
 from client.types import GenerationResult
 
 
@@ -51,18 +52,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--addr", required=True, help="target address(es): HOST:PORT[,HOST:PORT...]")
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
     parser.add_argument("--max-retries", type=int, default=3, help="retries on UNAVAILABLE (default 3)")
-    parser.add_argument("--tls-ca", default="", metavar="FILE", help="PEM CA bundle: connect with TLS, verify with it")
-    parser.add_argument("--tls-cert", default="", metavar="FILE", help="PEM client certificate (mTLS; with --tls-ca)")
-    parser.add_argument("--tls-key", default="", metavar="FILE", help="PEM private key of --tls-cert")
+    add_client_tls_arguments(parser, "the targets")
 
 
 def _credentials(args: argparse.Namespace):
     """TLS channel credentials when --tls-ca is given, else None (plaintext)."""
-    if not args.tls_ca:
-        return None
-    from client.tls import channel_credentials
-
-    return channel_credentials(args.tls_ca, args.tls_cert or None, args.tls_key or None)
+    return client_credentials(args)
 
 
 def _int_list(text: str) -> list[int]:

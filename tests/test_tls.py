@@ -204,3 +204,32 @@ def test_tls_target_serves_its_in_process_openai_gateway_over_a_private_socket(p
             http.stop()
         server.stop(0)
     assert not os.path.exists(os.path.dirname(sock))
+
+
+def test_standalone_openai_gateway_reaches_an_mtls_target(cluster, pki):
+    """`ssd serve openai --tls-ca --tls-cert --tls-key`: the gateway's gRPC client speaks mTLS."""
+    import argparse
+
+    import openai
+
+    from client.tls import add_client_tls_arguments, client_credentials
+    from openai_gateway import BackgroundServer, create_app
+
+    _, addr = cluster
+    parser = argparse.ArgumentParser()
+    add_client_tls_arguments(parser, "the targets")
+    args = parser.parse_args(["--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem"),
+                              "--tls-key", str(pki / "client.key")])
+    http = BackgroundServer(create_app([addr], credentials=client_credentials(args))).start()
+    try:
+        oai = openai.OpenAI(base_url=http.url, api_key="none", max_retries=0, timeout=60)
+        out = oai.completions.create(model=oai.models.list().data[0].id, prompt=PROMPT, max_tokens=3,
+                                     temperature=0, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 3
+    finally:
+        http.stop()
+    for bad, why in ((["--tls-cert", str(pki / "client.pem")], "need --tls-ca"),
+                     (["--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem")], "go together"),
+                     (["--tls-ca", str(pki / "nope.pem")], "no such file")):
+        with pytest.raises(ValueError, match=why):
+            client_credentials(parser.parse_args(bad))
