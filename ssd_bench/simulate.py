@@ -148,9 +148,11 @@ def sweep(scn: dict) -> dict:
         mine = [x for x in rows if x["batch"] == b]
         pick = {m: max(mine, key=lambda x: x[f"{m}_tokens_per_s"]) for m in MODES}
         tps = {m: pick[m][f"{m}_tokens_per_s"] for m in MODES}
+        winner = max(MODES, key=lambda m: tps[m])  # the placement decision: SSD only where it wins
         best[str(b)] = {"best_k": {m: pick[m]["k"] for m in ("sd", "ssd")}, "tokens_per_s": tps,
                         "ssd/sd": round(tps["ssd"] / tps["sd"], 3), "ssd/ar": round(tps["ssd"] / tps["ar"], 3),
-                        "sd/ar": round(tps["sd"] / tps["ar"], 3)}
+                        "sd/ar": round(tps["sd"] / tps["ar"], 3),
+                        "recommend": {"mode": winner, "lookahead": pick[winner]["k"] if winner != "ar" else 0}}
     return {"scenario": scn.get("name", ""), "note": scn.get("note", ""), "acceptance": a, "rows": rows, "best": best,
             "paper": scn.get("paper")}
 
@@ -164,6 +166,10 @@ def format_sweep(res: dict) -> str:
         t = x["tokens_per_s"]
         lines.append(f"{b:>3} {t['ar']:>9.1f} {t['sd']:>9.1f} {x['best_k']['sd']:>4} {t['ssd']:>10.1f} "
                      f"{x['best_k']['ssd']:>5} {x['ssd/sd']:>7.2f} {x['ssd/ar']:>7.2f}")
+    for b, x in res["best"].items():
+        r = x["recommend"]
+        flags = f"--mode {r['mode']}" + (f" --lookahead {r['lookahead']}" if r["lookahead"] else "")
+        lines.append(f"recommended at b={b}: {flags}")
     if res.get("paper"):
         lines.append(f"paper reports: {res['paper']}")
     return "\n".join(lines)

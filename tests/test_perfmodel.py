@@ -99,6 +99,8 @@ def test_one_gpu_scenario_prefers_sd():
     two = sweep(load_scenario(SCENARIOS_DIR / "h100-2gpu-8b-1b.json"))["best"]["1"]
     one = sweep(load_scenario(SCENARIOS_DIR / "h100-1gpu-mps-8b-1b.json"))["best"]["1"]
     assert two["ssd/sd"] > 1.0 > one["ssd/sd"]
+    assert two["recommend"] == {"mode": "ssd", "lookahead": two["best_k"]["ssd"]}
+    assert one["recommend"]["mode"] == "sd"  # the placement policy picks SD on one GPU
 
 
 def test_simulate_measures_predicts_and_reports_on_tiny_models(tmp_path, capsys):
