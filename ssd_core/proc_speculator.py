@@ -84,9 +84,11 @@ class ProcessSpeculator:
 def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, device, dtype) -> None:
     import torch
 
+    from ssd_core.malloc import tune
     from ssd_core.models import load_model
     from ssd_core.speculator import DraftSpeculator
 
+    tune()
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)
     torch.set_num_threads(threads)

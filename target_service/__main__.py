@@ -13,6 +13,9 @@ def main() -> int:
     parser.add_argument("--log-level", default=os.environ.get("SSD_LOG_LEVEL", "INFO"))
     add_arguments(parser)
     args = parser.parse_args()
+    from ssd_core.malloc import tune
+
+    tune()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args)
 
