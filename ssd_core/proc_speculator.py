@@ -9,9 +9,11 @@ it over a pipe (~0.1 ms a round trip) with the same seam objects the gRPC servic
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import multiprocessing as mp
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +76,51 @@ class ProcessSpeculator:
         self._conn.close()
 
     def _call(self, name: str, *args: Any) -> Any:
-        self._conn.send((name, args))
-        status, value = self._conn.recv()
+        _send(self._conn, (name, args))
+        status, value = _recv(self._conn)
         if status != "ok":
             raise RuntimeError(f"draft process failed in {name}: {value}")
         return value
+
+
+def _tensor_from_numpy(array, dtype_name: str):
+    import torch
+
+    t = torch.from_numpy(array)
+    return t.view(torch.bfloat16) if dtype_name == "bfloat16" else t
+
+
+def _reduce_tensor(t):
+    """A CPU tensor as its numpy array (bfloat16 as its int16 bits): plain bytes in the stream."""
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return _tensor_from_numpy, (t.view(torch.int16).numpy(), "bfloat16")
+    return _tensor_from_numpy, (t.numpy(), "")
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        import torch
+
+        if type(obj) is torch.Tensor:
+            return _reduce_tensor(obj)
+        return NotImplemented
+
+
+def _send(conn, obj: Any) -> None:
+    """Our own pickling over the pipe. Connection.send uses multiprocessing's ForkingPickler, for
+    which importing torch registers reducers that move each tensor into a shared-memory segment;
+    tensors as numpy bytes instead: a sampled speculation's q' (3 x 4096 floats) makes the pipe
+    round trip 0.89 ms that way, 0.65 ms with plain pickle, less again as numpy."""
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    conn.send_bytes(buf.getbuffer())
+
+
+def _recv(conn) -> Any:
+    return pickle.loads(conn.recv_bytes())
 
 
 def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, device, dtype) -> None:
@@ -96,7 +138,7 @@ def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, de
     spec = DraftSpeculator(model, fan_out, saguaro_c, backup, tree=tree)
     while True:
         try:
-            name, args = conn.recv()
+            name, args = _recv(conn)
         except EOFError:
             break
         try:
@@ -110,9 +152,9 @@ def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, de
                 value = spec.stats
             else:
                 value = getattr(spec, name)(*args)
-            conn.send(("ok", value))
+            _send(conn, ("ok", value))
         except Exception as exc:  # reported to the parent, which raises it there
-            conn.send(("err", f"{type(exc).__name__}: {exc}"))
+            _send(conn, ("err", f"{type(exc).__name__}: {exc}"))
         if name == "close":
             break
 

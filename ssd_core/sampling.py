@@ -63,19 +63,32 @@ def saguaro_reshape(
     """
     if c >= 1.0:
         return probs
-    vocab = probs.shape[-1]
-    order = probs.argsort(dim=-1, descending=True)
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(vocab, device=probs.device).expand_as(order))
-    top = ranks <= fan_out[:, None]  # ranks 0..F: F+1 tokens
+    # the top F+1 of each row: a top-k of the largest F+1 in the batch, then each row's own prefix
+    # (a full sort of the vocabulary cost ~1.4 ms a call for 8 rows x 4096 on one core)
+    width = min(int(fan_out.max()) + 1, probs.shape[-1])
+    idx = probs.topk(width, dim=-1).indices  # [N, width]
+    mine = torch.arange(width, device=probs.device)[None, :] <= fan_out[:, None]  # ranks 0..F: F+1 tokens
+    top = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device).scatter_(-1, idx, mine)
     scaled = torch.where(top, probs * c, probs)
     return scaled / scaled.sum(dim=-1, keepdim=True)
 
 
 def sample(probs: torch.Tensor, generators: list[torch.Generator], greedy: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row [N, V] -> [N], each row from its own seeded generator; rows flagged
-    greedy [N] bool are one-hot, so their argmax is taken without drawing."""
+    greedy [N] bool are one-hot, so their argmax is taken without drawing. Rows that share a
+    generator (one sequence's tree branches) take their uniforms from it in one call, in row order.
+
+    Inverse-CDF sampling in float64 (a zero-probability token is never drawn: its CDF step is
+    flat). torch.multinomial computed the same draw ~15x slower here (0.85 vs 0.06 ms for 8 rows
+    of 4096), which was most of a sampled tree step's time."""
     out = probs.argmax(dim=-1)
+    by_gen: dict[int, tuple[torch.Generator, list[int]]] = {}
     for i, gen in enumerate(generators):
         if greedy is None or not bool(greedy[i]):
-            out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+            by_gen.setdefault(id(gen), (gen, []))[1].append(i)
+    for gen, rows in by_gen.values():
+        idx = torch.tensor(rows, device=probs.device)
+        cdf = probs[idx].double().cumsum(dim=-1)
+        u = torch.rand(len(rows), 1, generator=gen, dtype=torch.float64).to(probs.device) * cdf[:, -1:]
+        out[idx] = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
     return out

@@ -230,3 +230,57 @@ def test_speculator_numbers_rounds_from_the_sequences_first_round(perturbed_pair
         assert nxt.round == 13
     finally:
         spec.close()
+
+
+def test_saguaro_reshape_scales_exactly_each_rows_top_f_plus_one():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.rand(6, 50, generator=gen).softmax(-1)
+    fan = torch.tensor([0, 1, 2, 5, 0, 3])
+    r = saguaro_reshape(q, fan, 0.4)
+    for i in range(6):
+        top = set(q[i].argsort(descending=True)[: int(fan[i]) + 1].tolist())
+        ratio = r[i] / q[i]  # scaled tokens share one ratio, the rest another
+        scaled = {j for j in range(50) if ratio[j] < ratio.max() - 1e-6}
+        assert scaled == top, i
+        assert r[i].sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_sample_draws_from_each_rows_distribution_and_never_a_zero():
+    """Inverse-CDF sampling: chi-square against q (N = 20000, alpha = 1e-3: false alarm 1 in 1000
+    per row), zero-probability tokens never drawn, rows sharing a generator drawn together."""
+    from scipy.stats import chisquare
+
+    from ssd_core.sampling import sample
+
+    q = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0], [0.0, 0.25, 0.25, 0.0, 0.5]])
+    n = 20000
+    shared, other = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    probs = q.repeat(n, 1)  # rows alternate between the two distributions
+    gens = [shared if i % 2 == 0 else other for i in range(2 * n)]
+    out = sample(probs, gens)
+    for row in range(2):
+        counts = torch.bincount(out[row::2], minlength=5).double()
+        assert counts[q[row] == 0].sum() == 0
+        nz = q[row] > 0
+        assert chisquare(counts[nz].numpy(), (q[row][nz] * n).numpy()).pvalue > 1e-3
+    greedy = sample(q, [shared, other], greedy=torch.tensor([True, True]))
+    assert greedy.tolist() == [2, 4]
+
+
+def test_draft_process_pipe_carries_tensors_exactly():
+    """ProcessSpeculator's own pickling (tensors as numpy bytes): values, dtypes and shapes survive."""
+    import multiprocessing as mp
+
+    from ssd_core.proc_speculator import _recv, _send
+    from ssd_core.types import SpecSource, Speculation
+
+    a, b = mp.Pipe()
+    q = torch.rand(3, 10)
+    items = [Speculation("s", 4, (1, 2, 3), q, SpecSource.CACHE_HIT), q.t(), q.to(torch.bfloat16),
+             torch.arange(5), torch.zeros(0, 4), {"k": (q[0],)}]
+    _send(a, items)
+    back = _recv(b)
+    assert back[0].round == 4 and back[0].tokens == (1, 2, 3) and torch.equal(back[0].draft_probs, q)
+    for sent, got in zip(items[1:5], back[1:5]):
+        assert got.dtype == sent.dtype and torch.equal(got, sent)
+    assert torch.equal(back[5]["k"][0], q[0])
