@@ -74,10 +74,5 @@ def client_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | No
         if args.tls_cert or args.tls_key:
             raise ValueError("--tls-cert/--tls-key need --tls-ca (TLS to the targets)")
         return None
-    check_files("", "", "", args.tls_ca)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
-    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
-        if path and not Path(path).is_file():
-            raise ValueError(f"{flag} {path}: no such file")
+    check_files(args.tls_cert, args.tls_key, "", args.tls_ca)
     return channel_credentials(args.tls_ca, args.tls_cert or None, args.tls_key or None)

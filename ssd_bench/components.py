@@ -31,7 +31,7 @@ from ssd_core.config import BackupKind, SamplingParams
 from ssd_core.kv import BatchKV
 from ssd_core.models import LoadedModel
 from ssd_core.perfmodel import ComponentTimes
-from ssd_core.proc_speculator import pinned
+from ssd_core.proc_speculator import pinned, recv_message, request, send_message
 from ssd_core.types import RoundOutcome, SeqStart, SpecSource
 
 log = logging.getLogger(__name__)
@@ -101,22 +101,22 @@ def _draft_child(conn, draft_src, fan_out, cpus, prompt, device, dtype) -> None:
     torch.set_num_threads(1)
     draft = load_model(draft_src, device, dtype) if isinstance(draft_src, (str, Path)) else draft_src
     driver = _DraftDriver(draft, fan_out, prompt)
-    conn.send(("ok", None))
-    while True:
-        name, arg = conn.recv()
+    send_message(conn, ("ok", None))
+    while True:  # ProcessSpeculator's protocol, so "ping" times the transport the engine uses
+        name, args = recv_message(conn)
         try:
             if name == "ping":
                 value = None
             elif name == "alone":
-                value = _draft_alone(driver, draft, prompt, arg)
+                value = _draft_alone(driver, draft, prompt, *args)
             elif name == "close":
-                conn.send(("ok", None))
+                send_message(conn, ("ok", None))
                 break
             else:
                 raise ValueError(name)
-            conn.send(("ok", value))
+            send_message(conn, ("ok", value))
         except Exception as exc:  # reported to the parent, which raises it
-            conn.send(("err", f"{type(exc).__name__}: {exc}"))
+            send_message(conn, ("err", f"{type(exc).__name__}: {exc}"))
 
 
 def _draft_alone(driver: _DraftDriver, draft: LoadedModel, prompt: tuple[int, ...], reps: int) -> dict:
@@ -177,15 +177,11 @@ def _measure(target, draft_src, lookahead, fan_out, calib_prompts, draft_cpus, n
     proc.start()
     child_end.close()
 
-    def call(name, arg=None):
-        conn.send((name, arg))
-        status, value = conn.recv()
-        if status != "ok":
-            raise RuntimeError(f"draft component bench failed in {name}: {value}")
-        return value
+    def call(name, *args):
+        return request(conn, "draft component bench", name, *args)
 
     try:
-        status, value = conn.recv()  # loaded
+        status, value = recv_message(conn)  # loaded
         if status != "ok":
             raise RuntimeError(value)
         pings = []

@@ -24,7 +24,7 @@ backup on the critical path of the whole batch.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass(slots=True)
@@ -49,14 +49,6 @@ class ComponentTimes:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ComponentTimes":
-        known = {k: v for k, v in d.items() if k in cls.__slots__}
-        for key in ("prefill_target", "prefill_draft"):
-            if key in known:
-                known[key] = tuple(known[key])
-        return cls(**known)
-
 
 @dataclass(slots=True)
 class RequestCounts:
@@ -66,14 +58,6 @@ class RequestCounts:
     new_tokens: int
     rounds: int  # verification rounds (AR: decode steps)
     hits: int = 0  # SSD rounds answered from the speculation cache
-
-
-@dataclass(slots=True)
-class Prediction:
-    mode: str
-    tokens_per_s: float
-    ms_per_round: float
-    detail: dict = field(default_factory=dict)
 
 
 # -- round times ------------------------------------------------------------------------------

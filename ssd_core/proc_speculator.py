@@ -17,6 +17,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ssd_core.config import BackupKind
 from ssd_core.models import LoadedModel
 from ssd_core.types import RoundOutcome, SeqStart, Speculation
@@ -76,24 +78,25 @@ class ProcessSpeculator:
         self._conn.close()
 
     def _call(self, name: str, *args: Any) -> Any:
-        _send(self._conn, (name, args))
-        status, value = _recv(self._conn)
-        if status != "ok":
-            raise RuntimeError(f"draft process failed in {name}: {value}")
-        return value
+        return request(self._conn, "draft process", name, *args)
+
+
+def request(conn, who: str, name: str, *args: Any) -> Any:
+    """Send (name, args) to a child's loop and return its value; its error raises RuntimeError."""
+    send_message(conn, (name, args))
+    status, value = recv_message(conn)
+    if status != "ok":
+        raise RuntimeError(f"{who} failed in {name}: {value}")
+    return value
 
 
 def _tensor_from_numpy(array, dtype_name: str):
-    import torch
-
     t = torch.from_numpy(array)
     return t.view(torch.bfloat16) if dtype_name == "bfloat16" else t
 
 
 def _reduce_tensor(t):
     """A CPU tensor as its numpy array (bfloat16 as its int16 bits): plain bytes in the stream."""
-    import torch
-
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         return _tensor_from_numpy, (t.view(torch.int16).numpy(), "bfloat16")
@@ -101,15 +104,13 @@ def _reduce_tensor(t):
 
 
 class _Pickler(pickle.Pickler):
-    def reducer_override(self, obj):
-        import torch
-
+    def reducer_override(self, obj):  # called for every object pickled: keep it cheap
         if type(obj) is torch.Tensor:
             return _reduce_tensor(obj)
         return NotImplemented
 
 
-def _send(conn, obj: Any) -> None:
+def send_message(conn, obj: Any) -> None:
     """Our own pickling over the pipe. Connection.send uses multiprocessing's ForkingPickler, for
     which importing torch registers reducers that move each tensor into a shared-memory segment;
     tensors as numpy bytes instead: a sampled speculation's q' (3 x 4096 floats) makes the pipe
@@ -119,13 +120,11 @@ def _send(conn, obj: Any) -> None:
     conn.send_bytes(buf.getbuffer())
 
 
-def _recv(conn) -> Any:
+def recv_message(conn) -> Any:
     return pickle.loads(conn.recv_bytes())
 
 
 def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, device, dtype) -> None:
-    import torch
-
     from ssd_core.malloc import tune
     from ssd_core.models import load_model
     from ssd_core.speculator import DraftSpeculator
@@ -138,7 +137,7 @@ def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, de
     spec = DraftSpeculator(model, fan_out, saguaro_c, backup, tree=tree)
     while True:
         try:
-            name, args = _recv(conn)
+            name, args = recv_message(conn)
         except EOFError:
             break
         try:
@@ -152,9 +151,9 @@ def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, de
                 value = spec.stats
             else:
                 value = getattr(spec, name)(*args)
-            _send(conn, ("ok", value))
+            send_message(conn, ("ok", value))
         except Exception as exc:  # reported to the parent, which raises it there
-            _send(conn, ("err", f"{type(exc).__name__}: {exc}"))
+            send_message(conn, ("err", f"{type(exc).__name__}: {exc}"))
         if name == "close":
             break
 
@@ -182,8 +181,6 @@ def split_cpus() -> tuple[set[int], set[int]]:
 def pinned(cpus: set[int], threads: int | None = None):
     """Run this process on `cpus` with `threads` torch threads, then put both back (a second
     bench in the same process must see all the cores again when it splits them)."""
-    import torch
-
     before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     before_threads = torch.get_num_threads()
     if before is not None:

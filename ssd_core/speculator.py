@@ -54,6 +54,11 @@ class _Row:
     cand_logits: torch.Tensor | None = None  # [K+1, V] draft logits at the K+1 verify positions
     cand_known: int = 0  # rows 0..cand_known-1 of cand_logits are filled
 
+    @property
+    def past_first_round(self) -> bool:
+        """The round handed out is not this row's first here (a first round is never a lookup)."""
+        return self.round > self.start.first_round
+
 
 @dataclass(slots=True)
 class SpeculatorStats:
@@ -181,14 +186,14 @@ class DraftSpeculator:
                 row.cand_logits = torch.cat([hit.logits, hit.logits[:1]])  # last row filled by glue
                 row.cand_known = k_next
                 specs[i] = Speculation(row.seq_id, row.round, tuple(hit.tokens), hit.probs, SpecSource.CACHE_HIT)
-            elif backup is BackupKind.FAST and row.round > row.start.first_round:
+            elif backup is BackupKind.FAST and row.past_first_round:
                 self.stats.fast += 1
                 row.spec = list(ngram_guess(row.tokens, k_next))
                 specs[i] = Speculation(row.seq_id, row.round, tuple(row.spec), None, SpecSource.FAST)
             else:
                 jit_rows.append(i)
         if jit_rows:
-            self.stats.jit += sum(1 for i in jit_rows if self.rows[i].round > self.rows[i].start.first_round)
+            self.stats.jit += sum(1 for i in jit_rows if self.rows[i].past_first_round)
             t0 = time.perf_counter()
             for i, (tokens, probs) in zip(jit_rows, self._jit(jit_rows, k_next)):
                 specs[i] = Speculation(self.rows[i].seq_id, self.rows[i].round, tokens, probs, SpecSource.JIT)

@@ -271,15 +271,15 @@ def test_draft_process_pipe_carries_tensors_exactly():
     """ProcessSpeculator's own pickling (tensors as numpy bytes): values, dtypes and shapes survive."""
     import multiprocessing as mp
 
-    from ssd_core.proc_speculator import _recv, _send
+    from ssd_core.proc_speculator import recv_message, send_message
     from ssd_core.types import SpecSource, Speculation
 
     a, b = mp.Pipe()
     q = torch.rand(3, 10)
     items = [Speculation("s", 4, (1, 2, 3), q, SpecSource.CACHE_HIT), q.t(), q.to(torch.bfloat16),
              torch.arange(5), torch.zeros(0, 4), {"k": (q[0],)}]
-    _send(a, items)
-    back = _recv(b)
+    send_message(a, items)
+    back = recv_message(b)
     assert back[0].round == 4 and back[0].tokens == (1, 2, 3) and torch.equal(back[0].draft_probs, q)
     for sent, got in zip(items[1:5], back[1:5]):
         assert got.dtype == sent.dtype and torch.equal(got, sent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -192,42 +193,44 @@ class _GarbageDraft(spb_grpc.SpeculatorServicer):
                 yield spb.SessionResponse(speculations=spb.Speculations(round=request.round.round, sequences=seqs))
 
 
-def test_garbage_draft_never_changes_output(served, client, target):
+@contextlib.contextmanager
+def _fake_draft(served, target, servicer, draft_id: str):
+    """`servicer` as a Speculator on loopback, registered with the served target; yields
+    (registry, lease) and stops the server afterwards."""
     fake = grpc.server(futures.ThreadPoolExecutor(4))
-    spb_grpc.add_SpeculatorServicer_to_server(_GarbageDraft(), fake)
+    spb_grpc.add_SpeculatorServicer_to_server(servicer, fake)
     port = fake.add_insecure_port("127.0.0.1:0")
     fake.start()
     registry = served[0].app.registry
-    lease = registry.register(f"127.0.0.1:{port}", "junk", _info(target))
     try:
-        for mode in ("ssd", "sd"):
-            result = client.generate(prompt_ids=PROMPT, max_tokens=12, mode=mode, ignore_eos=True)
-            assert list(result.token_ids) == hf_greedy(target.model, PROMPT, 12)
+        yield registry, registry.register(f"127.0.0.1:{port}", draft_id, _info(target))
     finally:
-        registry.drop(lease.lease_id, "test over")
         fake.stop(0)
 
 
+def test_garbage_draft_never_changes_output(served, client, target):
+    with _fake_draft(served, target, _GarbageDraft(), "junk") as (registry, lease):
+        try:
+            for mode in ("ssd", "sd"):
+                result = client.generate(prompt_ids=PROMPT, max_tokens=12, mode=mode, ignore_eos=True)
+                assert list(result.token_ids) == hf_greedy(target.model, PROMPT, 12)
+        finally:
+            registry.drop(lease.lease_id, "test over")
+
+
 def test_stalled_draft_costs_at_most_the_timeout_and_output_is_exact(served, client, target):
-    fake = grpc.server(futures.ThreadPoolExecutor(4))
-    spb_grpc.add_SpeculatorServicer_to_server(_StalledDraft(), fake)
-    port = fake.add_insecure_port("127.0.0.1:0")
-    fake.start()
-    registry = served[0].app.registry
-    lease = registry.register(f"127.0.0.1:{port}", "stalled", _info(target))
-    try:
+    with _fake_draft(served, target, _StalledDraft(), "stalled") as (registry, lease):
         t0 = time.monotonic()
         result = client.generate(prompt_ids=PROMPT, max_tokens=12, mode="ssd", ignore_eos=True)
         assert time.monotonic() - t0 < 5.0  # one 0.3 s stall, then the endpoint is dead
         assert list(result.token_ids) == hf_greedy(target.model, PROMPT, 12)
         assert not registry.is_live(lease.lease_id)
-    finally:
-        fake.stop(0)
 
 
 def test_sequence_joining_mid_flight_keeps_speculator_rounds_in_step(caplog):
     """Regression (core fix in Engine._switch): a join changes K by batch size and rebuilds the
-    speculator; rounds restart at 0 for it, and the engine must neither crash nor reject."""
+    speculator; the new one continues the target's round numbers (SeqStart.first_round), and the
+    engine must neither crash nor reject."""
     from ssd_core.config import Mode, SamplingParams, SpecConfig
     from ssd_core.engine import Engine, Request
 
