@@ -64,7 +64,7 @@ def saguaro_reshape(
     if c >= 1.0:
         return probs
     # the top F+1 of each row: a top-k of the largest F+1 in the batch, then each row's own prefix
-    # (a full sort of the vocabulary cost ~1.4 ms a call for 8 rows x 4096 on one core)
+    # (a full sort of the vocabulary: 19x slower for 8 rows x 4096, scripts/draft_microbench.py)
     width = min(int(fan_out.max()) + 1, probs.shape[-1])
     idx = probs.topk(width, dim=-1).indices  # [N, width]
     mine = torch.arange(width, device=probs.device)[None, :] <= fan_out[:, None]  # ranks 0..F: F+1 tokens
@@ -79,8 +79,8 @@ def sample(probs: torch.Tensor, generators: list[torch.Generator], greedy: torch
     generator (one sequence's tree branches) take their uniforms from it in one call, in row order.
 
     Inverse-CDF sampling in float64 (a zero-probability token is never drawn: its CDF step is
-    flat). torch.multinomial computed the same draw ~15x slower here (0.85 vs 0.06 ms for 8 rows
-    of 4096), which was most of a sampled tree step's time."""
+    flat). torch.multinomial computed the same draw 6.7x slower (scripts/draft_microbench.py, 8 rows
+    of 4096)."""
     out = probs.argmax(dim=-1)
     by_gen: dict[int, tuple[torch.Generator, list[int]]] = {}
     for i, gen in enumerate(generators):
