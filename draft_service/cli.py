@@ -11,7 +11,7 @@ import torch
 
 from draft_service.config import DraftLimits, DraftServerConfig
 from draft_service.server import serve
-from client.tls import add_tls_arguments
+from ssd_tls import add_tls_arguments
 from ssd_core.config import BACKEND_HELP, BACKENDS
 
 log = logging.getLogger(__name__)

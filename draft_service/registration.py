@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from client.tls import open_channel
+from ssd_tls import open_channel
 from ssd_protos.ssd.v1 import speculation_pb2 as pb, speculation_pb2_grpc
 
 log = logging.getLogger(__name__)

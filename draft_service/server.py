@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from client.tls import channel_credentials, server_credentials
+from ssd_tls import channel_credentials, server_credentials
 from ssd_core.models import LoadedModel, load_model
 from ssd_protos.ssd.v1 import speculation_pb2, speculation_pb2_grpc
 

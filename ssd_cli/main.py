@@ -1,9 +1,10 @@
 """The `ssd` command: one entry point, one module per subcommand family.
 
 Each module in SUBCOMMAND_MODULES exposes `register(subparsers)`, which adds its subcommand(s)
-and sets `func` (returning an exit code) on the parsed namespace. Modules are imported lazily
-at registration so `ssd --help` stays cheap and a missing optional extra only breaks its own
-subcommand.
+and sets `func` (returning an exit code) on the parsed namespace. The heavy imports (torch, the
+optional extras) happen inside each subcommand's `func`, so a missing extra only breaks its own
+subcommand. The `ssd` script itself comes from ssd-client (client/cli.py), which calls `main`
+through the `ssd.cli` entry point.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import importlib
 import logging
 import sys
 
+from ssd_cli.extras import MissingExtra
+
 SUBCOMMAND_MODULES = (
     "ssd_cli.generate_cmd",  # ssd generate
     "ssd_cli.train_cmd",  # ssd train-pair, ssd models
-    "ssd_cli.client_cmd",  # ssd client ...
+    "client.cli",  # ssd client ... (ssd-client, torch-free)
     "ssd_cli.serve_cmd",  # ssd serve ..., ssd up
     "ssd_cli.bench_cmd",  # ssd bench
     "ssd_cli.simulate_cmd",  # ssd simulate
@@ -29,13 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="python logging level (default WARNING)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # subcommand not built yet
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
@@ -51,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except (ValueError, FileNotFoundError, OSError, MissingExtra) as exc:
         print(f"ssd {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

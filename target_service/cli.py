@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ssd_core.config import BackupKind, BatchPolicy, Mode
-from client.tls import add_tls_arguments
+from ssd_tls import add_tls_arguments
 from target_service.config import TargetConfig
 from target_service.server import ModelLoadError, serve
 from ssd_core.config import BACKEND_HELP, BACKENDS

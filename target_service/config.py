@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from client.tls import check_files
+from ssd_tls import check_files
 from ssd_core.config import BackupKind, BatchPolicy, Mode
 from ssd_core.errors import InvalidParameter
 

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from client.tls import channel_credentials, server_credentials
+from ssd_tls import channel_credentials, server_credentials
 from ssd_core import metrics
 from ssd_core.config import Mode, SpecConfig
 from ssd_core.engine import Engine

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from client.tls import open_channel
+from ssd_tls import open_channel
 from ssd_core.types import RoundOutcome, SeqStart
 from ssd_core.wire.codec import outcome_to_pb, start_to_pb
 from ssd_protos.ssd.v1 import speculation_pb2 as spb

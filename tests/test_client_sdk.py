@@ -308,5 +308,5 @@ def test_cli_errors_name_the_status(fake: FakeGeneration, addr: str, capsys: pyt
 
 
 def test_sdk_and_cli_do_not_import_torch() -> None:
-    code = "import sys, client, ssd_cli.client_cmd; sys.exit('torch' in sys.modules)"
+    code = "import sys, client, client.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

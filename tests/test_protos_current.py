@@ -1,4 +1,4 @@
-"""CI check: the committed ssd_protos/ code is what scripts/gen_protos.sh generates from protos/."""
+"""CI check: the committed ssd-client/ssd_protos/ code is what scripts/gen_protos.sh generates from protos/."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-GENERATED = REPO / "ssd_protos" / "ssd" / "v1"
+GENERATED = REPO / "ssd-client" / "ssd_protos" / "ssd" / "v1"
 
 
 def test_generated_code_is_current(tmp_path: pathlib.Path) -> None:

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from client import Client
-from client.tls import channel_credentials
+from ssd_tls import channel_credentials
 from conftest import hf_greedy, make_pair
 from target_service.config import TargetConfig
 from target_service.server import create_server
@@ -212,7 +212,7 @@ def test_standalone_openai_gateway_reaches_an_mtls_target(cluster, pki):
 
     import openai
 
-    from client.tls import add_client_tls_arguments, client_credentials
+    from ssd_tls import add_client_tls_arguments, client_credentials
     from openai_gateway import BackgroundServer, create_app
 
     _, addr = cluster

@@ -1,16 +1,61 @@
-"""`ssd client generate|info|abort`: talk to running target replicas through the gRPC SDK."""
+"""The `ssd` command of the client distribution, and `ssd client generate|info|abort` (no torch).
+
+ssd-client installs the `ssd` script. With the server distribution (ssd-serve) installed, `ssd`
+runs the server's full CLI, found through the `ssd.cli` entry point (the client never imports
+the server); without it, `ssd` has only the `client` subcommand and says so for the others.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 
 from client.codec import MODES
 from client.errors import SSDError
 from client.sync_client import Client
-from client.tls import add_client_tls_arguments, client_credentials
 from client.types import GenerationResult
+from ssd_tls import add_client_tls_arguments, client_credentials
+
+SERVER_CLI_GROUP = "ssd.cli"  # ssd-serve registers its `ssd` main here (its pyproject.toml)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`ssd ...`: the server's CLI when installed, else the client-only one."""
+    argv = sys.argv[1:] if argv is None else argv
+    server_main = _server_main()
+    if server_main is not None:
+        return int(server_main(argv) or 0)
+    first = argparse.ArgumentParser(add_help=False)  # only to name a command this install lacks
+    first.add_argument("--log-level")
+    first.add_argument("command", nargs="?")
+    command = first.parse_known_args(argv)[0].command
+    if command not in (None, "client"):
+        print(f"ssd {command}: not installed: this is the client distribution (ssd-client), which has only "
+              f"`ssd client ...`; `ssd {command}` needs the server distribution (ssd-serve)", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="ssd", description="SSD client (the ssd-client distribution)",
+                                     epilog="generate, serve, bench and the other commands come with the server "
+                                            "distribution (ssd-serve)")
+    parser.add_argument("--log-level", default="WARNING", help="python logging level (default WARNING)")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as exc:  # bad flags, unreadable TLS files: as the server CLI reports them
+        print(f"ssd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _server_main() -> Callable[[list[str]], int] | None:
+    found = entry_points(group=SERVER_CLI_GROUP, name="main")
+    return next(iter(found)).load() if found else None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

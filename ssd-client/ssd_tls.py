@@ -1,4 +1,7 @@
-"""TLS credentials from PEM files, shared by the SDK, `ssd client`, and both services (no torch).
+"""TLS credentials and flags from PEM files, for the SDK, `ssd client`, the gateway and both services.
+
+A module of its own (no torch, only grpc) so the services and the client share it without
+importing each other: see tests/test_layering.py.
 
 Servers: `server_credentials(cert, key, client_ca)`; with client_ca every caller must present a
 certificate signed by it (mTLS). Channels: `channel_credentials(ca, cert, key)` verifies the peer
