@@ -5,7 +5,7 @@
 #   docker build --build-arg TORCH_INDEX_URL=<a CPU torch wheel index> -t ssd-serve:cpu .
 # torch is pinned (torch==2.13.0 in pyproject.toml). On Linux the default index serves the CUDA
 # build of that version; pass a CPU wheel index (your mirror's) as TORCH_INDEX_URL for a small
-# CPU-only image. The project itself installs as in the README: `pip install .` from these files.
+# CPU-only image. The project itself installs as in the README: `pip install ./ssd-client .` from these files.
 FROM python:3.11-slim
 
 ARG TORCH_INDEX_URL=""
@@ -24,7 +24,8 @@ WORKDIR /app
 RUN python -m pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
 
 COPY . .
-RUN python -m pip install ".[openai,k8s]"
+# ssd-client (./ssd-client) in the same command, so pip never looks for it on an index.
+RUN python -m pip install ./ssd-client ".[openai,k8s]"
 
 # The embedded default pair: from the build context when it is there, else trained here (CPU, small).
 RUN if [ ! -f ssd_models/default/target/config.json ] || [ ! -f ssd_models/default/draft/config.json ]; then \
