@@ -11,6 +11,7 @@ import torch
 
 from draft_service.config import DraftLimits, DraftServerConfig
 from draft_service.server import serve
+from ssd_core.auth import read_peers
 from ssd_tls import add_tls_arguments
 from ssd_core.config import BACKEND_HELP, BACKENDS
 
@@ -33,10 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default=None, help=BACKEND_HELP)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--auth-token-file", default="", metavar="FILE",
-                        help=f"registration token file (default: ${AUTH_TOKEN_ENV})")
+                        help=f"this draft's token, presented to the targets; without --peers-file also the one "
+                             f"shared token targets must present to open Sessions (default: ${AUTH_TOKEN_ENV})")
+    parser.add_argument("--peers-file", default="", metavar="FILE",
+                        help="targets that may open Sessions, as themselves: 'identity:target:token' lines "
+                             "(empty token: a client certificate with that common name); docs/security.md")
     parser.add_argument("--draft-id", default="", help="stable instance name (default: the advertised endpoint)")
     parser.add_argument("--max-sequences", type=int, default=DraftLimits().max_sequences,
                         help="capacity across all sessions")
+    parser.add_argument("--max-sequences-per-session", type=int, default=DraftLimits().max_sequences_per_session,
+                        help="sequences one target (one Session) may hold")
+    parser.add_argument("--max-history-tokens", type=int, default=DraftLimits().max_history_tokens,
+                        help="longest sequence history accepted (also capped by the model's context)")
+    parser.add_argument("--max-sessions", type=int, default=DraftLimits().max_sessions, help="open Session streams")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds in-flight RPCs get on SIGTERM")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="serve Prometheus /metrics on this port (0: off), on --host")
@@ -49,8 +59,12 @@ def config_from_args(args: argparse.Namespace) -> DraftServerConfig:
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     return DraftServerConfig(model_dir=args.model, host=args.host, port=args.port, advertise=args.advertise,
                              targets=targets, device=args.device, dtype=args.dtype, backend=args.backend,
-                             auth_token=token,
-                             draft_id=args.draft_id, limits=DraftLimits(max_sequences=args.max_sequences),
+                             auth_token=token, peers=read_peers(args.peers_file),
+                             draft_id=args.draft_id,
+                             limits=DraftLimits(max_sequences=args.max_sequences,
+                                                max_sequences_per_session=args.max_sequences_per_session,
+                                                max_history_tokens=args.max_history_tokens,
+                                                max_sessions=args.max_sessions),
                              grace_s=args.grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
                              tls_client_ca=args.tls_client_ca, tls_ca=args.tls_ca)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ssd_tls import check_files
+from ssd_core.auth import PeerEntry
 from ssd_core.errors import InvalidParameter
 
 
@@ -14,10 +15,14 @@ class DraftLimits:
 
     max_lookahead: int = 16
     max_fan_out_budget: int = 64
-    max_sequences: int = 256
+    max_sequences: int = 256  # across all sessions
+    max_sequences_per_session: int = 256  # one target may not take more than this
+    max_history_tokens: int = 32768  # per sequence (prefill cost grows with its square); also the model's context
+    max_sessions: int = 24  # open Session streams; each holds a handler thread (keep < max_workers)
 
     def __post_init__(self) -> None:
-        for name in ("max_lookahead", "max_fan_out_budget", "max_sequences"):
+        for name in ("max_lookahead", "max_fan_out_budget", "max_sequences", "max_sequences_per_session",
+                     "max_history_tokens", "max_sessions"):
             if getattr(self, name) < 1:
                 raise InvalidParameter(name, getattr(self, name), "must be >= 1")
 
@@ -36,10 +41,14 @@ class DraftServerConfig:
     device: str = "cpu"
     dtype: str = "float32"
     backend: str | None = None  # hf | lean; None: $SSD_BACKEND, else ssd_core.models.DEFAULT_BACKEND
-    auth_token: str = ""
+    # This draft's own credential, presented to the targets (registration); without `peers` also the
+    # one shared token targets must present to open Sessions (legacy; see ssd_core.auth).
+    auth_token: str = field(default="", repr=False)
+    peers: tuple[PeerEntry, ...] = field(default=(), repr=False)  # callers, each as itself (--peers-file)
     draft_id: str = ""  # stable instance name; default: the advertised endpoint
     limits: DraftLimits = field(default_factory=DraftLimits)
     max_workers: int = 32  # gRPC handler threads; each open Session stream holds one
+    max_request_bytes: int = 16 * 1024 * 1024  # largest message a target may send (AddSequences histories)
     grace_s: float = 5.0  # SIGTERM: in-flight RPCs get this long
     resolve_interval_s: float = 10.0  # re-resolve target names this often (new replicas)
     rpc_timeout_s: float = 2.0  # deadline of every registry call
@@ -60,6 +69,9 @@ class DraftServerConfig:
                 raise InvalidParameter("targets", t, "want HOST:PORT")
         if self.max_workers < 2:
             raise InvalidParameter("max_workers", self.max_workers, "must be >= 2")
+        if self.limits.max_sessions > self.max_workers - 2:
+            raise InvalidParameter("max_sessions", self.limits.max_sessions,
+                                   f"must leave 2 of the {self.max_workers} handler threads for health and GetInfo")
         if self.resolve_interval_s <= 0 or self.rpc_timeout_s <= 0 or self.max_backoff_s <= 0:
             raise InvalidParameter("intervals", (self.resolve_interval_s, self.rpc_timeout_s, self.max_backoff_s),
                                    "must be > 0")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from ssd_tls import open_channel
+from ssd_core.auth import bearer_metadata
 from ssd_protos.ssd.v1 import speculation_pb2 as pb, speculation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Registrar:
         self.info, self.auth_token, self.load = info, auth_token, load
         self.rpc_timeout_s, self.resolve_interval_s, self.max_backoff_s = rpc_timeout_s, resolve_interval_s, max_backoff_s
         self._resolve = resolve
+        self._metadata = bearer_metadata(auth_token) or None  # Heartbeat / Deregister prove who we are too
         self._credentials = credentials  # TLS to the targets (None: plaintext)
         self._resolved: dict[str, list[str]] = {}
         self._leases: dict[str, _Lease] = {}
@@ -144,27 +146,27 @@ class Registrar:
         request = pb.RegisterRequest(endpoint=self.endpoint, draft_id=self.draft_id, info=self.info,
                                      auth_token=self.auth_token)
         try:
-            resp = lease.stub.Register(request, timeout=self.rpc_timeout_s)
+            resp = lease.stub.Register(request, timeout=self.rpc_timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             self._failed(lease, "register", exc)
             return
         with self._lock:
             lease.lease_id, lease.replica = resp.lease_id, resp.target_replica_id
         self._renewed(lease, resp.lease_ttl_ms)
-        log.info("registered with target %s (replica %s, lease %s, ttl %.1fs)", lease.address,
-                 resp.target_replica_id or "?", resp.lease_id, lease.ttl_s)
+        log.info("registered with target %s (replica %s, lease %s..., ttl %.1fs)", lease.address,
+                 resp.target_replica_id or "?", resp.lease_id[:8], lease.ttl_s)  # never the whole lease id
 
     def _heartbeat(self, lease: _Lease) -> None:
         try:
             resp = lease.stub.Heartbeat(pb.HeartbeatRequest(lease_id=lease.lease_id, load=self.load()),
-                                        timeout=self.rpc_timeout_s)
+                                        timeout=self.rpc_timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             with self._lock:
                 lease.lease_id = ""
             self._failed(lease, "heartbeat", exc)
             return
         if not resp.ok:
-            log.info("target %s no longer knows lease %s; registering again", lease.address, lease.lease_id)
+            log.info("target %s no longer knows lease %s...; registering again", lease.address, lease.lease_id[:8])
             with self._lock:
                 lease.lease_id = ""
             lease.next_at = 0.0
@@ -190,7 +192,7 @@ class Registrar:
         if lease.lease_id:
             try:
                 lease.stub.Deregister(pb.DeregisterRequest(lease_id=lease.lease_id, reason=reason),
-                                      timeout=self.rpc_timeout_s)
+                                      timeout=self.rpc_timeout_s, metadata=self._metadata)
             except grpc.RpcError as exc:
                 log.info("deregister from %s failed: %s", lease.address, exc.code())
         with self._lock:

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ssd_tls import channel_credentials, server_credentials
+from ssd_core.auth import Authenticator
 from ssd_core.models import LoadedModel, load_model
 from ssd_protos.ssd.v1 import speculation_pb2, speculation_pb2_grpc
 
@@ -50,6 +51,9 @@ class DraftServer:
         """Register with every configured target and keep the leases alive (needs the model)."""
         if self.servicer.info is None:
             raise RuntimeError("set_model() before start_registration(): registration carries DraftInfo")
+        if not self.servicer.auth.enabled:
+            log.warning("draft Session endpoint is UNAUTHENTICATED (no --peers-file, --auth-token-file or "
+                        "$SSD_AUTH_TOKEN): anyone who reaches %s may open Sessions", self.endpoint)
         self.registrar = Registrar(self.cfg.targets, self.endpoint, self.cfg.draft_id or self.endpoint,
                                    self.servicer.info, self.cfg.auth_token, self.servicer.load,
                                    self.cfg.rpc_timeout_s, self.cfg.resolve_interval_s, self.cfg.max_backoff_s,
@@ -73,12 +77,21 @@ class DraftServer:
             self.health.set(name, status)
 
 
+def draft_authenticator(cfg: DraftServerConfig) -> Authenticator:
+    """Who may open Sessions: targets named in the peers file, else holders of the one shared token;
+    nobody without a credential, unless no credential is configured at all (auth off)."""
+    return Authenticator(peers=cfg.peers, shared_token=None if cfg.peers else (cfg.auth_token or None),
+                         shared_roles=frozenset({"target"}))
+
+
 def create_server(cfg: DraftServerConfig, model: LoadedModel | None = None) -> tuple[DraftServer, int]:
     """Build and bind (not start) a draft server; returns it and the bound port (cfg.port 0: any)."""
-    # so_reuseport off: a second server on a busy port must fail, not silently share it
+    # so_reuseport off: a second server on a busy port must fail, not silently share it; calls beyond the
+    # handler threads are refused (RESOURCE_EXHAUSTED) rather than queued behind long-lived Sessions
     grpc_server = grpc.server(futures.ThreadPoolExecutor(cfg.max_workers, thread_name_prefix="ssd-draft-rpc"),
-                              options=[("grpc.so_reuseport", 0)])
-    servicer = SpeculatorServicer(cfg.limits)
+                              options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", cfg.max_request_bytes)],
+                              maximum_concurrent_rpcs=cfg.max_workers)
+    servicer = SpeculatorServicer(cfg.limits, draft_authenticator(cfg))
     speculation_pb2_grpc.add_SpeculatorServicer_to_server(servicer, grpc_server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from ssd_core.auth import AuthError, Authenticator, grpc_principal, require
 from ssd_core.models import LoadedModel, tokenizer_fingerprint
 from ssd_protos.ssd.v1 import generation_pb2, speculation_pb2 as pb, speculation_pb2_grpc
 
@@ -35,8 +36,9 @@ def draft_info(model: LoadedModel, limits: DraftLimits) -> pb.DraftInfo:
 class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
     """Serves the shared draft model to every target replica; UNAVAILABLE until a model is set."""
 
-    def __init__(self, limits: DraftLimits) -> None:
+    def __init__(self, limits: DraftLimits, auth: Authenticator | None = None) -> None:
         self.limits = limits
+        self.auth = auth or Authenticator()  # none: auth off (anyone may open Sessions)
         self.tracker = LoadTracker(limits.max_sequences)
         self.model: LoadedModel | None = None
         self.info: pb.DraftInfo | None = None
@@ -50,15 +52,29 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
     def load(self) -> pb.DraftLoad:
         return pb.DraftLoad(active_sequences=max(0, self.tracker.sequences), active_sessions=self.tracker.sessions)
 
+    def _check_caller(self, context: grpc.ServicerContext, what: str) -> None:
+        """Only targets (role `target`) may use this endpoint: a stranger, a draft or a client is refused."""
+        try:
+            principal = grpc_principal(self.auth, context)
+            require(principal, "target", what)
+        except AuthError as exc:
+            log.warning("refused %s from %s: %s", what, context.peer(), exc)
+            context.abort(grpc.StatusCode[exc.code], str(exc))
+
     def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
+        self._check_caller(context, "read draft info")
         if self.info is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the draft model is still loading")
         return pb.GetInfoResponse(info=self.info)
 
     def Session(self, request_iterator: Iterator[pb.SessionRequest],
                 context: grpc.ServicerContext) -> Iterator[pb.SessionResponse]:
+        self._check_caller(context, "open a draft Session")
         if self.model is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the draft model is still loading")
+        if not self.tracker.open_session(self.limits.max_sessions):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"draft has {self.limits.max_sessions} open sessions (its limit)")
         session = DraftSession(self.model, self.limits, self.tracker, f"{self._prefix}{next(self._ids)}")
         try:
             for request in request_iterator:

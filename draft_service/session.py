@@ -56,6 +56,14 @@ class LoadTracker:
         with self._lock:
             self.sessions += n
 
+    def open_session(self, limit: int) -> bool:
+        """Count a new session unless `limit` are open; DraftSession.close() gives it back."""
+        with self._lock:
+            if self.sessions >= limit:
+                return False
+            self.sessions += 1
+            return True
+
 
 def _error(code: int, message: str, seq_ids: list[str] | None = None) -> pb.SessionResponse:
     metrics.observe_error(_CODE_NAMES.get(code, str(code)))
@@ -71,7 +79,8 @@ class DraftSession:
         self.handed: dict[str, tuple[int, int] | None] = {}  # seq_id -> (round, K) handed out last
         self.done = False
         self._closed = False
-        tracker.session_delta(1)
+        # the servicer counted this session in tracker.open_session(); close() gives it back
+        self._max_history = min(limits.max_history_tokens, model.max_context or limits.max_history_tokens)
 
     def handle(self, req: pb.SessionRequest) -> list[pb.SessionResponse]:
         """Apply one request and return its responses (none for add/remove/close that succeed)."""
@@ -133,6 +142,9 @@ class DraftSession:
         out, good, seen = [], [], set()
         for s in m.sequences:
             try:
+                if len(s.token_ids) > self._max_history:  # checked before decoding: never copy a huge history
+                    raise ValueError(f"history of {len(s.token_ids)} tokens > this draft's limit of "
+                                     f"{self._max_history} (max_history_tokens)")
                 start = codec.start_from_pb(s)
                 if max(start.token_ids) >= self.model.vocab_size:
                     raise ValueError(f"token id {max(start.token_ids)} >= vocab size {self.model.vocab_size}")
@@ -144,6 +156,10 @@ class DraftSession:
                 continue
             seen.add(start.seq_id)
             good.append(start)
+        if good and len(self.handed) + len(good) > self.limits.max_sequences_per_session:
+            ids = [s.seq_id for s in good]
+            return out + [_error(_EXHAUSTED, f"session at its limit ({self.limits.max_sequences_per_session} sequences)",
+                                 ids)]
         if good and not self.tracker.reserve(len(good)):
             ids = [s.seq_id for s in good]
             return out + [_error(_EXHAUSTED, f"draft is at capacity ({self.limits.max_sequences} sequences)", ids)]

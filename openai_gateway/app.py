@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from client import GenerationResult, SSDError
+from openai_gateway.auth import ApiKeyMiddleware
 from openai_gateway.chat import GatewayTokenizer, build_chat_prompt
 from openai_gateway.errors import GatewayError, bad_request, from_sdk_error
 from openai_gateway.generation import (
@@ -55,9 +56,11 @@ ChunkFn = Callable[[str, str | None], dict[str, Any]]
 def create_app(
     targets: Sequence[str] | str, served_model_name: str | None = None, tokenizer_dir: Path | None = None,
     timeout_s: float | None = None, credentials: grpc.ChannelCredentials | None = None,
+    api_keys: Sequence[str] = (),
 ) -> FastAPI:  # fmt: skip
     """The gateway app over `targets` ("h:p,h:p" or a list); the model name defaults to the target's
-    model id; `credentials`: TLS to the targets (None: plaintext)."""
+    model id; `credentials`: TLS to the targets (None: plaintext); `api_keys`: callers must send one
+    (`Authorization: Bearer KEY`; none: no key needed)."""
     tokenizer = GatewayTokenizer.load(Path(tokenizer_dir)) if tokenizer_dir else None
     addresses = targets.split(",") if isinstance(targets, str) else list(targets)
     gateway = Gateway(addresses, served_model_name, tokenizer, timeout_s, credentials)
@@ -69,6 +72,8 @@ def create_app(
 
     app = FastAPI(title="SSD OpenAI-compatible gateway", lifespan=lifespan)
     app.state.gateway = gateway
+    if api_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=tuple(api_keys))
     _add_error_handlers(app)
 
     @app.get("/health")

@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from openai_gateway.app import create_app
+from openai_gateway.auth import HttpsConfig
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +22,15 @@ log = logging.getLogger(__name__)
 class BackgroundServer:
     """A uvicorn server running `app` in a daemon thread (its own event loop); stop() ends it."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 https: HttpsConfig | None = None) -> None:
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = host, self._sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2)
+        self.scheme = "https" if https else "http"
+        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2,
+                                **(https.uvicorn_kwargs() if https else {}))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
                                         name=f"openai-gateway-{self.port}", daemon=True)  # fmt: skip
@@ -34,7 +38,7 @@ class BackgroundServer:
     @property
     def url(self) -> str:
         """Base URL of the OpenAI API (ends with /v1)."""
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{self.scheme}://{self.host}:{self.port}/v1"
 
     def start(self, timeout_s: float = 10.0) -> BackgroundServer:
         """Start serving; returns once uvicorn accepts connections (RuntimeError if it did not)."""
@@ -57,6 +61,7 @@ class BackgroundServer:
 def attach_to_target(
     grpc_port: int, openai_port: int, host: str = "127.0.0.1", served_model_name: str | None = None,
     tokenizer_dir: Path | None = None, grpc_host: str = "127.0.0.1", grpc_address: str | None = None,
+    api_keys: Sequence[str] = (), https: HttpsConfig | None = None,
 ) -> BackgroundServer:  # fmt: skip
     """Serve the OpenAI API on `host:openai_port` in front of the local target at `grpc_host:grpc_port`
     (or at `grpc_address`, e.g. the TLS target's private unix socket).
@@ -64,16 +69,33 @@ def attach_to_target(
     For `ssd serve target ... --openai-port P`: call after create_server() with the bound gRPC port
     and tokenizer_dir=cfg.model; stop() the returned server before stopping the target.
     """
-    app = create_app([grpc_address or f"{grpc_host}:{grpc_port}"], served_model_name, tokenizer_dir)
-    return BackgroundServer(app, host, openai_port).start()
+    app = create_app([grpc_address or f"{grpc_host}:{grpc_port}"], served_model_name, tokenizer_dir,
+                     api_keys=api_keys)
+    _say_how_callers_authenticate(api_keys, https)
+    return BackgroundServer(app, host, openai_port, https=https).start()
+
+
+def _say_how_callers_authenticate(api_keys: Sequence[str], https: HttpsConfig | None) -> None:
+    how = [f"{len(api_keys)} API key(s)"] if api_keys else []
+    if https and https.client_ca:
+        how.append("client certificates" + (" (optional)" if https.client_cert_optional else ""))
+    if how:
+        log.info("OpenAI API callers authenticate with %s over %s", " or ".join(how), "HTTPS" if https else "HTTP")
+    else:
+        log.warning("OpenAI API: authentication is OFF (no API keys%s): anyone who reaches the port may "
+                    "generate", "" if https else ", plain HTTP")
 
 
 def serve_forever(
     targets: Sequence[str], host: str, port: int, served_model_name: str | None, tokenizer_dir: Path | None,
     timeout_s: float | None = None, log_level: str = "info", credentials: grpc.ChannelCredentials | None = None,
+    api_keys: Sequence[str] = (), https: HttpsConfig | None = None,
 ) -> int:  # fmt: skip
     """Run the gateway in the foreground until SIGINT/SIGTERM; returns the exit code."""
-    app = create_app(targets, served_model_name, tokenizer_dir, timeout_s, credentials)
-    log.info("OpenAI gateway on http://%s:%d/v1 -> targets %s", host, port, ",".join(targets))
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    app = create_app(targets, served_model_name, tokenizer_dir, timeout_s, credentials, api_keys=api_keys)
+    _say_how_callers_authenticate(api_keys, https)
+    log.info("OpenAI gateway on %s://%s:%d/v1 -> targets %s", "https" if https else "http", host, port,
+             ",".join(targets))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                **(https.uvicorn_kwargs() if https else {}))
     return 0

@@ -11,6 +11,8 @@ import torch
 
 from ssd_core.config import BackupKind, BatchPolicy, Mode
 from ssd_tls import add_tls_arguments
+from openai_gateway.auth import read_api_keys
+from ssd_core.auth import read_peers
 from target_service.config import TargetConfig
 from target_service.server import ModelLoadError, serve
 from ssd_core.config import BACKEND_HELP, BACKENDS
@@ -40,7 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-timeout-s", type=float, default=2.0, help="bounded wait for drafts per round")
     parser.add_argument("--lease-ttl-s", type=float, default=6.0)
     parser.add_argument("--auth-token-file", default=None,
-                        help=f"file holding the token drafts must present (default: ${AUTH_TOKEN_ENV})")
+                        help=f"this replica's token, sent to drafts on Sessions; without --peers-file also the one "
+                             f"shared token drafts must present (default: ${AUTH_TOKEN_ENV})")
+    parser.add_argument("--peers-file", default=None, metavar="FILE",
+                        help="callers as themselves: 'identity:roles:token' lines, roles of draft,client,operator "
+                             "(empty token: a client certificate with that common name); docs/security.md")
+    parser.add_argument("--allow-draft-endpoint", action="append", default=[], metavar="CIDR",
+                        help="addresses drafts may register as endpoints besides their own (repeatable)")
+    parser.add_argument("--openai-api-key-file", default=None, metavar="FILE",
+                        help="API keys the OpenAI HTTP API requires (Authorization: Bearer), one per line "
+                             "(default: $SSD_OPENAI_API_KEY)")
+    parser.add_argument("--openai-allow-insecure-http", action="store_true",
+                        help="with --tls-cert: serve the OpenAI API as plain HTTP (default: HTTPS with the same "
+                             "certificate, client certificates required under mTLS unless API keys are set)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--grace-s", type=float, default=5.0, help="SIGTERM grace period")
     parser.add_argument("--openai-port", type=int, default=0, help="also serve the OpenAI HTTP API on this port")
@@ -53,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TargetConfig:
     """The config; the auth token is read here, once (file first, then $SSD_AUTH_TOKEN, as the draft does)."""
     token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else os.environ.get(AUTH_TOKEN_ENV)
+    api_keys = read_api_keys(args.openai_api_key_file) if args.openai_port else ()
     policy = BatchPolicy.parse(args.policy) if args.policy else BatchPolicy()
     return TargetConfig(
         model=args.model, host=args.host, port=args.port, replica_id=args.replica_id, device=args.device,
@@ -60,7 +75,9 @@ def config_from_args(args: argparse.Namespace) -> TargetConfig:
         fan_out=tuple(args.fan_out), saguaro_c=args.saguaro_c, backup=BackupKind(args.backup), policy=policy,
         max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         default_max_tokens=min(128, args.max_tokens), draft_timeout_s=args.draft_timeout_s,
-        lease_ttl_s=args.lease_ttl_s, auth_token=token, grace_s=args.grace_s, openai_port=args.openai_port,
+        lease_ttl_s=args.lease_ttl_s, auth_token=token, peers=read_peers(args.peers_file),
+        allow_draft_endpoints=tuple(args.allow_draft_endpoint), openai_api_keys=api_keys,
+        openai_allow_insecure_http=args.openai_allow_insecure_http, grace_s=args.grace_s, openai_port=args.openai_port,
         served_model_name=args.served_model_name, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, tls_ca=args.tls_ca,
     )  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ssd_tls import check_files
+from ssd_core.auth import PeerEntry, parse_allow_list
 from ssd_core.config import BackupKind, BatchPolicy, Mode
 from ssd_core.errors import InvalidParameter
 
@@ -32,11 +33,20 @@ class TargetConfig:
     max_stop_strings: int = 8
     draft_timeout_s: float = 2.0  # bounded wait for the drafts per round
     lease_ttl_s: float = 6.0
-    auth_token: str | None = None  # shared secret drafts must present to register
+    # This replica's own credential, presented to the drafts it opens Sessions on; without `peers`
+    # also the one shared token drafts must present to register (legacy; see ssd_core.auth).
+    auth_token: str | None = field(default=None, repr=False)
+    peers: tuple[PeerEntry, ...] = field(default=(), repr=False)  # callers, each as itself (--peers-file)
+    allow_draft_endpoints: tuple[str, ...] = ()  # CIDRs drafts may register beyond their own address
     grace_s: float = 5.0  # SIGTERM: finish in-flight RPCs for this long
     rpc_threads: int = 64
     openai_port: int = 0  # > 0: also serve the OpenAI-compatible HTTP API here
     served_model_name: str = ""  # OpenAI model name ("" -> the model directory name)
+    openai_api_keys: tuple[str, ...] = field(default=(), repr=False)  # HTTP callers need one (Bearer)
+    # A TLS target serves its HTTP API over HTTPS with the same certificate (and, with tls_client_ca,
+    # requires client certificates unless API keys are set); this serves plain HTTP instead.
+    openai_allow_insecure_http: bool = False
+    max_request_bytes: int = 16 * 1024 * 1024  # largest message a caller (client or draft) may send
     # TLS from PEM files ("" = off). cert+key: serve TLS; client_ca: also require client certs (mTLS);
     # ca: verify the drafts' Speculator servers with it (the target's session channels use TLS then,
     # presenting cert+key as the client certificate when set).
@@ -59,10 +69,17 @@ class TargetConfig:
             ("draft_timeout_s", self.draft_timeout_s, self.draft_timeout_s > 0, "must be > 0"),
             ("lease_ttl_s", self.lease_ttl_s, self.lease_ttl_s > 0, "must be > 0"),
             ("rpc_threads", self.rpc_threads, self.rpc_threads >= 4, "must be >= 4"),
+            ("max_request_bytes", self.max_request_bytes, self.max_request_bytes >= 64 * 1024, "must be >= 64 KiB"),
+            ("openai_api_keys", "<redacted>", all(len(k) >= 16 for k in self.openai_api_keys),
+             "every API key must be at least 16 characters"),
         ]
         for name, value, ok, why in checks:
             if not ok:
                 raise InvalidParameter(name, value, why)
+        try:
+            parse_allow_list(self.allow_draft_endpoints)
+        except ValueError as exc:
+            raise InvalidParameter("allow_draft_endpoints", self.allow_draft_endpoints, str(exc)) from None
         try:
             check_files(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_ca)
         except ValueError as exc:

@@ -169,7 +169,8 @@ class PooledSpeculator:
         session = self._sessions.get(lease.lease_id)
         if session is None:
             config = config_to_pb(self.fan_out, self.saguaro_c, self.backup, self.lookahead)
-            session = DraftSession(lease.lease_id, lease.endpoint, self._replica, config, self._credentials)
+            session = DraftSession(lease.lease_id, lease.endpoint, self._replica, config, self._credentials,
+                                   self._registry.session_metadata)
             self._sessions[lease.lease_id] = session
         stale = [t.start.seq_id for t, _ in group if not t.synced and t.held == lease.lease_id]
         session.remove(stale)  # a resync on the same endpoint: drop the old state first

@@ -1,21 +1,31 @@
 """Draft registry of one target replica: leases of draft endpoints, their load, and the servicer.
 
 Drafts call TargetRegistry.Register (checked against the target: vocabulary size, tokenizer
-fingerprint, proto version, optional shared token), then Heartbeat within the lease TTL. A lease
+fingerprint, proto version, the caller's credential), then Heartbeat within the lease TTL. A lease
 that is not renewed expires; a lease the draft pool found broken (stream error, stalled round) is
 dropped with `drop()`, so the draft's next heartbeat answers ok=false and it registers again.
+
+A lease belongs to the authenticated identity that took it (`Lease.identity`, ssd_core.auth): only
+that identity may heartbeat, deregister or replace it, and no other identity may register the
+same draft_id or endpoint while it is live. An endpoint must be the caller's own address (or in
+the operator's allow-list), so a credential cannot point the target's traffic at another host.
+Lease ids are logged by their first 8 characters only (with the id, a lease's owner could be
+impersonated where auth is off).
 """
 
 from __future__ import annotations
 
-import hmac
+import ipaddress
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import grpc
+
+from ssd_core.auth import AuthError, Authenticator, Principal, endpoint_problem, grpc_principal, require
 
 from ssd_protos.ssd.v1 import speculation_pb2 as spb
 from ssd_protos.ssd.v1 import speculation_pb2_grpc as spb_grpc
@@ -48,50 +58,78 @@ class Lease:
     max_fan_out_budget: int
     max_sequences: int
     expires_at: float  # time.monotonic()
+    # The authenticated identity that took the lease (ssd_core.auth: a peers-file name, a
+    # certificate's CN, or an address-derived `shared@HOST` / `anonymous@HOST`); what trust is tied to.
+    identity: str = ""
 
 
 class DraftRegistry:
     """Thread-safe lease table plus per-lease load (sequences this replica assigned to it)."""
 
-    def __init__(self, identity: TargetIdentity, ttl_s: float = 6.0, auth_token: str | None = None) -> None:
+    def __init__(self, identity: TargetIdentity, ttl_s: float = 6.0, auth_token: str | None = None, *,
+                 auth: Authenticator | None = None,
+                 allow_endpoints: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()) -> None:
         if ttl_s <= 0:
             raise ValueError(f"lease ttl_s={ttl_s}: must be > 0")
         self.identity = identity
         self.ttl_s = ttl_s
-        self._token = auth_token or None
+        # without an explicit Authenticator: the legacy shared token (or none: auth off)
+        self.auth = auth or Authenticator(shared_token=auth_token or None, shared_roles=frozenset({"draft"}),
+                                          anonymous_roles=frozenset({"client"}))
+        self.allow_endpoints = tuple(allow_endpoints)
+        self.session_metadata: tuple[tuple[str, str], ...] = ()  # this target's credential, sent on Sessions
         self._leases: dict[str, Lease] = {}
         self._load: dict[str, int] = {}
         self._turn = 0
         self._lock = threading.Lock()
 
     # -- draft-facing ----------------------------------------------------------------------------
-    def register(self, endpoint: str, draft_id: str, info: spb.DraftInfo, auth_token: str = "") -> Lease:
-        """Check a draft against the target and grant a lease (the same draft_id replaces its old one)."""
-        self._check(endpoint, info, auth_token)
+    def register(self, endpoint: str, draft_id: str, info: spb.DraftInfo, auth_token: str = "",
+                 principal: Principal | None = None) -> Lease:
+        """Check a draft against the target and grant a lease owned by the caller (`principal`; in
+        process: authenticated from `auth_token` as a loopback caller). The same identity
+        re-registering its draft_id or endpoint replaces its old lease; another identity is refused."""
+        principal = principal or self._local(auth_token)
+        self._check(endpoint, info, principal)
         lease = Lease(uuid.uuid4().hex, draft_id or endpoint, endpoint, info.model_id, info.max_lookahead,
-                      info.max_fan_out_budget, info.max_sequences, time.monotonic() + self.ttl_s)
+                      info.max_fan_out_budget, info.max_sequences, time.monotonic() + self.ttl_s,
+                      principal.identity)
         with self._lock:
-            for old in [x for x in self._leases.values() if x.draft_id == lease.draft_id or x.endpoint == endpoint]:
+            self._sweep()
+            clash = [x for x in self._leases.values() if x.draft_id == lease.draft_id or x.endpoint == endpoint]
+            for old in clash:
+                if old.identity != lease.identity:
+                    what = "draft_id" if old.draft_id == lease.draft_id else "endpoint"
+                    log.warning("registration refused: %s=%r of %s is held by another identity (caller %s)",
+                                what, getattr(old, what), old.endpoint, principal.identity)
+                    raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                                  f"{what} {getattr(lease, what)!r} is held by another identity's live lease")
+            for old in clash:
                 self._remove(old.lease_id, "replaced by a new registration")
             self._leases[lease.lease_id] = lease
             self._load[lease.lease_id] = 0
-        log.info("draft registered: endpoint=%s draft_id=%s model=%s lease=%s", endpoint, lease.draft_id,
-                 info.model_id, lease.lease_id[:8])
+        log.info("draft registered: endpoint=%s draft_id=%s identity=%s model=%s lease=%s", endpoint,
+                 lease.draft_id, lease.identity, info.model_id, lease.lease_id[:8])
         return lease
 
-    def heartbeat(self, lease_id: str) -> bool:
-        """Renew a lease; False when it is unknown or expired (the draft must register again)."""
+    def heartbeat(self, lease_id: str, principal: Principal | None = None) -> bool:
+        """Renew a lease; False when it is unknown or expired (the draft must register again);
+        PERMISSION_DENIED when it belongs to another identity."""
         with self._lock:
             self._sweep()
             lease = self._leases.get(lease_id)
             if lease is None:
                 return False
+            self._owned(lease, principal, "heartbeat")
             self._leases[lease_id] = replace(lease, expires_at=time.monotonic() + self.ttl_s)
             return True
 
-    def deregister(self, lease_id: str, reason: str = "") -> None:
+    def deregister(self, lease_id: str, reason: str = "", principal: Principal | None = None) -> None:
         with self._lock:
-            self._remove(lease_id, f"deregistered ({reason or 'no reason'})")
+            lease = self._leases.get(lease_id)
+            if lease is not None:
+                self._owned(lease, principal, "deregister")
+                self._remove(lease_id, f"deregistered ({reason or 'no reason'})")
 
     # -- pool-facing -----------------------------------------------------------------------------
     def live(self) -> list[Lease]:
@@ -135,11 +173,30 @@ class DraftRegistry:
         return sorted({lease.model_id for lease in self.live()})
 
     # -- internals -------------------------------------------------------------------------------
-    def _check(self, endpoint: str, info: spb.DraftInfo, auth_token: str) -> None:
-        if self._token is not None and not hmac.compare_digest(auth_token.encode(), self._token.encode()):
-            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "bad or missing auth_token")
-        if not endpoint or ":" not in endpoint:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"endpoint={endpoint!r}: expected host:port")
+    def _local(self, auth_token: str) -> Principal:
+        """An in-process caller (tests, tools): authenticated from its token, at the loopback address."""
+        try:
+            return self.auth.authenticate(auth_token, "", "ipv4:127.0.0.1:0")
+        except AuthError as exc:
+            raise Refused(grpc.StatusCode[exc.code], str(exc)) from None
+
+    def _owned(self, lease: Lease, principal: Principal | None, what: str) -> None:
+        if principal is not None and principal.identity != lease.identity:
+            log.warning("%s of lease %s refused: it belongs to %s, the caller is %s", what, lease.lease_id[:8],
+                        lease.identity, principal.identity)
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"this lease belongs to another identity; cannot {what}")
+
+    def _check(self, endpoint: str, info: spb.DraftInfo, principal: Principal) -> None:
+        try:
+            require(principal, "draft", "register a draft")
+        except AuthError as exc:
+            raise Refused(grpc.StatusCode[exc.code], str(exc)) from None
+        if not endpoint or ":" not in endpoint or len(endpoint) > 255:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"endpoint={endpoint[:64]!r}: expected host:port")
+        problem = endpoint_problem(endpoint, principal.peer, self.allow_endpoints)
+        if problem:
+            log.warning("registration refused (caller %s): %s", principal.identity, problem)
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, problem)
         me = self.identity
         if info.vocab_size != me.vocab_size:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
@@ -174,19 +231,32 @@ class TargetRegistryServicer(spb_grpc.TargetRegistryServicer):
     @mapped
     def Register(self, request: spb.RegisterRequest, context: grpc.ServicerContext) -> spb.RegisterResponse:
         registry = self._holder.get()
-        lease = registry.register(request.endpoint, request.draft_id, request.info, request.auth_token)
+        principal = _caller(registry, context, request.auth_token)
+        lease = registry.register(request.endpoint, request.draft_id, request.info, principal=principal)
         return spb.RegisterResponse(lease_id=lease.lease_id, lease_ttl_ms=int(registry.ttl_s * 1000),
                                     transport=spb.TRANSPORT_INLINE, target_replica_id=registry.identity.replica_id)
 
     @mapped
     def Heartbeat(self, request: spb.HeartbeatRequest, context: grpc.ServicerContext) -> spb.HeartbeatResponse:
         registry = self._holder.get()
-        return spb.HeartbeatResponse(ok=registry.heartbeat(request.lease_id), lease_ttl_ms=int(registry.ttl_s * 1000))
+        ok = registry.heartbeat(request.lease_id, _caller(registry, context))
+        return spb.HeartbeatResponse(ok=ok, lease_ttl_ms=int(registry.ttl_s * 1000))
 
     @mapped
     def Deregister(self, request: spb.DeregisterRequest, context: grpc.ServicerContext) -> spb.DeregisterResponse:
-        self._holder.get().deregister(request.lease_id, request.reason)
+        registry = self._holder.get()
+        registry.deregister(request.lease_id, request.reason, _caller(registry, context))
         return spb.DeregisterResponse()
+
+
+def _caller(registry: DraftRegistry, context: grpc.ServicerContext, body_token: str = "") -> Principal:
+    """The calling draft, which must hold the `draft` role (UNAUTHENTICATED / PERMISSION_DENIED)."""
+    try:
+        principal = grpc_principal(registry.auth, context, body_token)
+        require(principal, "draft", "use the draft registry")
+    except AuthError as exc:
+        raise Refused(grpc.StatusCode[exc.code], str(exc)) from None
+    return principal
 
 
 class RegistryHolder:

@@ -22,12 +22,14 @@ from ssd_core.engine import Engine
 from ssd_core.models import LoadedModel, load_model, tokenizer_fingerprint
 from ssd_core.plan import RoundPlan
 from ssd_protos.ssd.v1 import generation_pb2, generation_pb2_grpc, speculation_pb2, speculation_pb2_grpc
+from ssd_core.auth import Authenticator, bearer_metadata, parse_allow_list
+from target_service.access import GuardedGenerationServicer
 from target_service.config import TargetConfig
 from target_service.draft_pool import PooledSpeculator
 from target_service.registry import DraftRegistry, RegistryHolder, TargetIdentity, TargetRegistryServicer
 from target_service.scheduler import LaneFactory, Scheduler
-from target_service.servicer import AppHolder, GenerationServicer, TargetApp
-from target_service.session import CHANNEL_OPTIONS
+from target_service.servicer import AppHolder, TargetApp
+from target_service.session import MAX_MESSAGE
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +78,17 @@ def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple
     """Bind, start (health NOT_SERVING), load the model (unless given), then flip to SERVING."""
     # every in-flight Generate holds a handler thread; so_reuseport off: a busy port must fail
     workers = max(cfg.rpc_threads, cfg.max_batch + cfg.max_queue + 16)
+    # callers (clients, drafts) send small messages: the receive limit bounds what one may make us buffer
     server = grpc.server(futures.ThreadPoolExecutor(workers, thread_name_prefix="rpc"),
-                         options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
+                         options=[("grpc.max_receive_message_length", cfg.max_request_bytes),
+                                  ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0)])
     health_servicer = health.HealthServicer()
     for name in ("", *SERVICES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     apps, registries = AppHolder(), RegistryHolder()
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(apps), server)
+    auth = target_authenticator(cfg)
+    generation_pb2_grpc.add_GenerationServicer_to_server(GuardedGenerationServicer(apps, auth), server)
     speculation_pb2_grpc.add_TargetRegistryServicer_to_server(TargetRegistryServicer(registries), server)
     reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     local_address = None
@@ -109,7 +114,9 @@ def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple
     replica_id = cfg.replica_id or f"target-{port}"
     identity = TargetIdentity(replica_id, target.name, target.vocab_size,
                               tokenizer_fingerprint(target.tokenizer, target.vocab_size))
-    registry = DraftRegistry(identity, cfg.lease_ttl_s, cfg.auth_token)
+    registry = DraftRegistry(identity, cfg.lease_ttl_s, auth=auth,
+                             allow_endpoints=parse_allow_list(cfg.allow_draft_endpoints))
+    registry.session_metadata = bearer_metadata(cfg.auth_token)  # our credential, on Sessions to drafts
     scheduler = Scheduler(lane_factory(target, registry, cfg, replica_id), cfg.max_batch, cfg.max_queue)
     scheduler.start()
     metrics.bind_state(pool=lambda: _pool_state(registry), queue=scheduler.counts)
@@ -118,6 +125,38 @@ def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple
     for name in ("", *SERVICES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return TargetServer(server, health_servicer, app, local_address), port
+
+
+def target_authenticator(cfg: TargetConfig) -> Authenticator:
+    """Drafts: the peers file (each as itself) or the one shared token; clients: open unless the peers
+    file names clients or operators (then they need a credential too)."""
+    named_clients = any(e.roles & {"client", "operator"} for e in cfg.peers)
+    return Authenticator(peers=cfg.peers, shared_token=None if cfg.peers else cfg.auth_token,
+                         shared_roles=frozenset({"draft"}),
+                         anonymous_roles=frozenset() if named_clients else frozenset({"client"}))
+
+
+def _say_how_callers_authenticate(cfg: TargetConfig, auth: Authenticator) -> None:
+    if not auth.enabled:
+        log.warning("draft registration is UNAUTHENTICATED (no --peers-file, --auth-token-file or $SSD_AUTH_TOKEN):"
+                    " anyone who reaches %s:%d may register a draft at their own address", cfg.host, cfg.port)
+    elif cfg.peers:
+        log.info("callers authenticate as themselves: %d identities in the peers file", len(cfg.peers))
+    else:
+        log.info("drafts register with the one shared token (identities are addresses: shared@HOST)")
+
+
+def _http_side(cfg: TargetConfig) -> "HttpsConfig | None":
+    """HTTPS for the in-process OpenAI API of a TLS target (same certificate; client certificates
+    required under mTLS unless API keys authenticate callers); None: plain HTTP."""
+    from openai_gateway.auth import HttpsConfig
+
+    if not cfg.tls_cert or cfg.openai_allow_insecure_http:
+        if cfg.tls_cert:
+            log.warning("--openai-allow-insecure-http: the OpenAI API of this TLS target is plain HTTP%s",
+                        "" if cfg.openai_api_keys else " and UNAUTHENTICATED")
+        return None
+    return HttpsConfig(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, client_cert_optional=bool(cfg.openai_api_keys))
 
 
 def _pool_state(registry: DraftRegistry) -> tuple[int, int, int]:
@@ -136,6 +175,7 @@ def lane_factory(target: LoadedModel, registry: DraftRegistry, cfg: TargetConfig
         return PooledSpeculator(registry, plan, saguaro_c, replica_id=replica_id, vocab_size=target.vocab_size,
                                 timeout_s=cfg.draft_timeout_s, credentials=creds)
 
+
     def make(spec: SpecConfig) -> Engine:
         factory = None if spec.mode is Mode.AR else speculator
         return Engine(target, spec=spec, policy=cfg.policy, speculator_factory=factory)
@@ -143,21 +183,28 @@ def lane_factory(target: LoadedModel, registry: DraftRegistry, cfg: TargetConfig
     return make
 
 
+def start_openai(server: TargetServer, port: int, cfg: TargetConfig, http_port: int | None = None):
+    """The in-process OpenAI API in front of `server` (its private unix socket under TLS), on
+    `http_port` (default cfg.openai_port): HTTPS for a TLS target (see _http_side), API keys if set."""
+    from openai_gateway.server import attach_to_target
+
+    http = attach_to_target(port, cfg.openai_port if http_port is None else http_port, cfg.host,
+                            cfg.served_model_name or None, Path(cfg.model) if Path(cfg.model).is_dir() else None,
+                            grpc_address=server.local_address, api_keys=cfg.openai_api_keys, https=_http_side(cfg))
+    log.info("OpenAI API on %s", http.url)
+    return http
+
+
 def serve(cfg: TargetConfig) -> int:
     """Run a target replica until SIGTERM / SIGINT; returns the exit code."""
     server, port = create_server(cfg)
     app = server.app
+    _say_how_callers_authenticate(cfg, app.registry.auth)
     log.info("target ready: replica=%s model=%s vocab=%d addr=%s:%d max_batch=%d default_mode=%s",
                 app.replica_id, app.target.name, app.target.vocab_size, cfg.host, port, cfg.max_batch,
                 cfg.mode_default.value)
 
-    http = None
-    if cfg.openai_port:
-        from openai_gateway.server import attach_to_target
-
-        http = attach_to_target(port, cfg.openai_port, cfg.host, cfg.served_model_name or None, Path(cfg.model),
-                                grpc_address=server.local_address)
-        log.info("OpenAI API on %s/v1", http.url)
+    http = start_openai(server, port, cfg) if cfg.openai_port else None
 
     def stop() -> None:
         if http is not None:

@@ -3,6 +3,10 @@
 Driven from the engine thread: `add` / `remove` / `send_round` enqueue requests, a reader thread
 files the answers by round number, `wait_round` blocks until an answer or a deadline. Any stream
 failure sets `error`; the pool then treats the endpoint as dead.
+
+Bounded whatever the draft sends: an answer for a step not asked yet ends the session (it is a
+protocol violation, and filing it would let a draft grow our memory without bound), at most the
+step in flight is kept (late answers are dropped), and failed-sequence reports are kept only for sequences this session holds.
 """
 
 from __future__ import annotations
@@ -23,15 +27,16 @@ from ssd_protos.ssd.v1 import speculation_pb2_grpc as spb_grpc
 
 log = logging.getLogger(__name__)
 
-_MAX_MESSAGE = 256 * 1024 * 1024  # draft_probs [B, K, V] float32 inline can be large
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", _MAX_MESSAGE), ("grpc.max_send_message_length", _MAX_MESSAGE)]
+MAX_MESSAGE = 256 * 1024 * 1024  # per message: draft_probs [B, K, V] float32 inline can be large
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
 
 
 class DraftSession:
     """The client end of ssd.v1 Speculator.Session for one lease."""
 
     def __init__(self, lease_id: str, endpoint: str, replica_id: str, config: spb.SessionConfig,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.lease_id, self.endpoint = lease_id, endpoint
         self.error: str | None = None
         self.rounds_served = 0
@@ -39,13 +44,15 @@ class DraftSession:
         self._requests: queue.Queue[spb.SessionRequest | None] = queue.Queue()
         self._answers: dict[int, spb.Speculations] = {}
         self._failed: set[str] = set()
+        self._held: set[str] = set()  # sequences added to this session and not removed
         self._cond = threading.Condition()
         self._step = 0
         self._closed = False
         opening = spb.SessionOpen(target_replica_id=replica_id, lease_id=lease_id, config=config,
                                   transport=spb.TRANSPORT_INLINE)
         self._requests.put(spb.SessionRequest(open=opening))
-        self._call = spb_grpc.SpeculatorStub(self._channel).Session(self._outgoing())
+        # metadata: this target's credential (the draft's Session endpoint requires the `target` role)
+        self._call = spb_grpc.SpeculatorStub(self._channel).Session(self._outgoing(), metadata=metadata or None)
         self._reader = threading.Thread(target=self._read, name=f"draft-session-{endpoint}", daemon=True)
         self._reader.start()
 
@@ -55,15 +62,20 @@ class DraftSession:
 
     def add(self, starts: list[SeqStart]) -> None:
         if starts:
+            with self._cond:
+                self._held.update(s.seq_id for s in starts)
             self._requests.put(spb.SessionRequest(add=spb.AddSequences(sequences=[start_to_pb(s) for s in starts])))
 
     def remove(self, seq_ids: list[str]) -> None:
+        with self._cond:
+            self._held.difference_update(seq_ids)
         if seq_ids and self.alive:
             self._requests.put(spb.SessionRequest(remove=spb.RemoveSequences(seq_ids=seq_ids)))
 
     def send_round(self, outcomes: list[RoundOutcome], want_draft_probs: bool) -> int:
         """Send one RoundRequest; returns its session step number (echoed by the answer)."""
-        self._step += 1
+        with self._cond:
+            self._step += 1
         request = spb.RoundRequest(round=self._step, outcomes=[outcome_to_pb(o) for o in outcomes],
                                    want_draft_probs=want_draft_probs)
         self._requests.put(spb.SessionRequest(round=request))
@@ -125,19 +137,30 @@ class DraftSession:
         kind = response.WhichOneof("response")
         with self._cond:
             if kind == "speculations":
-                self._answers[response.speculations.round] = response.speculations
+                step = response.speculations.round
+                if step > self._step:  # not asked yet: a broken or hostile draft; never filed
+                    self._fail_locked(f"answered step {step} before it was asked (current step {self._step})")
+                    self._call.cancel()
+                elif step == self._step:  # one step is in flight at a time; older answers are late: dropped
+                    self._answers = {step: response.speculations}
             elif kind == "error" and response.error.seq_ids:
-                log.warning("draft %s dropped sequences %s: %s", self.endpoint, list(response.error.seq_ids),
-                            response.error.message)
-                self._failed.update(response.error.seq_ids)
+                held = [s for s in response.error.seq_ids if s in self._held]
+                if held:
+                    log.warning("draft %s dropped sequences %s: %s", self.endpoint, held[:16],
+                                response.error.message[:200])
+                self._failed.update(held)
             elif kind == "error":
-                self.error = f"session error {response.error.code}: {response.error.message}"
+                self._fail_locked(f"session error {response.error.code}: {response.error.message[:200]}")
             elif kind == "opened":
                 log.info("draft session opened: endpoint=%s session=%s", self.endpoint, response.opened.session_id)
             self._cond.notify_all()
 
     def _fail(self, why: str) -> None:
         with self._cond:
-            if self.error is None and not self._closed:
-                self.error = why
-            self._cond.notify_all()
+            self._fail_locked(why)
+
+    def _fail_locked(self, why: str) -> None:
+        if self.error is None and not self._closed:
+            self.error = why
+            log.warning("draft session failed: endpoint=%s lease=%s: %s", self.endpoint, self.lease_id[:8], why)
+        self._cond.notify_all()
