@@ -47,6 +47,7 @@ class BenchConfig:
     seed: int = 0
     draft_placement: str = "process"  # process | thread (in-process SD/SSD)
     draft_dir: str = ""  # the child process loads the draft from here (else the model is pickled over)
+    backend: str | None = None  # hf | lean for the draft loaded from draft_dir (None: the default)
     prompt_chars: int = 600  # keep the prompt tail (long HumanEval docstrings)
 
 
@@ -147,7 +148,7 @@ def _open_engine(mode: str, target: LoadedModel, draft: LoadedModel, prompts, cf
     from ssd_core.config import BatchPolicy, PolicyRow
 
     source = Path(cfg.draft_dir) if cfg.draft_dir else draft
-    factory = process_factory(source, 1, draft_cpus) if cfg.draft_placement == "process" and mode != "ar" else None
+    factory = process_factory(source, 1, draft_cpus, backend=cfg.backend) if cfg.draft_placement == "process" and mode != "ar" else None
     # the bench sweeps batch sizes itself: speculate at every size it asks for
     policy = BatchPolicy((PolicyRow(max(cfg.batch_sizes), cfg.lookahead, BackupKind(cfg.backup) if cfg.backup != "auto" else BackupKind.JIT),))
     engine = Engine(target, draft, spec_for(mode, cfg), policy, speculator_factory=factory)

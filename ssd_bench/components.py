@@ -93,13 +93,13 @@ class _DraftDriver:
         return answer, self.spec.stats.tree_s - before
 
 
-def _draft_child(conn, draft_src, fan_out, cpus, prompt, device, dtype) -> None:
+def _draft_child(conn, draft_src, fan_out, cpus, prompt, device, dtype, backend) -> None:
     from ssd_core.models import load_model
 
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)
     torch.set_num_threads(1)
-    draft = load_model(draft_src, device, dtype) if isinstance(draft_src, (str, Path)) else draft_src
+    draft = load_model(draft_src, device, dtype, backend) if isinstance(draft_src, (str, Path)) else draft_src
     driver = _DraftDriver(draft, fan_out, prompt)
     send_message(conn, ("ok", None))
     while True:  # ProcessSpeculator's protocol, so "ping" times the transport the engine uses
@@ -147,33 +147,35 @@ def _prefill_line(model: LoadedModel, prompt: tuple[int, ...], reps: int) -> tup
 
 # -- calibration runs (the bench's own loop) --------------------------------------------------------
 def _calibrate_engine(target: LoadedModel, draft_src, k: int, fan_out: tuple[int, ...], prompts: list[tuple[int, ...]],
-                      new_tokens: int, draft_cpus: set[int]) -> dict[str, dict[str, float]]:
+                      new_tokens: int, draft_cpus: set[int], backend: str | None) -> dict[str, dict[str, float]]:
     """Per-round phase times (ms) of AR, SD and SSD, run interleaved as the bench runs them."""
     from ssd_bench.bench import BenchConfig, run_engine_modes
 
     modes = ["ar", "sd", "ssd"]
     cfg = BenchConfig(modes=tuple(modes), max_new_tokens=new_tokens, lookahead=k, fan_out=tuple(fan_out),
-                      draft_dir=str(draft_src) if isinstance(draft_src, (str, Path)) else "")
+                      draft_dir=str(draft_src) if isinstance(draft_src, (str, Path)) else "", backend=backend)
     runs = run_engine_modes(modes, target, draft_src if not cfg.draft_dir else None, prompts, cfg, draft_cpus)
     return {mode: {part: 1000 * s / r[1].rounds for part, s in r[1].breakdown_s.items()} for mode, r in runs.items()}
 
 
 def measure_components(target: LoadedModel, draft_src: LoadedModel | Path, lookahead: int, fan_out: tuple[int, ...],
                        calib_prompts: list[tuple[int, ...]], target_cpus: set[int], draft_cpus: set[int],
-                       new_tokens: int = 48, reps: int = 30, device: str = "cpu", dtype: str = "float32") -> ComponentTimes:
-    """All component times for batch 1 at lookahead K with this fan-out (F_0..F_K)."""
+                       new_tokens: int = 48, reps: int = 30, device: str = "cpu", dtype: str = "float32",
+                       backend: str | None = None) -> ComponentTimes:
+    """All component times for batch 1 at lookahead K with this fan-out (F_0..F_K); a draft
+    directory is loaded on `backend` (None: the default)."""
     with pinned(target_cpus):
         return _measure(target, draft_src, lookahead, fan_out, calib_prompts, draft_cpus, new_tokens, reps, device,
-                        dtype, target_cpus)
+                        dtype, target_cpus, backend)
 
 
 def _measure(target, draft_src, lookahead, fan_out, calib_prompts, draft_cpus, new_tokens, reps, device, dtype,
-             target_cpus) -> ComponentTimes:
+             target_cpus, backend) -> ComponentTimes:
     prompt = calib_prompts[0]
     ctx = mp.get_context("spawn")
     conn, child_end = ctx.Pipe()
     proc = ctx.Process(target=_draft_child, name="ssd-draft-bench", daemon=True,
-                       args=(child_end, draft_src, tuple(fan_out), draft_cpus, prompt, device, dtype))
+                       args=(child_end, draft_src, tuple(fan_out), draft_cpus, prompt, device, dtype, backend))
     proc.start()
     child_end.close()
 
@@ -197,7 +199,7 @@ def _measure(target, draft_src, lookahead, fan_out, calib_prompts, draft_cpus, n
             proc.kill()
         conn.close()
 
-    calib = _calibrate_engine(target, draft_src, lookahead, fan_out, calib_prompts, new_tokens, draft_cpus)
+    calib = _calibrate_engine(target, draft_src, lookahead, fan_out, calib_prompts, new_tokens, draft_cpus, backend)
     ar, sd, ssd = calib["ar"], calib["sd"], calib["ssd"]
     transport = _median_ms(pings)
     return ComponentTimes(

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-from ssd_cli.local_services import service_pair
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-def make_grpc_runner(target_dir: Path, draft_dir: Path, device: str, dtype: str):
+def make_grpc_runner(target_dir: Path, draft_dir: Path, service_pair: Callable[..., Any],
+                     service_args: tuple[str, ...], log_dir: Path):
+    """The ssd-grpc runner. service_pair starts the two services (ssd_cli.local_services.service_pair,
+    passed in by the CLI: the bench does not import the CLI); service_args go to both."""
     def run(prompts, cfg, target_cpus, draft_cpus):
         from client import Client
         from ssd_bench.bench import ModeRun
 
         runs = {}
-        log_dir = Path(os.environ.get("SSD_BENCH_LOG_DIR", "runs/bench-logs"))
-        extra = ("--device", device, "--dtype", dtype)
-        pair = service_pair(Path(target_dir), Path(draft_dir), log_dir, target_cpus, draft_cpus, extra_args=extra)
+        pair = service_pair(Path(target_dir), Path(draft_dir), log_dir, target_cpus, draft_cpus,
+                            extra_args=service_args)
         with pair as (target_addr, _, _):
             with Client(target_addr, timeout=600) as client:
                 for b in cfg.batch_sizes:

@@ -43,7 +43,7 @@ def validate(target, draft, draft_dir: Path, prompts, calib_prompts, cfg, reps: 
     runs, identical, rep = [], True, {}
     for _ in range(repeats):
         times = measure_components(target, draft_dir, cfg.lookahead, plan.fan_out, calib_prompts, target_cpus,
-                                   draft_cpus, new_tokens=cfg.max_new_tokens, reps=reps)
+                                   draft_cpus, new_tokens=cfg.max_new_tokens, reps=reps, backend=cfg.backend)
         rep = run_bench(target, draft, prompts, cfg)
         identical &= rep["outputs_identical"]
         run = {"components_ms": times.to_dict(), "modes": {}, "measured_ratios": rep["ratios"]}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
 from ssd_core.config import BACKEND_HELP, BACKENDS
 
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         require("bench", ("matplotlib",), "ssd bench --plots")
     from ssd_bench.bench import ALL_MODES, BenchConfig, format_table, load_prompts, plot, run_bench
     from ssd_cli.generate_cmd import parse_ids
-    from ssd_core.models import load_model, set_default_backend
+    from ssd_core.models import BACKEND_ENV, load_model
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     unknown = [m for m in modes if m not in ALL_MODES]
@@ -61,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
         t, d = default_pair_dirs()
         args.target, args.draft = args.target or t, args.draft or d
     cfg.draft_dir = str(args.draft)
-    set_default_backend(args.backend)  # the draft process and the ssd-grpc services inherit it
-    target = load_model(args.target, args.device, args.dtype)
-    draft = load_model(args.draft, args.device, args.dtype)
+    cfg.backend = args.backend or os.environ.get(BACKEND_ENV)  # read once; passed to the draft process and services
+    target = load_model(args.target, args.device, args.dtype, cfg.backend)
+    draft = load_model(args.draft, args.device, args.dtype, cfg.backend)
     if target.tokenizer is None:
         raise ValueError(f"{args.target} has no tokenizer: the bench encodes text prompts")
     room = target.max_context - cfg.max_new_tokens - cfg.lookahead - 2
@@ -71,8 +73,11 @@ def run(args: argparse.Namespace) -> int:
     grpc_runner = None
     if "ssd-grpc" in modes:
         from ssd_bench.grpc_mode import make_grpc_runner
+        from ssd_cli.local_services import service_pair
 
-        grpc_runner = make_grpc_runner(args.target, args.draft, args.device, args.dtype)
+        service_args = ("--device", args.device, "--dtype", args.dtype) + (("--backend", cfg.backend) if cfg.backend else ())
+        log_dir = Path(os.environ.get("SSD_BENCH_LOG_DIR", "runs/bench-logs"))
+        grpc_runner = make_grpc_runner(args.target, args.draft, service_pair, service_args, log_dir)
     rep = run_bench(target, draft, prompts, cfg, grpc_runner)
     print(format_table(rep))
     if args.json:

@@ -77,9 +77,10 @@ def spec_from_args(args: argparse.Namespace):
 def load_pair(args: argparse.Namespace, need_draft: bool = True):
     import torch
 
-    from ssd_core.models import load_model, set_default_backend
+    from ssd_core.models import BACKEND_ENV, load_model
 
-    set_default_backend(args.backend)  # also for a draft process started from the directory
+    # Read once here; a draft process started from the directory gets it from args (run_demo).
+    args.backend = args.backend or os.environ.get(BACKEND_ENV)
     threads = args.threads or max(1, (os.cpu_count() or 2) // 2)
     torch.set_num_threads(threads)
     target_dir, draft_dir = args.target, args.draft
@@ -89,8 +90,8 @@ def load_pair(args: argparse.Namespace, need_draft: bool = True):
         default_target, default_draft = default_pair_dirs()
         target_dir, draft_dir = target_dir or default_target, draft_dir or default_draft
     args.target, args.draft = target_dir, draft_dir  # resolved, for callers that start a draft process
-    target = load_model(target_dir, args.device, args.dtype)
-    draft = load_model(draft_dir, args.device, args.dtype) if need_draft else None
+    target = load_model(target_dir, args.device, args.dtype, args.backend)
+    draft = load_model(draft_dir, args.device, args.dtype, args.backend) if need_draft else None
     return target, draft
 
 
@@ -153,7 +154,7 @@ def run_demo(args: argparse.Namespace) -> int:
     outputs = {}
     for mode in (Mode.AR, Mode.SD, Mode.SSD):
         spec = SpecConfig(mode=mode, lookahead=args.lookahead, backup=BackupKind.JIT)
-        factory = None if mode is Mode.AR else process_factory(args.draft, 1, draft_cpus, args.device, args.dtype)
+        factory = None if mode is Mode.AR else process_factory(args.draft, 1, draft_cpus, args.device, args.dtype, args.backend)
         engine = Engine(target, draft, spec, speculator_factory=factory)
         warm = tuple(target.tokenizer.encode(DEMO_PROMPTS[0]))
         engine.generate([Request(warm, SamplingParams(max_new_tokens=8, ignore_eos=True))])  # start-up off the clock

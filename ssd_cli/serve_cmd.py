@@ -57,6 +57,10 @@ def _lazy_run(module: str, args: argparse.Namespace) -> int:
 
     if getattr(args, "_missing", None):
         raise FileNotFoundError(f"{module} is not available: {args._missing}")
+    if hasattr(args, "backend") and args.backend is None:  # the services' --backend; read once, here
+        from ssd_core.models import BACKEND_ENV
+
+        args.backend = os.environ.get(BACKEND_ENV)
     return int(importlib.import_module(module).run(args) or 0)
 
 

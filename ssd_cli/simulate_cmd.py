@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -44,17 +45,19 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from ssd_bench.bench import BenchConfig, load_prompts
-    from ssd_core.models import load_model
+    from ssd_core.models import BACKEND_ENV, load_model
 
     if args.target is None or args.draft is None:
         from ssd_train.train_pair import default_pair_dirs
 
         t, d = default_pair_dirs()
         args.target, args.draft = args.target or t, args.draft or d
-    target, draft = load_model(args.target), load_model(args.draft)
+    backend = os.environ.get(BACKEND_ENV)  # read once; the draft processes get it passed
+    target, draft = load_model(args.target, backend=backend), load_model(args.draft, backend=backend)
     if target.tokenizer is None:
         raise ValueError(f"{args.target} has no tokenizer: the bench encodes text prompts")
-    cfg = BenchConfig(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, lookahead=args.lookahead)
+    cfg = BenchConfig(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, lookahead=args.lookahead,
+                      backend=backend)
     room = target.max_context - cfg.max_new_tokens - cfg.lookahead - 2
     every = load_prompts(args.prompts, target.tokenizer, args.num_prompts + args.calib_prompts, cfg.prompt_chars, room)
     prompts, calib = every[: args.num_prompts], every[args.num_prompts :]

@@ -1,16 +1,15 @@
-"""Loading HF causal LMs (offline) and building tiny seeded random ones for tests."""
+"""Loading HF causal LMs (offline), on the HF or the lean backend."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ssd_core.config import BACKENDS
 from ssd_core.errors import IncompatibleModels, InvalidParameter
@@ -57,27 +56,22 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 # (docs/design.md, "Lean backend"). As the default it falls back to hf, with a log line, for a
 # model it does not implement; asked for explicitly it refuses such a model instead.
 DEFAULT_BACKEND = "lean"
-BACKEND_ENV = "SSD_BACKEND"  # the default for this process and the processes it starts
+# The environment variable the entry points (ssd_cli, `python -m target_service`) read once, as the
+# default of --backend; this module never reads it: the choice is passed in.
+BACKEND_ENV = "SSD_BACKEND"
 
 
 def resolve_backend(backend: str | None = None) -> str:
-    """backend, else $SSD_BACKEND, else DEFAULT_BACKEND; refuses unknown names."""
-    name = backend or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND
+    """backend, else DEFAULT_BACKEND; refuses unknown names."""
+    name = backend or DEFAULT_BACKEND
     if name not in BACKENDS:
         raise InvalidParameter("backend", name, f"use one of {', '.join(BACKENDS)}")
     return name
 
 
-def set_default_backend(backend: str | None) -> None:
-    """Make backend the default of load_model here and in child processes (bench draft
-    process, services started by ssd up / the bench), which inherit the environment."""
-    if backend is not None:
-        os.environ[BACKEND_ENV] = resolve_backend(backend)
-
-
 def apply_backend(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
     """The model to run for this backend: the HF model itself, or the lean model over it."""
-    explicit = backend or os.environ.get(BACKEND_ENV)
+    explicit = backend is not None
     if resolve_backend(backend) != "lean":
         return model
     from ssd_core.lean import LeanCausalLM, UnsupportedModel
@@ -98,7 +92,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype =
     """Load a causal LM and its tokenizer from a local HF directory; never touches the network.
 
     backend: "hf" runs the transformers modules, "lean" the ssd_core.lean model built from the
-    same weights (Llama / Qwen2 / Qwen3); None: $SSD_BACKEND, else DEFAULT_BACKEND."""
+    same weights (Llama / Qwen2 / Qwen3); None: DEFAULT_BACKEND, which runs HF (with a log line)
+    for a model lean does not implement."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no HF model at {path} (config.json missing)")
@@ -146,41 +141,3 @@ def check_pair(target: LoadedModel, draft: LoadedModel) -> None:
         if t != d:
             raise IncompatibleModels(f"tokenizer mismatch: target {target.name} ({t}) vs draft {draft.name} ({d})")
 
-
-def tiny_llama_config(vocab_size: int = 64, hidden_size: int = 32, layers: int = 2, heads: int = 4,
-                      kv_heads: int = 2, max_positions: int = 256, **extra) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-        tie_word_embeddings=False, **extra,
-    )
-
-
-def random_model(config, seed: int, dtype: torch.dtype = torch.float32, init_std: float | None = None) -> torch.nn.Module:
-    """A seeded random causal LM built from a config (tests; never a download)."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        if init_std is not None:
-            config.initializer_range = init_std
-        model = AutoModelForCausalLM.from_config(config).to(dtype).eval() if not isinstance(config, LlamaConfig) \
-            else LlamaForCausalLM(config).to(dtype).eval()
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return model
-
-
-def perturbed_copy(model: torch.nn.Module, noise: float, seed: int) -> torch.nn.Module:
-    """A draft that agrees with the target often but not always: the target plus seeded noise."""
-    gen = torch.Generator().manual_seed(seed)
-    copy = type(model)(model.config).to(next(model.parameters()).dtype).eval()
-    copy.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        for p in copy.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * noise * p.float().std().clamp(min=1e-3))
-    return copy
-
-
-def load_config(path: str | Path):
-    return AutoConfig.from_pretrained(path, local_files_only=True)

@@ -31,11 +31,13 @@ class ProcessSpeculator:
 
     def __init__(self, draft: LoadedModel | Path, fan_out: tuple[int, ...], saguaro_c: float = 1.0,
                  backup: BackupKind = BackupKind.JIT, tree: bool = True, threads: int = 1,
-                 cpus: set[int] | None = None, device: str = "cpu", dtype: str = "float32") -> None:
+                 cpus: set[int] | None = None, device: str = "cpu", dtype: str = "float32",
+                 backend: str | None = None) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_child_main, name="ssd-draft",
-                                 args=(child, draft, tuple(fan_out), saguaro_c, backup, tree, threads, cpus, device, dtype),
+                                 args=(child, draft, tuple(fan_out), saguaro_c, backup, tree, threads, cpus, device, dtype,
+                                       backend),
                                  daemon=True)
         self._proc.start()
         child.close()
@@ -124,7 +126,7 @@ def recv_message(conn) -> Any:
     return pickle.loads(conn.recv_bytes())
 
 
-def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, device, dtype) -> None:
+def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, device, dtype, backend) -> None:
     from ssd_core.malloc import tune
     from ssd_core.models import load_model
     from ssd_core.speculator import DraftSpeculator
@@ -133,7 +135,7 @@ def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, de
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)
     torch.set_num_threads(threads)
-    model = load_model(draft, device, dtype) if isinstance(draft, (str, Path)) else draft
+    model = load_model(draft, device, dtype, backend) if isinstance(draft, (str, Path)) else draft
     spec = DraftSpeculator(model, fan_out, saguaro_c, backup, tree=tree)
     while True:
         try:
@@ -159,10 +161,12 @@ def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, de
 
 
 def process_factory(draft: LoadedModel | Path, threads: int = 1, cpus: set[int] | None = None,
-                    device: str = "cpu", dtype: str = "float32"):
-    """An Engine speculator_factory that runs the draft in a child process."""
+                    device: str = "cpu", dtype: str = "float32", backend: str | None = None):
+    """An Engine speculator_factory that runs the draft in a child process (loaded there on
+    `backend` when `draft` is a directory)."""
     def build(plan, saguaro_c: float) -> ProcessSpeculator:
-        return ProcessSpeculator(draft, plan.fan_out, saguaro_c, plan.backup, plan.tree, threads, cpus, device, dtype)
+        return ProcessSpeculator(draft, plan.fan_out, saguaro_c, plan.backup, plan.tree, threads, cpus, device, dtype,
+                                 backend)
 
     return build
 

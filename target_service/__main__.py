@@ -14,6 +14,9 @@ def main() -> int:
     add_arguments(parser)
     args = parser.parse_args()
     from ssd_core.malloc import tune
+    from ssd_core.models import BACKEND_ENV
+
+    args.backend = args.backend or os.environ.get(BACKEND_ENV)  # read once, here; the core never reads it
 
     tune()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

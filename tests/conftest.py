@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssd_core.models import perturbed_copy, random_model, tiny_llama_config, wrap_model
+from ssd_core.models import wrap_model
+from tiny_models import perturbed_copy, random_model, tiny_llama_config
 
 torch.set_num_threads(1)
 
@@ -62,3 +63,55 @@ def save_tiny_pair(root, vocab: int = 64, draft_kind: str = "perturbed"):
         m.model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return root / "target", root / "draft"
+
+
+def write_pki(root, leaves=("target", "draft", "client")):
+    """A test CA, leaf certificates (CN "ssd <stem>", serverAuth + clientAuth, SAN localhost /
+    127.0.0.1) for `leaves`, and a rogue CA with a client of its own; PEM files under `root`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def save(stem, key, cert):
+        (root / f"{stem}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                             serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+        (root / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def ca(cn):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn)).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        return key, cert
+
+    def leaf(cn, ca_key, ca_cert):
+        key = ec.generate_private_key(ec.SECP256R1())
+        san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+        eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_cert.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(san, critical=False).add_extension(eku, critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        return key, cert
+
+    ca_key, ca_cert = ca("ssd test CA")
+    save("ca", ca_key, ca_cert)
+    for stem in leaves:
+        save(stem, *leaf(f"ssd {stem}", ca_key, ca_cert))
+    save("rogue_ca", *ca("someone else's CA"))
+    rogue_key, rogue_cert = ca("someone else's CA")
+    save("rogue_client", *leaf("rogue", rogue_key, rogue_cert))
+    return root

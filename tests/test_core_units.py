@@ -13,7 +13,8 @@ from ssd_core.engine import Engine, Request
 from ssd_core.errors import IncompatibleModels, InvalidParameter
 from ssd_core.fanout import outcome_probs, plan_fanout
 from ssd_core.kv import BatchKV
-from ssd_core.models import check_pair, load_model, random_model, tiny_llama_config, wrap_model
+from ssd_core.models import check_pair, load_model, wrap_model
+from tiny_models import random_model, tiny_llama_config
 from ssd_core.plan import resolve_plan
 from ssd_core.sampling import process_logits, saguaro_reshape
 from ssd_core.spec_cache import OutcomeKey, SpeculationCache

@@ -16,7 +16,8 @@ from draft_service.config import DraftServerConfig
 from draft_service.registration import resolve_target
 from draft_service.server import create_server, serve
 from ssd_core.config import BackupKind, SamplingParams
-from ssd_core.models import load_model, random_model, tiny_llama_config, tokenizer_fingerprint
+from ssd_core.models import load_model, tokenizer_fingerprint
+from tiny_models import random_model, tiny_llama_config
 from ssd_core.speculator import DraftSpeculator
 from ssd_core.types import RoundOutcome, SeqStart, SpecSource
 from ssd_core.wire import codec

@@ -8,7 +8,8 @@ import torch
 from conftest import hf_greedy, make_pair
 from ssd_core.config import BackupKind, Mode, SamplingParams, SpecConfig
 from ssd_core.engine import Engine, Request
-from ssd_core.models import random_model, wrap_model
+from ssd_core.models import wrap_model
+from tiny_models import random_model
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 9, 9, 9, 9, 9, 9], [3], [11, 40, 2, 63, 17, 17, 5, 30, 31]]
 NEW = 24

@@ -17,7 +17,8 @@ from ssd_core.engine import Engine, Request
 from ssd_core.errors import InvalidParameter
 from ssd_core.kv import BatchKV
 from ssd_core.lean import LeanCausalLM, UnsupportedModel, check_config, from_hf
-from ssd_core.models import BACKEND_ENV, load_model, random_model, tiny_llama_config, wrap_model
+from ssd_core.models import load_model, wrap_model
+from tiny_models import random_model, tiny_llama_config
 
 VOCAB = 64
 
@@ -174,19 +175,17 @@ def test_unsupported_configs_are_refused_naming_the_field():
 def test_load_model_backend_switch(tmp_path, monkeypatch):
     hf = _model("llama")
     hf.save_pretrained(tmp_path / "m")
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setenv("SSD_BACKEND", "hf")  # the core never reads it: only the entry points do
     assert isinstance(load_model(tmp_path / "m").model, LeanCausalLM)  # the default
     assert isinstance(load_model(tmp_path / "m", backend="lean").model, LeanCausalLM)
     assert not isinstance(load_model(tmp_path / "m", backend="hf").model, LeanCausalLM)
-    monkeypatch.setenv(BACKEND_ENV, "lean")
-    loaded = load_model(tmp_path / "m")
-    assert isinstance(loaded.model, LeanCausalLM) and loaded.vocab_size == VOCAB
+    loaded = load_model(tmp_path / "m", backend="lean")
+    assert loaded.vocab_size == VOCAB
     with pytest.raises(InvalidParameter, match="backend"):
         load_model(tmp_path / "m", backend="onnx")
     # a model the lean backend does not implement: the default falls back to HF, asking for lean refuses
     odd = random_model(tiny_llama_config(vocab_size=VOCAB, hidden_act="gelu"), 1)
     odd.save_pretrained(tmp_path / "odd")
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
     assert not isinstance(load_model(tmp_path / "odd").model, LeanCausalLM)
     with pytest.raises(UnsupportedModel, match="hidden_act"):
         load_model(tmp_path / "odd", backend="lean")
