@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lookahead", type=int, default=3)
     p.add_argument("--reps", type=int, default=30, help="repetitions of each draft component measurement")
     p.add_argument("--repeats", type=int, default=5, help="component measurement + bench pairs (medians compared)")
+    p.add_argument("--tolerance", type=float, default=0.15,
+                   help="largest relative error of a prediction that passes (default 0.15; exit 1 beyond)")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     p.set_defaults(func=run)
 
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     prompts, calib = every[: args.num_prompts], every[args.num_prompts :]
     if len(prompts) < args.num_prompts or not calib:
         raise ValueError(f"need {args.num_prompts + args.calib_prompts} prompts in {args.prompts}")
-    res = simulate.validate(target, draft, args.draft, prompts, calib, cfg, args.reps, args.repeats)
+    res = simulate.validate(target, draft, args.draft, prompts, calib, cfg, args.reps, args.repeats, args.tolerance)
     print(simulate.format_validation(res))
     _write(args.json, res)
     return 0 if res["within_tolerance"] and res["outputs_identical"] else 1

@@ -103,12 +103,15 @@ def test_one_gpu_scenario_prefers_sd():
     assert one["recommend"]["mode"] == "sd"  # the placement policy picks SD on one GPU
 
 
+@pytest.mark.slow  # ~70 s on 2 vCPUs: components, calibration and two bench repeats
 def test_simulate_measures_predicts_and_reports_on_tiny_models(tmp_path, capsys):
     target, draft = save_tiny_pair(tmp_path)
     out = tmp_path / "sim.json"
     rc = main(["simulate", "--target", str(target), "--draft", str(draft), "--num-prompts", "2", "--calib-prompts", "1",
-               "--max-new-tokens", "12", "--reps", "3", "--repeats", "2", "--json", str(out)])
-    assert rc in (0, 1), capsys.readouterr()  # 1: a prediction off by > 15% (tiny models, shared CPU)
+               "--max-new-tokens", "12", "--reps", "3", "--repeats", "2", "--json", str(out),
+               # tiny models on a shared CPU: the 15% bar is for real runs; this checks the pipeline
+               "--tolerance", "1000"])
+    assert rc == 0, capsys.readouterr()
     res = json.loads(out.read_text())
     assert res["outputs_identical"] is True
     comp = res["components_ms"]
@@ -119,4 +122,23 @@ def test_simulate_measures_predicts_and_reports_on_tiny_models(tmp_path, capsys)
         row = res["modes"][mode]
         assert row["measured_tokens_per_s"] > 0 and math.isfinite(row["predicted_tokens_per_s"]) and row["predicted_tokens_per_s"] > 0
     assert res["modes"]["ssd"]["hits"] <= res["modes"]["ssd"]["rounds"]
-    assert (rc == 0) == res["within_tolerance"]
+    assert res["within_tolerance"] is True and res["tolerance"] == 1000
+
+
+def test_simulate_exits_1_when_a_prediction_is_off(tmp_path, monkeypatch, capsys):
+    from ssd_bench import simulate
+
+    target, draft = save_tiny_pair(tmp_path)
+    seen = {}
+
+    def off_by_much(*args):
+        seen["tolerance"] = args[-1]
+        return {"within_tolerance": False, "outputs_identical": True}
+
+    monkeypatch.setattr(simulate, "validate", off_by_much)
+    monkeypatch.setattr(simulate, "format_validation", lambda res: "")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"def f{i}(x):"}) + "\n" for i in range(3)))
+    rc = main(["simulate", "--target", str(target), "--draft", str(draft), "--prompts", str(prompts),
+               "--num-prompts", "2", "--calib-prompts", "1"])
+    assert rc == 1 and seen == {"tolerance": 0.15}
