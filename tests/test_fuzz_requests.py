@@ -147,13 +147,14 @@ def _healthy(addr: str) -> None:
     assert len(reply.complete.token_ids) == 3
 
 
-@FUZZ
-@given(request=generate_request())
-def test_fuzz_generation_requests(servers, request):
-    check_generation(servers[0], request)
+def test_fuzz_generation_requests_then_the_target_still_serves(servers):
+    # One test, so the "still serves" check always runs after the fuzz (not by test order).
+    @FUZZ
+    @given(request=generate_request())
+    def fuzz(request):
+        check_generation(servers[0], request)
 
-
-def test_generation_still_serves_after_fuzzing(servers):
+    fuzz()
     _healthy(servers[0])
 
 
@@ -233,13 +234,14 @@ def check_session(draft_addr: str, script: list[spb.SessionRequest]) -> None:
     assert code in SESSION_OK, f"{code.name}: {details}\nscript: {script}"
 
 
-@FUZZ
-@given(script=session_script())
-def test_fuzz_session_requests(servers, script):
-    check_session(servers[1], script)
+def test_fuzz_session_requests_then_the_draft_still_serves(servers):
+    # One test, so the "still serves" checks always run after the fuzz (not by test order).
+    @FUZZ
+    @given(script=session_script())
+    def fuzz(script):
+        check_session(servers[1], script)
 
-
-def test_draft_still_serves_after_fuzzing(servers):
+    fuzz()
     addr, draft_addr, _, drafts = servers
     ok = [spb.SessionRequest(open=spb.SessionOpen(config=spb.SessionConfig(lookahead=2, fan_out=[1, 1, 1],
                                                                           saguaro_c=1.0), transport=1)),
