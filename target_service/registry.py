@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import grpc
@@ -57,7 +57,7 @@ class Lease:
     max_lookahead: int
     max_fan_out_budget: int
     max_sequences: int
-    expires_at: float  # time.monotonic()
+    expires_at: float  # DraftRegistry's clock (time.monotonic())
     # The authenticated identity that took the lease (ssd_core.auth: a peers-file name, a
     # certificate's CN, or an address-derived `shared@HOST` / `anonymous@HOST`); what trust is tied to.
     identity: str = ""
@@ -68,11 +68,13 @@ class DraftRegistry:
 
     def __init__(self, identity: TargetIdentity, ttl_s: float = 6.0, auth_token: str | None = None, *,
                  auth: Authenticator | None = None,
-                 allow_endpoints: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()) -> None:
+                 allow_endpoints: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if ttl_s <= 0:
             raise ValueError(f"lease ttl_s={ttl_s}: must be > 0")
         self.identity = identity
         self.ttl_s = ttl_s
+        self._clock = clock  # seconds, monotonic; tests pass a fake one to expire leases without sleeping
         # without an explicit Authenticator: the legacy shared token (or none: auth off)
         self.auth = auth or Authenticator(shared_token=auth_token or None, shared_roles=frozenset({"draft"}),
                                           anonymous_roles=frozenset({"client"}))
@@ -92,7 +94,7 @@ class DraftRegistry:
         principal = principal or self._local(auth_token)
         self._check(endpoint, info, principal)
         lease = Lease(uuid.uuid4().hex, draft_id or endpoint, endpoint, info.model_id, info.max_lookahead,
-                      info.max_fan_out_budget, info.max_sequences, time.monotonic() + self.ttl_s,
+                      info.max_fan_out_budget, info.max_sequences, self._clock() + self.ttl_s,
                       principal.identity)
         with self._lock:
             self._sweep()
@@ -121,7 +123,7 @@ class DraftRegistry:
             if lease is None:
                 return False
             self._owned(lease, principal, "heartbeat")
-            self._leases[lease_id] = replace(lease, expires_at=time.monotonic() + self.ttl_s)
+            self._leases[lease_id] = replace(lease, expires_at=self._clock() + self.ttl_s)
             return True
 
     def deregister(self, lease_id: str, reason: str = "", principal: Principal | None = None) -> None:
@@ -211,7 +213,7 @@ class DraftRegistry:
                           f"proto_version {info.proto_version} unsupported (target speaks {PROTO_VERSION})")
 
     def _sweep(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         for lease in [x for x in self._leases.values() if x.expires_at < now]:
             self._remove(lease.lease_id, "lease expired")
 

@@ -252,7 +252,8 @@ def test_registry_auth_expiry_and_replacement(target):
     from target_service.registry import DraftRegistry, TargetIdentity
 
     identity = TargetIdentity("r0", "target", target.vocab_size, _info(target).tokenizer_fingerprint)
-    registry = DraftRegistry(identity, ttl_s=0.2, auth_token="s3cret")
+    now = [100.0]
+    registry = DraftRegistry(identity, ttl_s=0.2, auth_token="s3cret", clock=lambda: now[0])
     with pytest.raises(Refused) as info:
         registry.register("127.0.0.1:1", "d", _info(target), auth_token="wrong")
     assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
@@ -264,7 +265,9 @@ def test_registry_auth_expiry_and_replacement(target):
     registry.assign(first.lease_id, 2)
     second = registry.register("127.0.0.1:2", "d", _info(target), auth_token="s3cret")  # same draft id: replaces
     assert [x.lease_id for x in registry.live()] == [second.lease_id] and registry.load(second.lease_id) == 0
-    time.sleep(0.3)
+    now[0] += 0.2  # at the lease's end: still live
+    assert [x.lease_id for x in registry.live()] == [second.lease_id]
+    now[0] += 0.01
     assert registry.live() == [] and not registry.heartbeat(second.lease_id)
 
 
