@@ -227,7 +227,7 @@ def test_stalled_draft_costs_at_most_the_timeout_and_output_is_exact(served, cli
         assert not registry.is_live(lease.lease_id)
 
 
-def test_sequence_joining_mid_flight_keeps_speculator_rounds_in_step(caplog):
+def test_sequence_joining_mid_flight_keeps_speculator_rounds_in_step():
     """Regression (core fix in Engine._switch): a join changes K by batch size and rebuilds the
     speculator; the new one continues the target's round numbers (SeqStart.first_round), and the
     engine must neither crash nor reject."""
@@ -244,7 +244,9 @@ def test_sequence_joining_mid_flight_keeps_speculator_rounds_in_step(caplog):
         done.update({d.seq_id: d.finished for d in engine.step() if d.finished})
     assert list(done["a"].token_ids) == hf_greedy(target.model, PROMPT, 20)
     assert list(done["b"].token_ids) == hf_greedy(target.model, [2, 7, 1], 20)
-    assert "rejecting speculation" not in caplog.text
+    # batch <= 4 runs the JIT backup: a fast-backup round here is a rejected speculation
+    assert done["a"].stats.backup_fast == 0 and done["b"].stats.backup_fast == 0
+    assert done["a"].stats.hits > 0 and done["b"].stats.hits > 0
 
 
 def test_registry_auth_expiry_and_replacement(target):
@@ -271,13 +273,10 @@ def test_registry_auth_expiry_and_replacement(target):
     assert registry.live() == [] and not registry.heartbeat(second.lease_id)
 
 
-def test_draft_registering_mid_generation_is_picked_up(caplog):
-    import logging
-
+def test_draft_registering_mid_generation_is_picked_up():
     from draft_service.config import DraftServerConfig
     from draft_service.server import create_server as create_draft
 
-    caplog.set_level(logging.INFO, logger="target_service")
     target, draft = make_pair()
     server, port = create_server(TargetConfig(model="in-process", port=0), target=target)
     drafts = None
@@ -290,7 +289,7 @@ def test_draft_registering_mid_generation_is_picked_up(caplog):
             drafts.start_registration()
             tokens += [t for delta in stream for t in delta.token_ids]
         assert tokens == hf_greedy(target.model, PROMPT, 200)
-        assert "draft session in use" in caplog.text
+        assert stream.result.stats.cache_hit_rate > 0  # only the draft's cache hits: the backup has none
     finally:
         if drafts is not None:
             drafts.stop(0)
