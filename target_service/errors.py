@@ -30,13 +30,6 @@ class AdmissionRejected(Refused):
         super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
-class UnknownRequest(Refused):
-    """No in-flight request has this id."""
-
-    def __init__(self, request_id: str) -> None:
-        super().__init__(grpc.StatusCode.NOT_FOUND, f"unknown request_id {request_id!r}")
-
-
 class ShuttingDown(Refused):
     def __init__(self) -> None:
         super().__init__(grpc.StatusCode.UNAVAILABLE, "target is shutting down")
