@@ -68,7 +68,6 @@ class PooledSpeculator:
         self._credentials = credentials
         self._tracks: dict[str, _Track] = {}
         self._sessions: dict[str, DraftSession] = {}
-        self.rounds_by_endpoint: dict[str, int] = {}
 
     # -- Speculator protocol ---------------------------------------------------------------------
     def add(self, starts: list[SeqStart]) -> None:
@@ -210,7 +209,6 @@ class PooledSpeculator:
                     track.synced = False
                 continue
             out[o.seq_id] = spec
-        self.rounds_by_endpoint[endpoint] = self.rounds_by_endpoint.get(endpoint, 0) + 1
         return out
 
     def _assign(self, track: _Track, live: dict[str, Lease]) -> None:
