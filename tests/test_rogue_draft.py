@@ -67,7 +67,9 @@ def _register(addr: str, endpoint: str, target, draft_id: str, token: str = TOKE
 
 def _deregister(addr: str, lease_id: str) -> None:
     with grpc.insecure_channel(addr) as channel:
-        spb_grpc.TargetRegistryStub(channel).Deregister(spb.DeregisterRequest(lease_id=lease_id), timeout=5)
+        # a lease is the registering identity's: the lease id alone no longer deregisters it
+        spb_grpc.TargetRegistryStub(channel).Deregister(spb.DeregisterRequest(lease_id=lease_id), timeout=5,
+                                                        metadata=[("authorization", f"Bearer {TOKEN}")])
 
 
 def _tensor(values: list[float], shape: list[int], dtype: str = "float32") -> spb.Tensor:

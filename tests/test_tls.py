@@ -6,8 +6,6 @@ TLS and the target's session channel to the draft is TLS too. Plaintext and unve
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import logging
 import os
@@ -19,63 +17,16 @@ import pytest
 
 from client import Client
 from ssd_tls import channel_credentials
-from conftest import hf_greedy, make_pair
+from conftest import hf_greedy, make_pair, write_pki
 from target_service.config import TargetConfig
 from target_service.server import create_server
 
 PROMPT = [3, 1, 4, 1, 5, 9]
 
 
-def _write_pki(root):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def save(stem, key, cert):
-        (root / f"{stem}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                             serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()))
-        (root / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    def ca(cn):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn)).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
-        return key, cert
-
-    def leaf(cn, ca_key, ca_cert):
-        key = ec.generate_private_key(ec.SECP256R1())
-        san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-        eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
-        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_cert.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(san, critical=False).add_extension(eku, critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        return key, cert
-
-    ca_key, ca_cert = ca("ssd test CA")
-    save("ca", ca_key, ca_cert)
-    for stem in ("target", "draft", "client"):
-        save(stem, *leaf(f"ssd {stem}", ca_key, ca_cert))
-    save("rogue_ca", *ca("someone else's CA"))
-    rogue_key, rogue_cert = ca("someone else's CA")
-    save("rogue_client", *leaf("rogue", rogue_key, rogue_cert))
-    return root
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    return _write_pki(tmp_path_factory.mktemp("pki"))
+    return write_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
@@ -177,33 +128,92 @@ def test_tls_flag_combinations_are_checked(pki):
         TargetConfig(model="m", tls_client_ca=str(pki / "ca.pem"))
 
 
-def test_tls_target_serves_its_in_process_openai_gateway_over_a_private_socket(pki, pair):
-    """--tls-cert with --openai-port: the gateway reaches the target over a plaintext unix socket
-    in a 0700 directory (the TCP port stays TLS-only), and the directory goes with the server."""
+API_KEY = "sk-test-0123456789abcdef"
+
+
+def _oai(pki, url: str, cert: str | None = None, key: str = "none"):
+    """An `openai` client over HTTPS verifying the test CA, presenting `cert` (a PKI stem) if given."""
+    import ssl
+
     import openai
 
-    from openai_gateway.server import attach_to_target
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    if cert:
+        ctx.load_cert_chain(pki / f"{cert}.pem", pki / f"{cert}.key")
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=30, http_client=openai.DefaultHttpxClient(verify=ctx))
+
+
+def _in_process_http(pki, pair, **kw):
+    from target_service.server import start_openai
 
     cfg = TargetConfig(model="in-process", port=0, tls_cert=str(pki / "target.pem"), tls_key=str(pki / "target.key"),
-                       tls_client_ca=str(pki / "ca.pem"), openai_port=8000)
+                       tls_client_ca=str(pki / "ca.pem"), openai_port=8000, **kw)
     server, port = create_server(cfg, target=pair[0])
-    http = None
+    return server, port, start_openai(server, port, cfg, http_port=0)
+
+
+def _complete(oai) -> int:
+    out = oai.completions.create(model=oai.models.list().data[0].id, prompt=PROMPT, max_tokens=4, temperature=0,
+                                 extra_body={"ignore_eos": True})
+    return out.usage.completion_tokens
+
+
+def test_mtls_target_http_side_refuses_callers_without_a_client_certificate(pki, pair):
+    """Finding 1: the in-process OpenAI API of an mTLS target is HTTPS with the target's certificate
+    and requires a client certificate from the same CA; a caller without one, with one from another
+    CA, or speaking plain HTTP gets nothing. The gateway reaches the target over a plaintext unix
+    socket in a 0700 directory (the gRPC TCP port stays TLS-only) that goes with the server."""
+    import openai
+
+    server, port, http = _in_process_http(pki, pair)
     try:
         sock = server.local_address.removeprefix("unix:")
         assert server.local_address.startswith("unix:") and os.stat(os.path.dirname(sock)).st_mode & 0o777 == 0o700
-        http = attach_to_target(port, 0, grpc_address=server.local_address)
-        oai = openai.OpenAI(base_url=http.url, api_key="none", max_retries=0, timeout=30)
-        out = oai.completions.create(model=oai.models.list().data[0].id, prompt=PROMPT, max_tokens=4,
-                                     temperature=0, extra_body={"ignore_eos": True})
-        assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
-        with Client(f"127.0.0.1:{port}", timeout=5, max_retries=0) as plain:  # TCP: still no plaintext
+        assert http.url.startswith("https://")
+        assert _complete(_oai(pki, http.url, cert="client")) == 4
+        for who in (_oai(pki, http.url), _oai(pki, http.url, cert="rogue_client"),
+                    _oai(pki, http.url.replace("https://", "http://"), cert="client")):
+            with pytest.raises(openai.APIConnectionError):
+                who.models.list()
+        with Client(f"127.0.0.1:{port}", timeout=5, max_retries=0) as plain:  # TCP gRPC: still no plaintext
             with pytest.raises(Exception):
                 plain.generate(prompt_ids=PROMPT, max_tokens=2)
     finally:
-        if http is not None:
-            http.stop()
+        http.stop()
         server.stop(0)
     assert not os.path.exists(os.path.dirname(sock))
+
+
+def test_mtls_target_http_side_with_api_keys_needs_a_key(pki, pair):
+    """With --openai-api-key-file the certificate becomes optional and the key is what is checked:
+    no key or a wrong key is HTTP 401 (AuthenticationError), the right key works."""
+    import openai
+
+    server, _, http = _in_process_http(pki, pair, openai_api_keys=(API_KEY,))
+    try:
+        for key in ("none", API_KEY[:-1] + "X"):
+            with pytest.raises(openai.AuthenticationError):
+                _oai(pki, http.url, key=key).models.list()
+        assert _complete(_oai(pki, http.url, key=API_KEY)) == 4
+    finally:
+        http.stop()
+        server.stop(0)
+
+
+def test_plain_http_on_a_tls_target_only_with_the_flag_that_says_so(pki, pair, caplog):
+    """--openai-allow-insecure-http: plain, unauthenticated HTTP is served, and the log says so."""
+    import openai
+
+    caplog.set_level(logging.WARNING, logger="target_service")
+    server, _, http = _in_process_http(pki, pair, openai_allow_insecure_http=True)
+    try:
+        assert http.url.startswith("http://")
+        plain = openai.OpenAI(base_url=http.url, api_key="none", max_retries=0, timeout=30)
+        assert _complete(plain) == 4
+    finally:
+        http.stop()
+        server.stop(0)
+    assert "plain HTTP and UNAUTHENTICATED" in caplog.text
 
 
 def test_standalone_openai_gateway_reaches_an_mtls_target(cluster, pki):
@@ -233,3 +243,27 @@ def test_standalone_openai_gateway_reaches_an_mtls_target(cluster, pki):
                      (["--tls-ca", str(pki / "nope.pem")], "no such file")):
         with pytest.raises(ValueError, match=why):
             client_credentials(parser.parse_args(bad))
+
+
+def test_a_client_certificate_cannot_register_or_open_draft_sessions(cluster, pki, pair):
+    """Roles under mTLS: a certificate from the CA makes its holder a client, not a draft or a target,
+    so without the drafts' / targets' credential it may neither register nor open a draft Session."""
+    from ssd_core.models import tokenizer_fingerprint
+    from ssd_protos.ssd.v1 import speculation_pb2 as spb
+    from ssd_protos.ssd.v1 import speculation_pb2_grpc as spb_grpc
+
+    server, addr = cluster
+    target = pair[0]
+    info = spb.DraftInfo(model_id="x", vocab_size=target.vocab_size, proto_version=1,
+                         tokenizer_fingerprint=tokenizer_fingerprint(target.tokenizer, target.vocab_size))
+    with grpc.secure_channel(addr, _mtls(pki)) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            spb_grpc.TargetRegistryStub(channel).Register(
+                spb.RegisterRequest(endpoint="127.0.0.1:1", draft_id="x", info=info), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "ssd client" in err.value.details()
+    draft_endpoint = server.app.registry.live()[0].endpoint
+    opening = spb.SessionRequest(open=spb.SessionOpen(target_replica_id="client", config=spb.SessionConfig(lookahead=2)))
+    with grpc.secure_channel(draft_endpoint, _mtls(pki)) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            list(spb_grpc.SpeculatorStub(channel).Session(iter([opening]), timeout=5))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
