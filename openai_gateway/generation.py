@@ -106,12 +106,28 @@ def sdk_kwargs(params: GenerationParams, prompt: Prompt, max_tokens: int, reques
         "seed": params.seed,
         "stop": params.stop_list(),
         "ignore_eos": params.ignore_eos,
+        "stop_token_ids": tuple(params.stop_token_ids or ()),
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "repetition_penalty": params.repetition_penalty,
+        "logit_bias": logit_bias(params),
         "mode": params.ssd_mode,  # None: the target's default mode
         "lookahead": params.lookahead,
         "fan_out": params.fan_out,
         "saguaro_c": params.saguaro_c,
         "request_id": request_id,
     }
+
+
+def logit_bias(params: GenerationParams) -> dict[int, float]:
+    """OpenAI's logit_bias (keys are token ids as strings) as ids; 400 for a key that is not one."""
+    out = {}
+    for key, bias in (params.logit_bias or {}).items():
+        try:
+            out[int(key)] = float(bias)
+        except ValueError:
+            raise bad_request(f"logit_bias key {key!r} is not a token id", "logit_bias") from None
+    return out
 
 
 class DisconnectWatcher:

@@ -17,7 +17,7 @@ class StreamOptions(BaseModel):
 class GenerationParams(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions, plus the SSD speculation knobs."""
 
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, logit_bias, ...) are ignored
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, ...) are ignored
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -28,8 +28,14 @@ class GenerationParams(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Applied exactly by the target in every mode (ranges are the target's to judge).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     # vLLM-style sampling extras.
     top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     # SSD speculation knobs (extra body fields); None = the target's default.
     ssd_mode: Literal["ar", "sd", "ssd"] | None = None

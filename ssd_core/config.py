@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from ssd_core.errors import InvalidParameter
@@ -26,9 +27,24 @@ class BackupKind(str, enum.Enum):
     AUTO = "auto"  # chosen by batch size (BatchPolicy)
 
 
+# Bounds of the per-request logit processing (OpenAI's ranges for presence / frequency / logit_bias).
+PENALTY_RANGE = (-2.0, 2.0)
+REPETITION_RANGE = (0.0, 10.0)  # exclusive low end; 1 = off (HF's RepetitionPenaltyLogitsProcessor)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+MAX_LOGIT_BIAS = 1024  # entries per request
+MAX_STOP_TOKEN_IDS = 64
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Per-request sampling; temperature 0 means greedy. top_k 0 and top_p 1 disable them."""
+    """Per-request sampling; temperature 0 means greedy. top_k 0 and top_p 1 disable them.
+
+    Logits are processed in this order (ssd_core.sampling.process_logits, the same for every
+    verified position): repetition penalty (HF semantics, over prompt + output), frequency and
+    presence penalties (OpenAI semantics, over the output so far), logit_bias, then temperature,
+    top-k, top-p (HF's warpers: top-k keeps every token tied with the k-th). Greedy takes the
+    argmax of the penalized, biased logits. Every accepted value gives a proper distribution.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -37,22 +53,58 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    stop_token_ids: frozenset[int] = frozenset()  # finish with reason "stop" after any of these
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), sorted by id
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise InvalidParameter("max_new_tokens", self.max_new_tokens, "must be >= 1")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise InvalidParameter("temperature", self.temperature, "must be >= 0")
+        if not 0.0 <= self.temperature < math.inf:  # also rejects NaN
+            raise InvalidParameter("temperature", self.temperature, "must be finite and >= 0")
         if self.top_k < 0:
             raise InvalidParameter("top_k", self.top_k, "must be >= 0 (0 disables)")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidParameter("top_p", self.top_p, "must be in (0, 1]")
         if any(not s for s in self.stop):
             raise InvalidParameter("stop", self.stop, "stop strings must be non-empty")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(t < 0 for t in self.stop_token_ids):
+            raise InvalidParameter("stop_token_ids", sorted(self.stop_token_ids)[:8],
+                                   f"at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
+        lo, hi = PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise InvalidParameter(name, value, f"must be in [{lo}, {hi}]")
+        if not REPETITION_RANGE[0] < self.repetition_penalty <= REPETITION_RANGE[1]:
+            raise InvalidParameter("repetition_penalty", self.repetition_penalty,
+                                   f"must be in ({REPETITION_RANGE[0]}, {REPETITION_RANGE[1]}] (1 disables)")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidParameter("logit_bias", len(self.logit_bias), f"at most {MAX_LOGIT_BIAS} entries")
+        ids = [t for t, _ in self.logit_bias]
+        if any(t < 0 for t in ids) or len(set(ids)) != len(ids):
+            raise InvalidParameter("logit_bias", ids[:8], "token ids must be non-negative and distinct")
+        lo, hi = LOGIT_BIAS_RANGE
+        if any(not lo <= b <= hi for _, b in self.logit_bias):
+            raise InvalidParameter("logit_bias", [b for _, b in self.logit_bias][:8], f"biases must be in [{lo}, {hi}]")
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in self.logit_bias)))
+        object.__setattr__(self, "stop_token_ids", frozenset(int(t) for t in self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Logits depend on the history (or a bias): processed per position by the engine."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
+
+    def max_token_id(self) -> int:
+        """The largest token id this request names (-1 for none): checked against the vocabulary."""
+        return max([t for t, _ in self.logit_bias] + list(self.stop_token_ids), default=-1)
 
 
 @dataclass(frozen=True, slots=True)

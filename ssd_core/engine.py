@@ -26,8 +26,9 @@ from ssd_core.config import BatchPolicy, Mode, SamplingParams, SpecConfig
 from ssd_core.errors import InvalidParameter
 from ssd_core.kv import BatchKV
 from ssd_core.models import LoadedModel, check_pair
+from ssd_core.detok import TextStream
 from ssd_core.plan import RoundPlan, resolve_plan
-from ssd_core.sampling import process_logits
+from ssd_core.sampling import derive_seed, penalize, process_logits
 from ssd_core.speculator import DraftSpeculator
 from ssd_core.stats import EngineTimings, RequestStats
 from ssd_core.types import RoundOutcome, SeqStart, SpecSource, Speculation, Speculator
@@ -55,11 +56,15 @@ class Result:
 
 @dataclass(frozen=True, slots=True)
 class Delta:
-    """Tokens committed for one sequence in one step (streaming)."""
+    """Tokens committed for one sequence in one step (streaming), and the text they release.
+
+    The `text` of all of a sequence's deltas adds up to its Result.text (text that could still
+    turn into a stop string is held back until it cannot)."""
 
     seq_id: str
     token_ids: tuple[int, ...]
     finished: Result | None = None
+    text: str = ""
 
 
 @dataclass(slots=True)
@@ -68,9 +73,12 @@ class _Seq:
     tokens: list[int]
     gen: torch.Generator
     stats: RequestStats
+    draft_seed: int = 0  # the draft's per-sequence seed (keyed hash of the request seed)
+    text: TextStream | None = None  # None without a tokenizer
     round: int = -1
     new: int = 0  # tokens generated so far
     limit: int = 0  # max new tokens (request cap, clipped by the context)
+    stop_at: int | None = None  # where in the text a stop string starts, once one completed
 
 
 SpeculatorFactory = Callable[[RoundPlan, float], Speculator]  # (plan, saguaro_c) -> speculator
@@ -84,7 +92,8 @@ class Engine:
     """
 
     def __init__(self, target: LoadedModel, draft: LoadedModel | None = None, spec: SpecConfig = SpecConfig(),
-                 policy: BatchPolicy = BatchPolicy(), speculator_factory: SpeculatorFactory | None = None) -> None:
+                 policy: BatchPolicy = BatchPolicy(), speculator_factory: SpeculatorFactory | None = None,
+                 draft_seed_key: bytes = b"") -> None:
         if draft is not None:
             check_pair(target, draft)
             speculator_factory = speculator_factory or _local_factory(draft)
@@ -99,6 +108,10 @@ class Engine:
         self._speculator: Speculator | None = None
         self._outcomes: dict[str, RoundOutcome] = {}
         self._ids = itertools.count()
+        # Key of the draft seeds' derivation. A service uses a secret one, so a remote draft cannot
+        # work out the target's noise from a request seed it might guess; in-process, b"" keeps
+        # seeded runs reproducible from one process to the next.
+        self._seed_key = draft_seed_key
 
     # -- public API --------------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[Result]:
@@ -128,7 +141,7 @@ class Engine:
         idx = [i for i, s in enumerate(self.seqs) if s.req.seq_id == seq_id]
         if not idx:
             return None
-        return self._retire([(idx[0], "abort")])[0]
+        return self._retire([(idx[0], "abort")])[0][0]
 
     def close(self) -> None:
         if self._speculator is not None:
@@ -207,6 +220,12 @@ class Engine:
         # sampling and verification run on the CPU (a no-op there); keeping them on the GPU is
         # part of the GPU fast path, which needs a GPU to measure (issue 8)
         logits = self.kv.forward(self.target.model, tokens, pos).cpu()
+        if any(seq.req.params.penalized for seq in self.seqs):
+            logits = logits.clone()  # a plain tensor (the forward's may be an inference-mode one)
+        for i, (seq, sp) in enumerate(zip(self.seqs, specs)):
+            if seq.req.params.penalized:  # position j sees the history plus d_1..d_j, as AR step j would
+                logits[i] = penalize(logits[i], seq.req.params, seq.req.prompt_ids,
+                                     seq.tokens[len(seq.req.prompt_ids):], sp.tokens)
         flat = logits.reshape(-1, logits.shape[-1])
         p = [s.req.params for s in self.seqs for _ in range(lookahead + 1)]
         probs = process_logits(flat, torch.tensor([x.temperature for x in p]), torch.tensor([x.top_k for x in p]),
@@ -218,7 +237,7 @@ class Engine:
         draft_tokens = torch.tensor([sp.tokens for sp in specs], dtype=torch.long).view(batch, k_plus_1 - 1)
         draft_probs = point_mass(draft_tokens, vocab)
         for i, sp in enumerate(specs):
-            if sp.draft_probs is not None:
+            if sp.draft_probs is not None and sp.q_trusted:  # else: verified against the point mass
                 draft_probs[i] = sp.draft_probs
         uniforms, race = draw_noise([s.gen for s in self.seqs], k_plus_1 - 1, vocab)
         return verify(draft_tokens, draft_probs, target_probs, uniforms, race)
@@ -234,44 +253,51 @@ class Engine:
             lookup = seq.stats.record_round(len(sp.tokens), k, sp.source, self._plan.tree)
             if lookup is not None:
                 lookups.append(lookup)
-            emitted = list(sp.tokens[:k]) + [t]
             self._outcomes[seq.req.seq_id] = RoundOutcome(seq.req.seq_id, sp.round, k, t)
-            emitted, reason = self._apply_stops(seq, emitted)
-            seq.tokens.extend(emitted)
-            seq.new += len(emitted)
-            deltas.append(Delta(seq.req.seq_id, tuple(emitted)))
+            emitted, reason = self._emit(seq, list(sp.tokens[:k]) + [t])
+            # a finishing sequence's text comes from _retire (cut where a stop string starts)
+            text = seq.text.release() if seq.text is not None and reason is None else ""
+            deltas.append(Delta(seq.req.seq_id, tuple(emitted), text=text))
             if reason is not None:
                 finished.append((i, reason))
         if finished:
-            results = {r.seq_id: r for r in self._retire(finished)}
-            deltas = [Delta(d.seq_id, d.token_ids, results.get(d.seq_id)) for d in deltas]
+            ended = {r.seq_id: (r, rest) for r, rest in self._retire(finished)}
+            deltas = [Delta(d.seq_id, d.token_ids, ended[d.seq_id][0], d.text + ended[d.seq_id][1])
+                      if d.seq_id in ended else d for d in deltas]
         return deltas, lookups
 
-    def _apply_stops(self, seq: _Seq, emitted: list[int]) -> tuple[list[int], str | None]:
-        params = seq.req.params
-        if not params.ignore_eos:
-            for j, tok in enumerate(emitted):
-                if tok in self.target.eos_token_ids:
-                    return emitted[: j + 1], "eos"  # tokens after EOS are discarded
-        if seq.new + len(emitted) >= seq.limit:
-            return emitted[: seq.limit - seq.new], "length"
-        if params.stop and self.target.tokenizer is not None:
-            text = self._text(seq.tokens[len(seq.req.prompt_ids):] + emitted)
-            if any(s in text for s in params.stop):
-                return emitted, "stop"
-        return emitted, None
+    def _emit(self, seq: _Seq, tokens: list[int]) -> tuple[list[int], str | None]:
+        """Commit a round's tokens one position at a time, exactly as AR would one step at a time:
+        after each token, EOS ends the sequence ("eos"), then a stop token id or a completed stop
+        string ("stop"), then the length limit ("length"); tokens after that position are dropped.
+        (vLLM's order; the text of a "stop" ends where the stop string starts.)"""
+        params, eos = seq.req.params, self.target.eos_token_ids
+        for j, tok in enumerate(tokens):
+            seq.tokens.append(tok)
+            seq.new += 1
+            if seq.text is not None:
+                at = seq.text.push(tok)
+                if at is not None and seq.stop_at is None:
+                    seq.stop_at = at
+            if tok in eos and not params.ignore_eos:
+                return tokens[: j + 1], "eos"
+            if tok in params.stop_token_ids or seq.stop_at is not None:
+                return tokens[: j + 1], "stop"
+            if seq.new >= seq.limit:
+                return tokens[: j + 1], "length"
+        return tokens, None
 
-    def _retire(self, finished: list[tuple[int, str]]) -> list[Result]:
+    def _retire(self, finished: list[tuple[int, str]]) -> list[tuple[Result, str]]:
+        """Remove finished sequences; each Result with the text it adds after the last release."""
         gone = {i for i, _ in finished}
         results = []
         for i, reason in finished:
             seq = self.seqs[i]
             new_ids = seq.tokens[len(seq.req.prompt_ids):]
-            text = self._text(new_ids)
-            if reason == "stop":
-                new_ids, text = self._cut_at_stop(new_ids, seq.req.params.stop)
+            rest = seq.text.finish(seq.stop_at if reason == "stop" else None) if seq.text is not None else ""
+            text = seq.text.text if seq.text is not None else ""
             seq.stats.finish(len(new_ids))
-            results.append(Result(seq.req.seq_id, tuple(new_ids), text, reason, seq.stats))
+            results.append((Result(seq.req.seq_id, tuple(new_ids), text, reason, seq.stats), rest))
             self._outcomes.pop(seq.req.seq_id, None)
         keep = [i for i in range(len(self.seqs)) if i not in gone]
         if self._speculator is not None:
@@ -294,17 +320,24 @@ class Engine:
         seq_id = req.seq_id or f"seq-{next(self._ids)}"
         if any(s.req.seq_id == seq_id for s in self.seqs):
             raise InvalidParameter("seq_id", seq_id, "already active")
-        seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
-        req = Request(tuple(req.prompt_ids), req.params, seq_id)
-        # independent streams: target noise from seed, draft sampling from a derived seed
-        seq = _Seq(req, list(req.prompt_ids), torch.Generator().manual_seed(seed), RequestStats())
-        seq.limit = min(req.params.max_new_tokens, room)
+        params = req.params
+        if params.max_token_id() >= vocab:
+            raise InvalidParameter("logit_bias/stop_token_ids", params.max_token_id(), f"token ids must be in [0, {vocab})")
+        if params.stop and self.target.tokenizer is None:
+            raise InvalidParameter("stop", list(params.stop), "stop strings need a tokenizer")
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        req = Request(tuple(req.prompt_ids), params, seq_id)
+        # independent streams: target noise from seed, draft sampling from a keyed one-way hash of it
+        seq = _Seq(req, list(req.prompt_ids), torch.Generator().manual_seed(seed), RequestStats(),
+                   draft_seed=derive_seed(seed, key=self._seed_key))
+        if self.target.tokenizer is not None:
+            seq.text = TextStream(self.target.tokenizer, params.stop)
+        seq.limit = min(params.max_new_tokens, room)
         return seq
 
     def _start(self, seq: _Seq) -> SeqStart:
-        base = seq.gen.initial_seed()
-        return SeqStart(seq.req.seq_id, tuple(seq.tokens), seq.req.params, (base * 1_000_003 + 7) % 2**63,
-                        first_round=seq.round + 1)
+        # the speculator derives the stream from (draft_seed, first_round): fresh on every rebuild
+        return SeqStart(seq.req.seq_id, tuple(seq.tokens), seq.req.params, seq.draft_seed, first_round=seq.round + 1)
 
     def _prefill(self, new: list[_Seq]) -> None:
         """Target KV for all but the last prompt token (it is fed with the first verify pass)."""
@@ -315,19 +348,6 @@ class Engine:
         for s in new:
             s.stats.prefill_s += dt
         metrics.record_round((), 0, phase_seconds={"prefill": dt})
-
-    def _text(self, ids: list[int]) -> str:
-        tok = self.target.tokenizer
-        return tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
-
-    def _cut_at_stop(self, ids: list[int], stops: tuple[str, ...]) -> tuple[list[int], str]:
-        """Shortest token prefix whose text contains a stop string; the text ends before it."""
-        for n in range(1, len(ids) + 1):
-            text = self._text(ids[:n])
-            hits = [text.index(s) for s in stops if s in text]
-            if hits:
-                return ids[:n], text[: min(hits)]
-        return ids, self._text(ids)
 
 
 def _local_factory(draft: LoadedModel) -> SpeculatorFactory:

@@ -25,7 +25,7 @@ from ssd_core.backup import ngram_guess
 from ssd_core.config import BackupKind
 from ssd_core.kv import BatchKV
 from ssd_core.models import LoadedModel
-from ssd_core.sampling import process_logits, sample, saguaro_reshape
+from ssd_core.sampling import derive_seed, process_logits, sample, saguaro_reshape
 from ssd_core.spec_cache import OutcomeKey, SpeculationCache
 from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Speculation
 
@@ -104,7 +104,9 @@ class DraftSpeculator:
         self._wait()
         if not starts:
             return
-        new = [_Row(s.seq_id, list(s.token_ids), s, torch.Generator().manual_seed(s.draft_seed)) for s in starts]
+        # a fresh stream per (sequence, round it starts at): a rebuild or resync never replays draws
+        new = [_Row(s.seq_id, list(s.token_ids), s, torch.Generator().manual_seed(derive_seed(s.draft_seed, s.first_round)))
+               for s in starts]
         for r in new:
             r.fed = len(r.tokens) - 1
             r.round = r.start.first_round - 1  # rounds are numbered as the target numbers them
@@ -185,7 +187,7 @@ class DraftSpeculator:
                 row.spec, row.fed = list(hit.tokens), len(row.tokens) + k_next - 1
                 row.cand_logits = torch.cat([hit.logits, hit.logits[:1]])  # last row filled by glue
                 row.cand_known = k_next
-                specs[i] = Speculation(row.seq_id, row.round, tuple(hit.tokens), hit.probs, SpecSource.CACHE_HIT)
+                specs[i] = Speculation(row.seq_id, row.round, tuple(hit.tokens), hit.probs, SpecSource.CACHE_HIT, True)
             elif backup is BackupKind.FAST and row.past_first_round:
                 self.stats.fast += 1
                 row.spec = list(ngram_guess(row.tokens, k_next))
@@ -196,7 +198,7 @@ class DraftSpeculator:
             self.stats.jit += sum(1 for i in jit_rows if self.rows[i].past_first_round)
             t0 = time.perf_counter()
             for i, (tokens, probs) in zip(jit_rows, self._jit(jit_rows, k_next)):
-                specs[i] = Speculation(self.rows[i].seq_id, self.rows[i].round, tokens, probs, SpecSource.JIT)
+                specs[i] = Speculation(self.rows[i].seq_id, self.rows[i].round, tokens, probs, SpecSource.JIT, True)
             self.stats.jit_s += time.perf_counter() - t0
         return specs  # type: ignore[return-value]
 

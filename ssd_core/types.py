@@ -30,7 +30,7 @@ class SeqStart:
     seq_id: str
     token_ids: tuple[int, ...]
     params: SamplingParams
-    draft_seed: int
+    draft_seed: int  # the sequence's draft seed; the speculator derives its stream from it and first_round
     first_round: int = 0  # round of the first speculation handed out for it (the target's numbering)
 
 
@@ -57,6 +57,12 @@ class Speculation:
     tokens: tuple[int, ...]
     draft_probs: torch.Tensor | None  # [K, V] float32, None = point mass (greedy or a guess)
     source: SpecSource
+    # Set only by target-side code for a speculator the operator trusts (in-process, child
+    # process, or a remote draft named in --trusted-drafts), never read from the wire. Exactness
+    # needs the tokens to be drawn from exactly this q; without trust the engine verifies against
+    # a point mass at the tokens, which is exact for any tokens drawn without seeing the
+    # target's noise (it only lowers acceptance).
+    q_trusted: bool = False
 
 
 class Speculator(Protocol):

@@ -55,9 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--openai-allow-insecure-http", action="store_true",
                         help="with --tls-cert: serve the OpenAI API as plain HTTP (default: HTTPS with the same "
                              "certificate, client certificates required under mTLS unless API keys are set)")
+    parser.add_argument("--trusted-draft", action="append", default=[], metavar="IDENTITY",
+                        help="a draft identity whose draft probabilities q are used in sampled verification "
+                             "(repeatable); other drafts' sampled tokens are verified against a point mass "
+                             "(exact whatever they send, lower acceptance)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--grace-s", type=float, default=5.0, help="SIGTERM grace period")
     parser.add_argument("--openai-port", type=int, default=0, help="also serve the OpenAI HTTP API on this port")
+    parser.add_argument("--health-port", type=int, default=0,
+                        help="also serve the gRPC health service alone, plaintext, on this port (probes of a TLS "
+                             "target; nothing else is reachable there)")
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
     parser.add_argument("--served-model-name", default="", help="OpenAI model name (default: the model dir name)")
     add_tls_arguments(parser, "the draft endpoints")
@@ -78,8 +85,9 @@ def config_from_args(args: argparse.Namespace) -> TargetConfig:
         lease_ttl_s=args.lease_ttl_s, auth_token=token, peers=read_peers(args.peers_file),
         allow_draft_endpoints=tuple(args.allow_draft_endpoint), openai_api_keys=api_keys,
         openai_allow_insecure_http=args.openai_allow_insecure_http, grace_s=args.grace_s, openai_port=args.openai_port,
+        health_port=args.health_port,
         served_model_name=args.served_model_name, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca, tls_ca=args.tls_ca,
+        tls_client_ca=args.tls_client_ca, tls_ca=args.tls_ca, trusted_drafts=tuple(args.trusted_draft),
     )  # fmt: skip
 
 

@@ -38,8 +38,13 @@ class TargetConfig:
     auth_token: str | None = field(default=None, repr=False)
     peers: tuple[PeerEntry, ...] = field(default=(), repr=False)  # callers, each as itself (--peers-file)
     allow_draft_endpoints: tuple[str, ...] = ()  # CIDRs drafts may register beyond their own address
+    # Authenticated draft identities (Lease.identity) whose q is used in sampled verification; every
+    # other draft's sampled speculation is verified against a point mass at its tokens (exact for
+    # any tokens, lower acceptance). A q from a remote peer is only as good as the peer.
+    trusted_drafts: tuple[str, ...] = ()
     grace_s: float = 5.0  # SIGTERM: finish in-flight RPCs for this long
     rpc_threads: int = 64
+    health_port: int = 0  # > 0: also serve grpc.health.v1 alone, plaintext, here (probes of a TLS target)
     openai_port: int = 0  # > 0: also serve the OpenAI-compatible HTTP API here
     served_model_name: str = ""  # OpenAI model name ("" -> the model directory name)
     openai_api_keys: tuple[str, ...] = field(default=(), repr=False)  # HTTP callers need one (Bearer)
@@ -58,6 +63,7 @@ class TargetConfig:
     def __post_init__(self) -> None:
         checks = [
             ("port", self.port, 0 <= self.port < 65536, "must be in [0, 65536)"),
+            ("health_port", self.health_port, 0 <= self.health_port < 65536, "must be in [0, 65536)"),
             ("max_batch", self.max_batch, self.max_batch >= 1, "must be >= 1"),
             ("max_queue", self.max_queue, self.max_queue >= 0, "must be >= 0"),
             ("max_tokens", self.max_tokens, self.max_tokens >= 1, "must be >= 1"),

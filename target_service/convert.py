@@ -32,10 +32,7 @@ def job_from_pb(request: pb.GenerateRequest | pb.CompleteRequest, cfg: TargetCon
     request_id = request.request_id or uuid.uuid4().hex
     if len(request_id) > 256:
         raise InvalidParameter("request_id", request_id[:32] + "...", "longer than 256 characters")
-    stop_ids = frozenset(int(t) for t in request.sampling.stop_token_ids)
-    if any(not 0 <= t < target.vocab_size for t in stop_ids):
-        raise InvalidParameter("stop_token_ids", sorted(stop_ids), f"ids must be in [0, {target.vocab_size})")
-    return Job(Request(prompt, params, request_id), spec, stop_ids)
+    return Job(Request(prompt, params, request_id), spec)
 
 
 def _prompt(request: pb.GenerateRequest | pb.CompleteRequest, cfg: TargetConfig,
@@ -70,8 +67,19 @@ def _sampling(m: pb.SamplingParams, cfg: TargetConfig, target: LoadedModel) -> S
     if m.stop and target.tokenizer is None:
         raise InvalidParameter("stop", list(m.stop), "stop strings need a tokenizer on the target")
     top_p = m.top_p if m.top_p != 0.0 else 1.0
+    vocab = target.vocab_size
+    for name, ids in (("stop_token_ids", list(m.stop_token_ids)), ("logit_bias", list(m.logit_bias))):
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidParameter(name, sorted(ids)[:8], f"token ids must be in [0, {vocab})")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not math.isfinite(getattr(m, name)):
+            raise InvalidParameter(name, getattr(m, name), "must be finite")
+    repetition = m.repetition_penalty if m.HasField("repetition_penalty") else 1.0
     return SamplingParams(max_new_tokens=max_tokens, temperature=m.temperature, top_k=m.top_k, top_p=top_p,
-                          seed=m.seed if m.HasField("seed") else None, stop=tuple(m.stop), ignore_eos=m.ignore_eos)
+                          seed=m.seed if m.HasField("seed") else None, stop=tuple(m.stop), ignore_eos=m.ignore_eos,
+                          stop_token_ids=frozenset(m.stop_token_ids), presence_penalty=m.presence_penalty,
+                          frequency_penalty=m.frequency_penalty, repetition_penalty=repetition,
+                          logit_bias=tuple(sorted(m.logit_bias.items())))
 
 
 def _speculation(m: pb.SpeculationParams, cfg: TargetConfig) -> SpecConfig:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -60,12 +60,14 @@ class PooledSpeculator:
     """Speculator over remote draft endpoints; see the module docstring."""
 
     def __init__(self, registry: DraftRegistry, plan: RoundPlan, saguaro_c: float, *, replica_id: str,
-                 vocab_size: int, timeout_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None) -> None:
+                 vocab_size: int, timeout_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None,
+                 trusted: tuple[str, ...] = ()) -> None:
         self.fan_out, self.tree, self.backup = plan.fan_out, plan.tree, plan.backup
         self.lookahead = plan.lookahead
         self.saguaro_c = saguaro_c
         self._registry, self._replica, self._vocab, self._timeout_s = registry, replica_id, vocab_size, timeout_s
         self._credentials = credentials
+        self._trusted = frozenset(trusted)  # Lease.identity values whose q is used (TargetConfig.trusted_drafts)
         self._tracks: dict[str, _Track] = {}
         self._sessions: dict[str, DraftSession] = {}
 
@@ -160,7 +162,8 @@ class PooledSpeculator:
             for track, o in groups[lease_id]:
                 if track.start.seq_id in failed:
                     track.synced, track.held = False, None
-            answers.update(self._decode(reply.sequences, groups[lease_id], failed, session.endpoint))
+            trusted = live[lease_id].identity in self._trusted
+            answers.update(self._decode(reply.sequences, groups[lease_id], failed, session.endpoint, trusted))
         return answers
 
     def _send(self, lease: Lease, group: list[tuple[_Track, RoundOutcome]]) -> tuple[int, int]:
@@ -184,11 +187,12 @@ class PooledSpeculator:
             else:
                 wire.append(o)
         session.add(starts)
-        want_probs = any(not t.start.params.greedy for t, _ in group)
+        # an untrusted draft's q would be ignored (point-mass verification): do not even ask for it
+        want_probs = lease.identity in self._trusted and any(not t.start.params.greedy for t, _ in group)
         return session.send_round(wire, want_probs), sum(len(x.token_ids) for x in starts)
 
     def _decode(self, sequences, group: list[tuple[_Track, RoundOutcome]], failed: set[str],
-                endpoint: str) -> dict[str, Speculation]:
+                endpoint: str, trusted: bool) -> dict[str, Speculation]:
         by_id = {m.seq_id: m for m in sequences}
         out: dict[str, Speculation] = {}
         for track, o in group:
@@ -198,6 +202,8 @@ class PooledSpeculator:
                 continue
             try:
                 spec = speculation_from_pb(m)
+                # trust is ours to grant (never read from the wire); an untrusted q is dropped unread
+                spec = replace(spec, q_trusted=True) if trusted else replace(spec, draft_probs=None)
             except ValueError as exc:
                 log.warning("undecodable speculation from %s for %s: %s", endpoint, o.seq_id, exc)
                 track.synced = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -41,10 +42,12 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, str(exc)
     if isinstance(exc, IncompatibleModels):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, (InvalidParameter, ValueError)):
+    if isinstance(exc, InvalidParameter):  # only validation is the caller's fault
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    log.error("unexpected error: %r", exc, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    # anything else is ours: logged in full here, reported without internal text (an id to grep)
+    incident = secrets.token_hex(4)
+    log.error("unexpected error (incident %s): %r", incident, exc, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; see the target's log)"
 
 
 def mapped(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -34,7 +34,6 @@ class Job:
 
     request: Request
     spec: SpecConfig
-    stop_token_ids: frozenset[int] = frozenset()  # finish with reason stop after any of these
 
     @property
     def request_id(self) -> str:
@@ -44,6 +43,7 @@ class Job:
 @dataclass(frozen=True, slots=True)
 class Chunk:
     token_ids: tuple[int, ...]
+    text: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,38 +243,16 @@ class Scheduler:
                     self._fail(ticket, exc)
             self._drop_lane(spec)
             return
-        self._dispatch(self._stop_tokens(lane, deltas))
+        self._dispatch(deltas)
         lane.idle_since = time.monotonic()
-
-    def _stop_tokens(self, lane: _Lane, deltas: list[Delta]) -> list[Delta]:
-        """Cut a delta after the first stop token id and finish its sequence (reason stop)."""
-        out = []
-        for delta in deltas:
-            ticket = self._active.get(delta.seq_id)
-            stops = ticket.job.stop_token_ids if ticket is not None else frozenset()
-            hit = next((j for j, t in enumerate(delta.token_ids) if t in stops), None)
-            if hit is None:
-                out.append(delta)
-                continue
-            ended = delta.finished or lane.engine.abort(delta.seq_id)
-            if ended is None:
-                out.append(delta)
-                continue
-            keep = len(ended.token_ids) - len(delta.token_ids) + hit + 1
-            ids = ended.token_ids[:keep]
-            tok = lane.engine.target.tokenizer
-            text = tok.decode(list(ids), skip_special_tokens=True) if tok is not None else ""
-            result = Result(delta.seq_id, ids, text, "stop", ended.stats)
-            out.append(Delta(delta.seq_id, delta.token_ids[: hit + 1], result))
-        return out
 
     def _dispatch(self, deltas: list[Delta]) -> None:
         for delta in deltas:
             ticket = self._active.get(delta.seq_id)
             if ticket is None:
                 continue
-            if delta.token_ids:
-                ticket.events.put(Chunk(delta.token_ids))
+            if delta.token_ids or delta.text:
+                ticket.events.put(Chunk(delta.token_ids, delta.text))
             if delta.finished is not None:
                 end = time.perf_counter()
                 queue_ns = int(((ticket.admitted or end) - ticket.arrival) * 1e9)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -54,6 +55,7 @@ class TargetServer:
         # a plaintext unix socket in a private directory, for the in-process OpenAI gateway of a
         # TLS target (the network port stays TLS-only); None without TLS
         self.local_address = local_address
+        self.health_server: grpc.Server | None = None  # the plaintext health-only port, if any
         self._stopped = threading.Event()
 
     def stop(self, grace: float | None = None) -> threading.Event:
@@ -62,6 +64,8 @@ class TargetServer:
             return self._stopped
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(None)
         self.app.scheduler.close()
         if self.local_address:
             shutil.rmtree(os.path.dirname(self.local_address.removeprefix("unix:")), ignore_errors=True)
@@ -124,7 +128,26 @@ def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple
     apps.app, registries.registry = app, registry
     for name in ("", *SERVICES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return TargetServer(server, health_servicer, app, local_address), port
+    out = TargetServer(server, health_servicer, app, local_address)
+    out.health_server = health_only_server(health_servicer, cfg.host, cfg.health_port) if cfg.health_port else None
+    return out, port
+
+
+def health_only_server(servicer: health.HealthServicer, host: str, port: int) -> grpc.Server:
+    """grpc.health.v1 alone on a plaintext port (Kubernetes' gRPC probes speak no TLS); it shares the
+    status of the main server and serves nothing else."""
+    server = grpc.server(futures.ThreadPoolExecutor(2, thread_name_prefix="health"), maximum_concurrent_rpcs=8,
+                         options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise PortInUse(f"cannot bind the health port {address}: {exc}") from None
+    if bound == 0:
+        raise PortInUse(f"cannot bind the health port {address} (in use?)")
+    server.start()
+    return server
 
 
 def target_authenticator(cfg: TargetConfig) -> Authenticator:
@@ -173,12 +196,15 @@ def lane_factory(target: LoadedModel, registry: DraftRegistry, cfg: TargetConfig
 
     def speculator(plan: RoundPlan, saguaro_c: float) -> PooledSpeculator:
         return PooledSpeculator(registry, plan, saguaro_c, replica_id=replica_id, vocab_size=target.vocab_size,
-                                timeout_s=cfg.draft_timeout_s, credentials=creds)
+                                timeout_s=cfg.draft_timeout_s, credentials=creds, trusted=cfg.trusted_drafts)
 
+    # secret per process: drafts get seeds they cannot trace back to the request seed (and so to the
+    # target's own noise); a seeded request is reproducible for the life of this replica
+    seed_key = secrets.token_bytes(16)
 
     def make(spec: SpecConfig) -> Engine:
         factory = None if spec.mode is Mode.AR else speculator
-        return Engine(target, spec=spec, policy=cfg.policy, speculator_factory=factory)
+        return Engine(target, spec=spec, policy=cfg.policy, speculator_factory=factory, draft_seed_key=seed_key)
 
     return make
 

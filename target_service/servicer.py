@@ -52,13 +52,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         app = self._holder.get()
         ticket = self._submit(app, request, context)
         rid, n_prompt = ticket.job.request_id, len(ticket.job.request.prompt_ids)
-        text = _TextDelta(app.target)
         n_done = 0
         for event in ticket.stream(alive=context.is_active):
-            if isinstance(event, Chunk):
+            if isinstance(event, Chunk):  # the engine detokenizes: the chunks' text adds up to the final text
                 n_done += len(event.token_ids)
-                chunk = pb.GenerateChunk(token_ids=event.token_ids, text=text.feed(event.token_ids),
-                                         usage=usage_pb(n_prompt, n_done))
+                chunk = pb.GenerateChunk(token_ids=event.token_ids, text=event.text, usage=usage_pb(n_prompt, n_done))
                 yield pb.GenerateResponse(request_id=rid, chunk=chunk)
             elif isinstance(event, Done):
                 complete = complete_pb(event.result, n_prompt, event.queue_ns, event.total_ns)
@@ -108,22 +106,3 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         # (it also runs after a normal end, when the abort finds nothing) is what frees the sequence.
         context.add_callback(lambda: app.scheduler.abort(job.request_id))
         return ticket
-
-
-class _TextDelta:
-    """Incremental detokenization: the text each chunk adds (empty without a tokenizer)."""
-
-    def __init__(self, target: LoadedModel) -> None:
-        self._tok = target.tokenizer
-        self._ids: list[int] = []
-        self._text = ""
-
-    def feed(self, ids: tuple[int, ...]) -> str:
-        if self._tok is None:
-            return ""
-        self._ids.extend(ids)
-        text = self._tok.decode(self._ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self._text):
-            return ""  # an incomplete multi-byte character: wait for the next chunk
-        delta, self._text = text[len(self._text):], text
-        return delta

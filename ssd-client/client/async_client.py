@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -60,6 +60,11 @@ class AsyncClient:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         ignore_eos: bool = False,
+        stop_token_ids: Sequence[int] = (),
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float | None = None,
+        logit_bias: Mapping[int, float] | None = None,
         mode: str | None = "ssd",
         lookahead: int | None = None,
         fan_out: Sequence[int] | None = None,
@@ -71,6 +76,9 @@ class AsyncClient:
         options = GenerateOptions.create(
             prompt, prompt_ids, stop, fan_out, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, ignore_eos=ignore_eos, mode=mode, lookahead=lookahead, saguaro_c=saguaro_c,
+            stop_token_ids=tuple(stop_token_ids), presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+            logit_bias=tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items())),
         )  # fmt: skip
         request = build_request(pb.CompleteRequest, options, request_id)
         response = await self._call(lambda stub, t: stub.Complete(request, timeout=t), timeout, request.request_id)
@@ -88,6 +96,11 @@ class AsyncClient:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         ignore_eos: bool = False,
+        stop_token_ids: Sequence[int] = (),
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float | None = None,
+        logit_bias: Mapping[int, float] | None = None,
         mode: str | None = "ssd",
         lookahead: int | None = None,
         fan_out: Sequence[int] | None = None,
@@ -103,6 +116,9 @@ class AsyncClient:
         options = GenerateOptions.create(
             prompt, prompt_ids, stop, fan_out, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, ignore_eos=ignore_eos, mode=mode, lookahead=lookahead, saguaro_c=saguaro_c,
+            stop_token_ids=tuple(stop_token_ids), presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+            logit_bias=tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items())),
         )  # fmt: skip
         request = build_request(pb.GenerateRequest, options, request_id)
         return AsyncGenerationStream(self, request, Deadline(self._timeout(timeout)))

@@ -40,6 +40,11 @@ class GenerateOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None  # None: off (1.0)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
     mode: str | None = "ssd"
     lookahead: int | None = None
     fan_out: tuple[int, ...] | None = None
@@ -95,6 +100,13 @@ def build_request(cls: type[RequestT], options: GenerateOptions, request_id: str
         sampling.seed = options.seed
     sampling.stop.extend(options.stop)
     sampling.ignore_eos = options.ignore_eos
+    sampling.stop_token_ids.extend(options.stop_token_ids)
+    sampling.presence_penalty = options.presence_penalty
+    sampling.frequency_penalty = options.frequency_penalty
+    if options.repetition_penalty is not None:
+        sampling.repetition_penalty = options.repetition_penalty
+    for token_id, bias in options.logit_bias:
+        sampling.logit_bias[token_id] = bias
     speculation = request.speculation
     speculation.mode = MODES[options.mode.lower()] if options.mode else pb.DECODE_MODE_UNSPECIFIED
     speculation.lookahead = options.lookahead or 0

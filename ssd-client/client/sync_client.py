@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -59,6 +59,11 @@ class Client:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         ignore_eos: bool = False,
+        stop_token_ids: Sequence[int] = (),
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float | None = None,
+        logit_bias: Mapping[int, float] | None = None,
         mode: str | None = "ssd",
         lookahead: int | None = None,
         fan_out: Sequence[int] | None = None,
@@ -70,6 +75,9 @@ class Client:
         options = GenerateOptions.create(
             prompt, prompt_ids, stop, fan_out, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, ignore_eos=ignore_eos, mode=mode, lookahead=lookahead, saguaro_c=saguaro_c,
+            stop_token_ids=tuple(stop_token_ids), presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+            logit_bias=tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items())),
         )  # fmt: skip
         request = build_request(pb.CompleteRequest, options, request_id)
         response = self._call(lambda stub, t: stub.Complete(request, timeout=t), timeout, request.request_id)
@@ -87,6 +95,11 @@ class Client:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         ignore_eos: bool = False,
+        stop_token_ids: Sequence[int] = (),
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float | None = None,
+        logit_bias: Mapping[int, float] | None = None,
         mode: str | None = "ssd",
         lookahead: int | None = None,
         fan_out: Sequence[int] | None = None,
@@ -101,6 +114,9 @@ class Client:
         options = GenerateOptions.create(
             prompt, prompt_ids, stop, fan_out, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, ignore_eos=ignore_eos, mode=mode, lookahead=lookahead, saguaro_c=saguaro_c,
+            stop_token_ids=tuple(stop_token_ids), presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+            logit_bias=tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items())),
         )  # fmt: skip
         request = build_request(pb.GenerateRequest, options, request_id)
         return GenerationStream(self, request, Deadline(self.timeout if timeout is None else timeout))

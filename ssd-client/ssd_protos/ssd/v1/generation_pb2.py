@@ -24,53 +24,57 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ssd/v1/generation.proto\x12\x06ssd.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xad\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x42\x07\n\x05_seed\"\xa3\x01\n\x11SpeculationParams\x12 \n\x04mode\x18\x01 \x01(\x0e\x32\x12.ssd.v1.DecodeMode\x12\x11\n\tlookahead\x18\x02 \x01(\r\x12\x0f\n\x07\x66\x61n_out\x18\x03 \x03(\x05\x12\x16\n\tsaguaro_c\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\"\n\x06\x62\x61\x63kup\x18\x05 \x01(\x0e\x32\x12.ssd.v1.BackupKindB\x0c\n\n_saguaro_c\"\xc0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x10.ssd.v1.TokenIdsH\x00\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.ssd.v1.SamplingParams\x12.\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x19.ssd.v1.SpeculationParamsB\x08\n\x06prompt\"\xc0\x01\n\x0f\x43ompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x10.ssd.v1.TokenIdsH\x00\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.ssd.v1.SamplingParams\x12.\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x19.ssd.v1.SpeculationParamsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"N\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1c\n\x05usage\x18\x03 \x01(\x0b\x32\r.ssd.v1.Usage\"\x97\x02\n\x10SpeculationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x1c\n\x14mean_accepted_length\x18\x02 \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x03 \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\x04 \x01(\x01\x12\x13\n\x0b\x62\x61\x63kup_uses\x18\x05 \x01(\r\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x01\x12\x10\n\x08queue_ns\x18\x07 \x01(\x04\x12\x12\n\nprefill_ns\x18\x08 \x01(\x04\x12\x11\n\tdecode_ns\x18\t \x01(\x04\x12\x11\n\tverify_ns\x18\n \x01(\x04\x12\x1b\n\x13speculation_wait_ns\x18\x0b \x01(\x04\x12\x10\n\x08total_ns\x18\x0c \x01(\x04\"\xa7\x01\n\x10GenerateComplete\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.ssd.v1.FinishReason\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.ssd.v1.Usage\x12\'\n\x05stats\x18\x05 \x01(\x0b\x32\x18.ssd.v1.SpeculationStats\".\n\rGenerateError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.ssd.v1.GenerateChunkH\x00\x12,\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x18.ssd.v1.GenerateCompleteH\x00\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.ssd.v1.GenerateErrorH\x00\x42\n\n\x08response\"R\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x18.ssd.v1.GenerateComplete\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\xa6\x01\n\x10GenerationLimits\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x02 \x01(\r\x12\x15\n\rmax_lookahead\x18\x03 \x01(\r\x12\x1a\n\x12max_fan_out_budget\x18\x04 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x06 \x01(\r\"\x84\x03\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64raft_model_id\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x17\n\x0fmax_context_len\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12+\n\x0fsupported_modes\x18\x06 \x03(\x0e\x32\x12.ssd.v1.DecodeMode\x12(\n\x0c\x64\x65\x66\x61ult_mode\x18\x07 \x01(\x0e\x32\x12.ssd.v1.DecodeMode\x12(\n\x06limits\x18\x08 \x01(\x0b\x32\x18.ssd.v1.GenerationLimits\x12\x14\n\x0c\x61\x63\x63\x65pts_text\x18\t \x01(\x08\x12\x1d\n\x15tokenizer_fingerprint\x18\n \x01(\t\x12\x19\n\x11\x64\x65\x66\x61ult_lookahead\x18\x0b \x01(\r\x12\x19\n\x11target_replica_id\x18\x0c \x01(\t\x12\x15\n\rproto_version\x18\r \x01(\r*f\n\nDecodeMode\x12\x1b\n\x17\x44\x45\x43ODE_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ODE_MODE_AR\x10\x01\x12\x12\n\x0e\x44\x45\x43ODE_MODE_SD\x10\x02\x12\x13\n\x0f\x44\x45\x43ODE_MODE_SSD\x10\x03*W\n\nBackupKind\x12\x1b\n\x17\x42\x41\x43KUP_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42\x41\x43KUP_KIND_FAST\x10\x01\x12\x16\n\x12\x42\x41\x43KUP_KIND_NEURAL\x10\x02*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x32\x87\x02\n\nGeneration\x12?\n\x08Generate\x12\x17.ssd.v1.GenerateRequest\x1a\x18.ssd.v1.GenerateResponse0\x01\x12=\n\x08\x43omplete\x12\x17.ssd.v1.CompleteRequest\x1a\x18.ssd.v1.CompleteResponse\x12\x34\n\x05\x41\x62ort\x12\x14.ssd.v1.AbortRequest\x1a\x15.ssd.v1.AbortResponse\x12\x43\n\x0cGetModelInfo\x12\x18.ssd.v1.ModelInfoRequest\x1a\x19.ssd.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ssd/v1/generation.proto\x12\x06ssd.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x87\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x01\x88\x01\x01\x12\x39\n\nlogit_bias\x18\x0c \x03(\x0b\x32%.ssd.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xa3\x01\n\x11SpeculationParams\x12 \n\x04mode\x18\x01 \x01(\x0e\x32\x12.ssd.v1.DecodeMode\x12\x11\n\tlookahead\x18\x02 \x01(\r\x12\x0f\n\x07\x66\x61n_out\x18\x03 \x03(\x05\x12\x16\n\tsaguaro_c\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\"\n\x06\x62\x61\x63kup\x18\x05 \x01(\x0e\x32\x12.ssd.v1.BackupKindB\x0c\n\n_saguaro_c\"\xc0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x10.ssd.v1.TokenIdsH\x00\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.ssd.v1.SamplingParams\x12.\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x19.ssd.v1.SpeculationParamsB\x08\n\x06prompt\"\xc0\x01\n\x0f\x43ompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x10.ssd.v1.TokenIdsH\x00\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.ssd.v1.SamplingParams\x12.\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x19.ssd.v1.SpeculationParamsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"N\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1c\n\x05usage\x18\x03 \x01(\x0b\x32\r.ssd.v1.Usage\"\x97\x02\n\x10SpeculationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x1c\n\x14mean_accepted_length\x18\x02 \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x03 \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\x04 \x01(\x01\x12\x13\n\x0b\x62\x61\x63kup_uses\x18\x05 \x01(\r\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x01\x12\x10\n\x08queue_ns\x18\x07 \x01(\x04\x12\x12\n\nprefill_ns\x18\x08 \x01(\x04\x12\x11\n\tdecode_ns\x18\t \x01(\x04\x12\x11\n\tverify_ns\x18\n \x01(\x04\x12\x1b\n\x13speculation_wait_ns\x18\x0b \x01(\x04\x12\x10\n\x08total_ns\x18\x0c \x01(\x04\"\xa7\x01\n\x10GenerateComplete\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.ssd.v1.FinishReason\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.ssd.v1.Usage\x12\'\n\x05stats\x18\x05 \x01(\x0b\x32\x18.ssd.v1.SpeculationStats\".\n\rGenerateError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.ssd.v1.GenerateChunkH\x00\x12,\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x18.ssd.v1.GenerateCompleteH\x00\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.ssd.v1.GenerateErrorH\x00\x42\n\n\x08response\"R\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x18.ssd.v1.GenerateComplete\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\xa6\x01\n\x10GenerationLimits\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x02 \x01(\r\x12\x15\n\rmax_lookahead\x18\x03 \x01(\r\x12\x1a\n\x12max_fan_out_budget\x18\x04 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x06 \x01(\r\"\x84\x03\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64raft_model_id\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x17\n\x0fmax_context_len\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12+\n\x0fsupported_modes\x18\x06 \x03(\x0e\x32\x12.ssd.v1.DecodeMode\x12(\n\x0c\x64\x65\x66\x61ult_mode\x18\x07 \x01(\x0e\x32\x12.ssd.v1.DecodeMode\x12(\n\x06limits\x18\x08 \x01(\x0b\x32\x18.ssd.v1.GenerationLimits\x12\x14\n\x0c\x61\x63\x63\x65pts_text\x18\t \x01(\x08\x12\x1d\n\x15tokenizer_fingerprint\x18\n \x01(\t\x12\x19\n\x11\x64\x65\x66\x61ult_lookahead\x18\x0b \x01(\r\x12\x19\n\x11target_replica_id\x18\x0c \x01(\t\x12\x15\n\rproto_version\x18\r \x01(\r*f\n\nDecodeMode\x12\x1b\n\x17\x44\x45\x43ODE_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ODE_MODE_AR\x10\x01\x12\x12\n\x0e\x44\x45\x43ODE_MODE_SD\x10\x02\x12\x13\n\x0f\x44\x45\x43ODE_MODE_SSD\x10\x03*W\n\nBackupKind\x12\x1b\n\x17\x42\x41\x43KUP_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42\x41\x43KUP_KIND_FAST\x10\x01\x12\x16\n\x12\x42\x41\x43KUP_KIND_NEURAL\x10\x02*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x32\x87\x02\n\nGeneration\x12?\n\x08Generate\x12\x17.ssd.v1.GenerateRequest\x1a\x18.ssd.v1.GenerateResponse0\x01\x12=\n\x08\x43omplete\x12\x17.ssd.v1.CompleteRequest\x1a\x18.ssd.v1.CompleteResponse\x12\x34\n\x05\x41\x62ort\x12\x14.ssd.v1.AbortRequest\x1a\x15.ssd.v1.AbortResponse\x12\x43\n\x0cGetModelInfo\x12\x18.ssd.v1.ModelInfoRequest\x1a\x19.ssd.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ssd.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECODEMODE']._serialized_start=2358
-  _globals['_DECODEMODE']._serialized_end=2460
-  _globals['_BACKUPKIND']._serialized_start=2462
-  _globals['_BACKUPKIND']._serialized_end=2549
-  _globals['_FINISHREASON']._serialized_start=2552
-  _globals['_FINISHREASON']._serialized_end=2695
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_DECODEMODE']._serialized_start=2576
+  _globals['_DECODEMODE']._serialized_end=2678
+  _globals['_BACKUPKIND']._serialized_start=2680
+  _globals['_BACKUPKIND']._serialized_end=2767
+  _globals['_FINISHREASON']._serialized_start=2770
+  _globals['_FINISHREASON']._serialized_end=2913
   _globals['_TOKENIDS']._serialized_start=35
   _globals['_TOKENIDS']._serialized_end=58
   _globals['_SAMPLINGPARAMS']._serialized_start=61
-  _globals['_SAMPLINGPARAMS']._serialized_end=234
-  _globals['_SPECULATIONPARAMS']._serialized_start=237
-  _globals['_SPECULATIONPARAMS']._serialized_end=400
-  _globals['_GENERATEREQUEST']._serialized_start=403
-  _globals['_GENERATEREQUEST']._serialized_end=595
-  _globals['_COMPLETEREQUEST']._serialized_start=598
-  _globals['_COMPLETEREQUEST']._serialized_end=790
-  _globals['_USAGE']._serialized_start=792
-  _globals['_USAGE']._serialized_end=849
-  _globals['_GENERATECHUNK']._serialized_start=851
-  _globals['_GENERATECHUNK']._serialized_end=929
-  _globals['_SPECULATIONSTATS']._serialized_start=932
-  _globals['_SPECULATIONSTATS']._serialized_end=1211
-  _globals['_GENERATECOMPLETE']._serialized_start=1214
-  _globals['_GENERATECOMPLETE']._serialized_end=1381
-  _globals['_GENERATEERROR']._serialized_start=1383
-  _globals['_GENERATEERROR']._serialized_end=1429
-  _globals['_GENERATERESPONSE']._serialized_start=1432
-  _globals['_GENERATERESPONSE']._serialized_end=1608
-  _globals['_COMPLETERESPONSE']._serialized_start=1610
-  _globals['_COMPLETERESPONSE']._serialized_end=1692
-  _globals['_ABORTREQUEST']._serialized_start=1694
-  _globals['_ABORTREQUEST']._serialized_end=1744
-  _globals['_ABORTRESPONSE']._serialized_start=1746
-  _globals['_ABORTRESPONSE']._serialized_end=1776
-  _globals['_MODELINFOREQUEST']._serialized_start=1778
-  _globals['_MODELINFOREQUEST']._serialized_end=1796
-  _globals['_GENERATIONLIMITS']._serialized_start=1799
-  _globals['_GENERATIONLIMITS']._serialized_end=1965
-  _globals['_MODELINFORESPONSE']._serialized_start=1968
-  _globals['_MODELINFORESPONSE']._serialized_end=2356
-  _globals['_GENERATION']._serialized_start=2698
-  _globals['_GENERATION']._serialized_end=2961
+  _globals['_SAMPLINGPARAMS']._serialized_end=452
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=372
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=420
+  _globals['_SPECULATIONPARAMS']._serialized_start=455
+  _globals['_SPECULATIONPARAMS']._serialized_end=618
+  _globals['_GENERATEREQUEST']._serialized_start=621
+  _globals['_GENERATEREQUEST']._serialized_end=813
+  _globals['_COMPLETEREQUEST']._serialized_start=816
+  _globals['_COMPLETEREQUEST']._serialized_end=1008
+  _globals['_USAGE']._serialized_start=1010
+  _globals['_USAGE']._serialized_end=1067
+  _globals['_GENERATECHUNK']._serialized_start=1069
+  _globals['_GENERATECHUNK']._serialized_end=1147
+  _globals['_SPECULATIONSTATS']._serialized_start=1150
+  _globals['_SPECULATIONSTATS']._serialized_end=1429
+  _globals['_GENERATECOMPLETE']._serialized_start=1432
+  _globals['_GENERATECOMPLETE']._serialized_end=1599
+  _globals['_GENERATEERROR']._serialized_start=1601
+  _globals['_GENERATEERROR']._serialized_end=1647
+  _globals['_GENERATERESPONSE']._serialized_start=1650
+  _globals['_GENERATERESPONSE']._serialized_end=1826
+  _globals['_COMPLETERESPONSE']._serialized_start=1828
+  _globals['_COMPLETERESPONSE']._serialized_end=1910
+  _globals['_ABORTREQUEST']._serialized_start=1912
+  _globals['_ABORTREQUEST']._serialized_end=1962
+  _globals['_ABORTRESPONSE']._serialized_start=1964
+  _globals['_ABORTRESPONSE']._serialized_end=1994
+  _globals['_MODELINFOREQUEST']._serialized_start=1996
+  _globals['_MODELINFOREQUEST']._serialized_end=2014
+  _globals['_GENERATIONLIMITS']._serialized_start=2017
+  _globals['_GENERATIONLIMITS']._serialized_end=2183
+  _globals['_MODELINFORESPONSE']._serialized_start=2186
+  _globals['_MODELINFORESPONSE']._serialized_end=2574
+  _globals['_GENERATION']._serialized_start=2916
+  _globals['_GENERATION']._serialized_end=3179
 # @@protoc_insertion_point(module_scope)
