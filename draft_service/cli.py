@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest sequence history accepted (also capped by the model's context)")
     parser.add_argument("--max-sessions", type=int, default=DraftLimits().max_sessions, help="open Session streams")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds in-flight RPCs get on SIGTERM")
+    parser.add_argument("--health-port", type=int, default=0,
+                        help="also serve the gRPC health service alone, plaintext, on this port (probes of a TLS draft)")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="serve Prometheus /metrics on this port (0: off), on --host")
     add_tls_arguments(parser, "the targets (registration)")
@@ -65,7 +67,7 @@ def config_from_args(args: argparse.Namespace) -> DraftServerConfig:
                                                 max_sequences_per_session=args.max_sequences_per_session,
                                                 max_history_tokens=args.max_history_tokens,
                                                 max_sessions=args.max_sessions),
-                             grace_s=args.grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                             grace_s=args.grace, health_port=args.health_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
                              tls_client_ca=args.tls_client_ca, tls_ca=args.tls_ca)
 
 

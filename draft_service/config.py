@@ -48,6 +48,7 @@ class DraftServerConfig:
     draft_id: str = ""  # stable instance name; default: the advertised endpoint
     limits: DraftLimits = field(default_factory=DraftLimits)
     max_workers: int = 32  # gRPC handler threads; each open Session stream holds one
+    health_port: int = 0  # > 0: also serve grpc.health.v1 alone, plaintext, here (probes of a TLS draft)
     max_request_bytes: int = 16 * 1024 * 1024  # largest message a target may send (AddSequences histories)
     grace_s: float = 5.0  # SIGTERM: in-flight RPCs get this long
     resolve_interval_s: float = 10.0  # re-resolve target names this often (new replicas)
@@ -63,6 +64,8 @@ class DraftServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise InvalidParameter("port", self.port, "must be in 0..65535 (0 = any free port)")
+        if not 0 <= self.health_port < 65536:
+            raise InvalidParameter("health_port", self.health_port, "must be in 0..65535")
         for t in self.targets:
             host, sep, port = t.rpartition(":")
             if not sep or not host or not port.isdigit():

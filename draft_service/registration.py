@@ -8,6 +8,7 @@ with capped exponential backoff; re-registering the same draft_id replaces the o
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import socket
@@ -29,6 +30,14 @@ _FIRST_BACKOFF_S = 0.1
 # The target refused this draft (bad token, incompatible model): retried, but logged as an error.
 _REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
             grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def resolve_target(entry: str) -> list[str]:
@@ -129,7 +138,11 @@ class Registrar:
                 log.warning("cannot resolve target %s (%s); keeping %s", entry, exc, self._resolved.get(entry, []))
         wanted = {a for addrs in self._resolved.values() for a in addrs}
         for address in sorted(wanted - set(self._leases)):
-            channel = open_channel(address, self._credentials, self._channel_options())
+            # TLS to an address resolved from a name: the target must prove it is that name
+            names = {e.rpartition(":")[0].strip("[]") for e, addrs in self._resolved.items() if address in addrs}
+            name = next((n for n in sorted(names) if not _is_ip(n)), None)
+            extra = [("grpc.ssl_target_name_override", name)] if self._credentials is not None and name else []
+            channel = open_channel(address, self._credentials, self._channel_options() + extra)
             with self._lock:
                 self._leases[address] = _Lease(address, channel, speculation_pb2_grpc.TargetRegistryStub(channel))
             log.info("target %s added", address)

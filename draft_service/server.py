@@ -38,9 +38,19 @@ class DraftServer:
         self.cfg, self.grpc_server, self.servicer, self.health, self.port = cfg, grpc_server, servicer, health_servicer, port
         self.endpoint = cfg.endpoint(port)
         self.registrar: Registrar | None = None
+        self.health_server: grpc.Server | None = None  # the plaintext health-only port, if any
 
     def start(self) -> None:
         self.grpc_server.start()
+        if self.cfg.health_port:  # Kubernetes' gRPC probes speak no TLS: health alone, plaintext
+            self.health_server = grpc.server(futures.ThreadPoolExecutor(2, thread_name_prefix="health"),
+                                             maximum_concurrent_rpcs=8, options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            address = f"[{self.cfg.host}]:{self.cfg.health_port}" if ":" in self.cfg.host else \
+                f"{self.cfg.host}:{self.cfg.health_port}"
+            if self.health_server.add_insecure_port(address) == 0:
+                raise PortInUse(f"cannot listen on the health port {address}")
+            self.health_server.start()
 
     def set_model(self, model: LoadedModel) -> None:
         """Serve `model`: GetInfo and Session answer from now on; health turns SERVING."""
@@ -70,6 +80,8 @@ class DraftServer:
         if self.registrar is not None:
             self.registrar.stop()
         self.grpc_server.stop(self.cfg.grace_s if grace_s is None else grace_s).wait()
+        if self.health_server is not None:
+            self.health_server.stop(None)
         metrics.unbind_state()  # the process-wide gauges stop reading this server's state
 
     def _set_health(self, status: int) -> None:

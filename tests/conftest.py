@@ -65,9 +65,10 @@ def save_tiny_pair(root, vocab: int = 64, draft_kind: str = "perturbed"):
     return root / "target", root / "draft"
 
 
-def write_pki(root, leaves=("target", "draft", "client")):
+def write_pki(root, leaves=("target", "draft", "client"), name_only=("target_by_name",)):
     """A test CA, leaf certificates (CN "ssd <stem>", serverAuth + clientAuth, SAN localhost /
-    127.0.0.1) for `leaves`, and a rogue CA with a client of its own; PEM files under `root`."""
+    127.0.0.1) for `leaves`, SAN localhost only for `name_only`, and a rogue CA with a client of its
+    own; PEM files under `root`."""
     import datetime
     import ipaddress
 
@@ -96,9 +97,10 @@ def write_pki(root, leaves=("target", "draft", "client")):
                 .sign(key, hashes.SHA256()))
         return key, cert
 
-    def leaf(cn, ca_key, ca_cert):
+    def leaf(cn, ca_key, ca_cert, with_ip=True):
         key = ec.generate_private_key(ec.SECP256R1())
-        san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+        ips = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if with_ip else []
+        san = x509.SubjectAlternativeName([x509.DNSName("localhost"), *ips])
         eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
         cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_cert.subject)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -111,6 +113,8 @@ def write_pki(root, leaves=("target", "draft", "client")):
     save("ca", ca_key, ca_cert)
     for stem in leaves:
         save(stem, *leaf(f"ssd {stem}", ca_key, ca_cert))
+    for stem in name_only:
+        save(stem, *leaf(f"ssd {stem}", ca_key, ca_cert, with_ip=False))
     save("rogue_ca", *ca("someone else's CA"))
     rogue_key, rogue_cert = ca("someone else's CA")
     save("rogue_client", *leaf("rogue", rogue_key, rogue_cert))

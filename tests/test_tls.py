@@ -267,3 +267,49 @@ def test_a_client_certificate_cannot_register_or_open_draft_sessions(cluster, pk
         with pytest.raises(grpc.RpcError) as err:
             list(spb_grpc.SpeculatorStub(channel).Session(iter([opening]), timeout=5))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_tls_services_serve_plaintext_health_only_on_the_health_port(pki, pair):
+    """--health-port (Kubernetes' gRPC probes speak no TLS): grpc.health.v1 answers there in
+    plaintext, the Generation API does not; the main port stays TLS-only."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from ssd_protos.ssd.v1 import generation_pb2 as gpb
+    from ssd_protos.ssd.v1 import generation_pb2_grpc as gpb_grpc
+    from ssd_cli.local_services import free_port
+
+    health_port = free_port()
+    server, port = create_server(TargetConfig(model="in-process", port=0, tls_cert=str(pki / "target.pem"),
+                                              tls_key=str(pki / "target.key"), health_port=health_port),
+                                 target=pair[0])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                gpb_grpc.GenerationStub(channel).GetModelInfo(gpb.ModelInfoRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError):
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    finally:
+        server.stop(0)
+
+
+def test_a_tls_draft_verifies_a_target_it_found_by_name(pki, pair):
+    """A draft given a DNS name (here localhost) dials the resolved address but checks the target's
+    certificate against the name (as in Kubernetes, where the headless name resolves to pod IPs)."""
+    from draft_service.config import DraftServerConfig
+    from draft_service.server import create_server as create_draft
+
+    server, port = create_server(TargetConfig(model="in-process", port=0, auth_token="tok",
+                                              tls_cert=str(pki / "target_by_name.pem"),  # SAN localhost, no IP
+                                              tls_key=str(pki / "target_by_name.key")), target=pair[0])
+    drafts, _ = create_draft(DraftServerConfig(port=0, targets=(f"localhost:{port}",), auth_token="tok",
+                                               tls_ca=str(pki / "ca.pem")), model=pair[1])
+    drafts.start()
+    try:
+        assert drafts.start_registration().wait_registered(1, 20), "the draft did not register over TLS by name"
+    finally:
+        drafts.stop(0)
+        server.stop(0)
