@@ -144,7 +144,7 @@ def _oai(pki, url: str, cert: str | None = None, key: str = "none"):
 
 
 def _in_process_http(pki, pair, **kw):
-    from target_service.server import start_openai
+    from ssd_cli.target_openai import start_openai
 
     cfg = TargetConfig(model="in-process", port=0, tls_cert=str(pki / "target.pem"), tls_key=str(pki / "target.key"),
                        tls_client_ca=str(pki / "ca.pem"), openai_port=8000, **kw)
