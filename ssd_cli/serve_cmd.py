@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     kinds = serve.add_subparsers(dest="serve_kind", metavar="KIND", required=True)
     target = kinds.add_parser("target", help="a target replica (Generation API + draft registry)")
     _lazy_arguments(target, "target_service.cli")
-    target.set_defaults(func=lambda args: _lazy_run("target_service.cli", args))
+    target.set_defaults(func=_serve_target)
     draft = kinds.add_parser("draft", help="a draft endpoint (Speculator service)")
     _lazy_arguments(draft, "draft_service.cli")
     draft.set_defaults(func=lambda args: _lazy_run("draft_service.cli", args))
@@ -52,7 +52,18 @@ def _lazy_arguments(parser: argparse.ArgumentParser, module: str) -> None:
         parser.set_defaults(_missing=str(exc))
 
 
-def _lazy_run(module: str, args: argparse.Namespace) -> int:
+def _serve_target(args: argparse.Namespace) -> int:
+    # --openai-port: the gateway is composed here, beside the target (target_service never imports it)
+    gateway = None
+    if getattr(args, "openai_port", 0):
+        from ssd_cli.extras import require
+
+        require("openai", ("fastapi", "uvicorn"), "ssd serve target --openai-port")
+        from ssd_cli.target_openai import GATEWAY as gateway
+    return _lazy_run("target_service.cli", args, gateway=gateway)
+
+
+def _lazy_run(module: str, args: argparse.Namespace, **kwargs: object) -> int:
     import importlib
 
     if getattr(args, "_missing", None):
@@ -61,7 +72,7 @@ def _lazy_run(module: str, args: argparse.Namespace) -> int:
         from ssd_core.models import BACKEND_ENV
 
         args.backend = os.environ.get(BACKEND_ENV)
-    return int(importlib.import_module(module).run(args) or 0)
+    return int(importlib.import_module(module).run(args, **kwargs) or 0)
 
 
 # -- ssd up ------------------------------------------------------------------------------------

@@ -5,21 +5,31 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from ssd_core.config import BackupKind, BatchPolicy, Mode
 from ssd_tls import add_tls_arguments
-from openai_gateway.auth import read_api_keys
 from ssd_core.auth import read_peers
 from target_service.config import TargetConfig
-from target_service.server import ModelLoadError, serve
+from target_service.server import ModelLoadError, TargetServer, serve
 from ssd_core.config import BACKEND_HELP, BACKENDS
 
 log = logging.getLogger(__name__)
 
 AUTH_TOKEN_ENV = "SSD_AUTH_TOKEN"
+
+
+class Gateway(Protocol):
+    """The OpenAI gateway beside the target (--openai-port), passed in by `ssd serve target`
+    (ssd_cli/target_openai.py): this package never imports openai_gateway."""
+
+    def read_api_keys(self, path: str | None) -> tuple[str, ...]: ...
+
+    def start(self, server: TargetServer, port: int, cfg: TargetConfig) -> Callable[[], None]: ...
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,10 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 
-def config_from_args(args: argparse.Namespace) -> TargetConfig:
+def config_from_args(args: argparse.Namespace, gateway: Gateway | None = None) -> TargetConfig:
     """The config; the auth token is read here, once (file first, then $SSD_AUTH_TOKEN, as the draft does)."""
     token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else os.environ.get(AUTH_TOKEN_ENV)
-    api_keys = read_api_keys(args.openai_api_key_file) if args.openai_port else ()
+    if args.openai_port and gateway is None:
+        raise ValueError("--openai-port: the OpenAI gateway is served by `ssd serve target --openai-port`, "
+                         "not by python -m target_service")
+    api_keys = gateway.read_api_keys(args.openai_api_key_file) if args.openai_port else ()
     policy = BatchPolicy.parse(args.policy) if args.policy else BatchPolicy()
     return TargetConfig(
         model=args.model, host=args.host, port=args.port, replica_id=args.replica_id, device=args.device,
@@ -91,17 +104,18 @@ def config_from_args(args: argparse.Namespace) -> TargetConfig:
     )  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM; exit code 2 on bad arguments or a busy port, 3 when the model cannot load."""
+def run(args: argparse.Namespace, gateway: Gateway | None = None) -> int:
+    """Serve until SIGTERM; exit code 2 on bad arguments or a busy port, 3 when the model cannot load.
+    `gateway`: what serves --openai-port (None: the flag is refused)."""
     logging.getLogger("target_service").setLevel(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
     torch.set_num_threads(max(1, args.threads))
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, gateway)
         if args.metrics_port:
             from ssd_core.metrics import start_metrics_server
 
             start_metrics_server(args.metrics_port, args.host)
-        return serve(cfg)
+        return serve(cfg, gateway.start if gateway is not None and cfg.openai_port else None)
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 3

@@ -9,8 +9,8 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -169,19 +169,6 @@ def _say_how_callers_authenticate(cfg: TargetConfig, auth: Authenticator) -> Non
         log.info("drafts register with the one shared token (identities are addresses: shared@HOST)")
 
 
-def _http_side(cfg: TargetConfig) -> "HttpsConfig | None":
-    """HTTPS for the in-process OpenAI API of a TLS target (same certificate; client certificates
-    required under mTLS unless API keys authenticate callers); None: plain HTTP."""
-    from openai_gateway.auth import HttpsConfig
-
-    if not cfg.tls_cert or cfg.openai_allow_insecure_http:
-        if cfg.tls_cert:
-            log.warning("--openai-allow-insecure-http: the OpenAI API of this TLS target is plain HTTP%s",
-                        "" if cfg.openai_api_keys else " and UNAUTHENTICATED")
-        return None
-    return HttpsConfig(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, client_cert_optional=bool(cfg.openai_api_keys))
-
-
 def _pool_state(registry: DraftRegistry) -> tuple[int, int, int]:
     """(live leases, sequences this replica assigned to them, their announced capacity) for /metrics."""
     leases = registry.live()
@@ -209,20 +196,13 @@ def lane_factory(target: LoadedModel, registry: DraftRegistry, cfg: TargetConfig
     return make
 
 
-def start_openai(server: TargetServer, port: int, cfg: TargetConfig, http_port: int | None = None):
-    """The in-process OpenAI API in front of `server` (its private unix socket under TLS), on
-    `http_port` (default cfg.openai_port): HTTPS for a TLS target (see _http_side), API keys if set."""
-    from openai_gateway.server import attach_to_target
-
-    http = attach_to_target(port, cfg.openai_port if http_port is None else http_port, cfg.host,
-                            cfg.served_model_name or None, Path(cfg.model) if Path(cfg.model).is_dir() else None,
-                            grpc_address=server.local_address, api_keys=cfg.openai_api_keys, https=_http_side(cfg))
-    log.info("OpenAI API on %s", http.url)
-    return http
+# Something served beside the target in its process (the OpenAI gateway, composed by ssd_cli so
+# this package never imports it): started once the target serves; returns its stop.
+Sidecar = Callable[[TargetServer, int, TargetConfig], Callable[[], None]]
 
 
-def serve(cfg: TargetConfig) -> int:
-    """Run a target replica until SIGTERM / SIGINT; returns the exit code."""
+def serve(cfg: TargetConfig, sidecar: Sidecar | None = None) -> int:
+    """Run a target replica (and `sidecar`, if given) until SIGTERM / SIGINT; returns the exit code."""
     server, port = create_server(cfg)
     app = server.app
     _say_how_callers_authenticate(cfg, app.registry.auth)
@@ -230,11 +210,11 @@ def serve(cfg: TargetConfig) -> int:
                 app.replica_id, app.target.name, app.target.vocab_size, cfg.host, port, cfg.max_batch,
                 cfg.mode_default.value)
 
-    http = start_openai(server, port, cfg) if cfg.openai_port else None
+    stop_sidecar = sidecar(server, port, cfg) if sidecar is not None else None
 
     def stop() -> None:
-        if http is not None:
-            http.stop()
+        if stop_sidecar is not None:
+            stop_sidecar()
         server.stop(cfg.grace_s)
 
     def on_signal(signum: int, _frame: object) -> None:
