@@ -16,6 +16,8 @@ import kubernetes_validate.utils as kv  # the `test` extra; a missing validator 
 import pytest
 import yaml
 
+from k8s_secrets import operator_tree
+
 K8S_VERSION = "1.31"  # pinned: the oldest minor this deployment supports (native gRPC probes GA in 1.27)
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS_DIR = ROOT / "deploy" / "k8s" / "overlays"
@@ -27,7 +29,8 @@ _CACHE: dict[str, list[dict]] = {}
 
 def render(overlay: str) -> list[dict]:
     if overlay not in _CACHE:
-        out = subprocess.run([KUBECTL, "kustomize", str(OVERLAYS_DIR / overlay)], capture_output=True, text=True,
+        tree = operator_tree()[0]  # the overlays read operator-supplied credentials from files
+        out = subprocess.run([KUBECTL, "kustomize", str(tree / "overlays" / overlay)], capture_output=True, text=True,
                              timeout=60)
         assert out.returncode == 0, f"kubectl kustomize {overlay} failed:\n{out.stderr}"
         _CACHE[overlay] = [d for d in yaml.safe_load_all(out.stdout) if d]
@@ -130,10 +133,12 @@ def test_pods_are_hardened_and_bounded(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_grpc_services_use_native_grpc_probes_and_drain(overlay: str) -> None:
     docs = render(overlay)
-    for kind, name, port in (("StatefulSet", "ssd-target", 50051), ("Deployment", "ssd-draft", 50061)):
+    for kind, name in (("StatefulSet", "ssd-target"), ("Deployment", "ssd-draft")):
         w = find(docs, kind, name)
         pod = w["spec"]["template"]["spec"]
         c = pod["containers"][0]
+        port = {p["name"]: p["containerPort"] for p in c["ports"]}["health"]  # plaintext health-only (TLS API)
+        assert f"--health-port={port}" in c["args"], name
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == port, (name, probe)
         assert pod["terminationGracePeriodSeconds"] >= 30
@@ -225,7 +230,7 @@ def _parse(build: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 
 @needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_container_args_parse_with_the_real_clis(overlay: str) -> None:
+def test_container_args_parse_with_the_real_clis(overlay: str, tmp_path: Path) -> None:
     """Every $(VAR) resolves and the expanded args are accepted by the parsers the image runs."""
     from k8s_autoscaler.cli import add_arguments as autoscaler_args
     from openai_gateway.cli import add_arguments as gateway_args
@@ -237,7 +242,9 @@ def test_container_args_parse_with_the_real_clis(overlay: str) -> None:
     for w in workloads(docs):
         for c in w["spec"]["template"]["spec"]["containers"]:
             env = container_env(docs, c)
+            files = mounted_secret_files(docs, w["spec"]["template"]["spec"], c, tmp_path / w["metadata"]["name"])
             argv = [expand(a, env) for a in c.get("args", [])]
+            argv = [_local(a, files) for a in argv]
             if c["command"] == ["ssd"]:
                 if "--metrics-port=9400" in argv and not _knows(ssd, argv, "--metrics-port"):
                     pending_flag = "--metrics-port"
@@ -259,14 +266,161 @@ def _check_config(ns: argparse.Namespace) -> None:
     import importlib
 
     module = importlib.import_module(f"{ns.serve_kind}_service.cli")
-    assert ns.auth_token_file == "/var/run/ssd/token/token"  # the mounted Secret
-    ns.auth_token_file = ""  # not mounted here
-    cfg = module.config_from_args(ns)
+    # the mounted Secrets' files (written from the rendered Secrets): token, TLS material, API keys
+    assert ns.auth_token_file and ns.tls_cert and ns.tls_key and ns.tls_ca
+    if ns.serve_kind == "target":  # `ssd serve target` composes the OpenAI gateway beside it
+        from ssd_cli.target_openai import GATEWAY
+
+        cfg = module.config_from_args(ns, GATEWAY)
+        assert cfg.openai_api_keys  # the HTTPS API needs a key
+    else:
+        cfg = module.config_from_args(ns)
+    assert cfg.tls_cert and cfg.auth_token
     if ns.serve_kind == "draft":
         assert cfg.targets == ("ssd-target-headless.<pod_namespace>.svc.cluster.local:50051",)
+
+
+def mounted_secret_files(docs: list[dict], pod: dict, c: dict, into: Path) -> dict[str, Path]:
+    """{path in the container: a local copy} for every key of every Secret volume `c` mounts."""
+    import base64
+
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    out = {}
+    for mount in c.get("volumeMounts", []):
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
+            continue
+        data = find(docs, "Secret", secret["secretName"])["data"]
+        for key, value in data.items():
+            local = into / mount["name"] / key
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(base64.b64decode(value))
+            out[f"{mount['mountPath']}/{key}"] = local
+    return out
+
+
+def _local(arg: str, files: dict[str, Path]) -> str:
+    flag, eq, value = arg.partition("=")
+    if eq and value.startswith("/var/run/ssd/"):
+        assert value in files, f"{flag}={value}: no mounted Secret key provides it"
+        return f"{flag}={files[value]}"
+    return arg
 
 
 def _knows(parser: argparse.ArgumentParser, argv: list[str], flag: str) -> bool:
     """Whether the subcommand that argv selects has `flag`."""
     _, unknown = parser.parse_known_args(argv)
     return not any(u.startswith(flag) for u in unknown)
+
+
+# -- credentials, TLS and who may talk to whom (docs/security.md) -------------------------------------
+def test_no_literal_credential_in_the_repository() -> None:
+    """No Secret data, no secretGenerator literal, no demo token in any file under deploy/k8s: the
+    operator provides every credential as a file (overlays/*/secrets/, ignored by git)."""
+    tracked = subprocess.run(["git", "ls-files", "deploy/k8s"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert tracked and not [f for f in tracked if "/secrets/" in f]
+    for rel in tracked:
+        text = (ROOT / rel).read_text()
+        assert "demo-token" not in text and "change-me" not in text, rel
+        for doc in (d for d in yaml.safe_load_all(text) if isinstance(d, dict)) if rel.endswith(".yaml") else ():
+            assert not (doc.get("kind") == "Secret" and (doc.get("data") or doc.get("stringData"))), rel
+            for gen in doc.get("secretGenerator", []):
+                assert not gen.get("literals") and not gen.get("envs"), (rel, gen["name"])
+                assert gen.get("files"), (rel, gen["name"])
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_secrets_hold_only_what_the_operator_provided(overlay: str) -> None:
+    import base64
+
+    docs = render(overlay)
+    provided = set(operator_tree()[1].values())
+    secrets_ = [d for d in docs if d["kind"] == "Secret"]
+    assert {d["metadata"]["name"].rsplit("-", 1)[0] for d in secrets_} == {
+        "ssd-registration-token", "ssd-openai-api-keys", "ssd-tls"}
+    for d in secrets_:
+        for key, value in d["data"].items():
+            assert base64.b64decode(value).decode() in provided, (d["metadata"]["name"], key)
+    others = yaml.safe_dump_all([d for d in docs if d["kind"] != "Secret"])
+    assert not [v for v in provided if v.strip() in others]  # never copied into another object
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_speak_tls_to_each_other(overlay: str) -> None:
+    """Targets and drafts serve TLS only and verify each other with the CA; drafts advertise their
+    per-pod DNS name (covered by the certificate), which resolves through the headless Service."""
+    docs = render(overlay)
+    for kind, name in (("StatefulSet", "ssd-target"), ("Deployment", "ssd-draft")):
+        args = find(docs, kind, name)["spec"]["template"]["spec"]["containers"][0]["args"]
+        for flag in ("--tls-cert=/var/run/ssd/tls/tls.crt", "--tls-key=/var/run/ssd/tls/tls.key",
+                     "--tls-ca=/var/run/ssd/tls/ca.crt", "--auth-token-file=/var/run/ssd/token/token"):
+            assert flag in args, (name, flag)
+        assert not [a for a in args if a.startswith(("--openai-allow-insecure-http", "--tls-client-ca="))], name
+    draft = find(docs, "Deployment", "ssd-draft")["spec"]["template"]["spec"]
+    assert draft["subdomain"] == "ssd-draft-headless"
+    assert "--advertise=$(POD_NAME).ssd-draft-headless.$(POD_NAMESPACE).svc.cluster.local" in draft["containers"][0]["args"]
+    assert find(docs, "Service", "ssd-draft-headless")["spec"]["clusterIP"] == "None"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert not selector.get("matchExpressions"), "the evaluator reads matchLabels only"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def may_connect(docs: list[dict], src: tuple[str, dict], dst: tuple[str, dict], port: int,
+                namespaces: dict[str, dict]) -> bool:
+    """Kubernetes' ingress semantics: a pod selected by no policy accepts all; a selected pod accepts
+    a connection that some rule of some selecting policy allows (peers and ports)."""
+    (src_ns, src_labels), (dst_ns, dst_labels) = src, dst
+    policies = [p for p in docs if p["kind"] == "NetworkPolicy" and p["metadata"].get("namespace", dst_ns) == dst_ns
+                and "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and _selects(p["spec"]["podSelector"], dst_labels)]
+    if not policies:
+        return True
+    for p in policies:
+        for rule in p["spec"].get("ingress", []):
+            if rule.get("ports") and not any(x["port"] == port for x in rule["ports"]):
+                continue
+            for peer in rule.get("from", [{}]):
+                assert "ipBlock" not in peer, "the evaluator has no ipBlock"
+                ns_ok = _selects(peer["namespaceSelector"], namespaces[src_ns]) if "namespaceSelector" in peer \
+                    else src_ns == dst_ns
+                pod_ok = _selects(peer.get("podSelector", {}), src_labels)
+                if ns_ok and pod_ok:
+                    return True
+    return False
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_allow_exactly_who_may_talk_to_whom(overlay: str) -> None:
+    docs = render(overlay)
+    ns = next(d["metadata"]["name"] for d in docs if d["kind"] == "Namespace")
+    labels = {w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"] for w in workloads(docs)}
+    pods = {"target": (ns, labels["ssd-target"]), "draft": (ns, labels["ssd-draft"]),
+            "autoscaler": (ns, labels["ssd-autoscaler"]) if "ssd-autoscaler" in labels else None,
+            "client": ("apps", {"ssd.io/client": "true", "app": "web"}),
+            "prometheus": ("monitoring", {"app.kubernetes.io/name": "prometheus"}),
+            "stranger": (ns, {"app": "debug"}), "outsider": ("apps", {"app": "web"})}
+    namespaces = {ns: {"kubernetes.io/metadata.name": ns}, "apps": {}, "monitoring": {}}
+    allowed = {("client", "target", 50051), ("client", "target", 8000), ("draft", "target", 50051),
+               ("target", "draft", 50061), ("prometheus", "target", 9400), ("prometheus", "draft", 9400),
+               ("autoscaler", "target", 9400)}
+    ports = {"target": (50051, 8000, 9400, 50052), "draft": (50061, 9400, 50052)}
+    checked = 0
+    for src, where in pods.items():
+        if where is None:
+            continue
+        for dst, dst_ports in ports.items():
+            for port in dst_ports:
+                if src == dst and port == 50052:
+                    continue
+                expect = (src, dst, port) in allowed
+                assert may_connect(docs, where, pods[dst], port, namespaces) == expect, (src, dst, port)
+                checked += 1
+    assert checked > 30
+    # the evaluator can say yes: without the policies everybody reaches everything
+    bare = [d for d in docs if d["kind"] != "NetworkPolicy"]
+    assert may_connect(bare, pods["stranger"], pods["draft"], 50061, namespaces)

@@ -33,6 +33,12 @@ def render(overlay: Path = OVERLAY) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         raise FileNotFoundError("kubectl is needed to render the overlay (Debian kubernetes-client)")
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from k8s_secrets import SOURCE, operator_tree  # the overlays need operator-supplied credentials
+
+    overlay = operator_tree()[0] / overlay.relative_to(SOURCE)
     out = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=60, check=True)
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
