@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 Procs = list[tuple[str, subprocess.Popen]]
+_PAIR_TOKEN = secrets.token_hex(16)  # shared by the target and draft this process starts (never logged)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -28,6 +30,8 @@ def spawn(name: str, argv: list[str], log_dir: Path, cpus: set[int] | None) -> t
     """`python -m ssd_cli.main ARGV` logging to LOG_DIR/NAME.log, pinned to `cpus` (None: not pinned)."""
     threads = str(len(cpus)) if cpus else "1"
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
+    # one fresh token per pair (unless the caller set one): registration and Sessions are authenticated
+    env.setdefault("SSD_AUTH_TOKEN", _PAIR_TOKEN)
     cmd = [sys.executable, "-m", "ssd_cli.main", "--log-level", "INFO", *argv]
     out = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus and hasattr(os, "sched_setaffinity") else None
