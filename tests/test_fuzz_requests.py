@@ -3,7 +3,10 @@ against in-process servers: a tiny target (char tokenizer, so text prompts and s
 live) with one draft registered, and that draft directly.
 
 Generation: any GenerateRequest / CompleteRequest ends in OK, INVALID_ARGUMENT or
-RESOURCE_EXHAUSTED, never INTERNAL / UNKNOWN or a hang (every call has a deadline). Session: any
+RESOURCE_EXHAUSTED, never INTERNAL / UNKNOWN or a hang (every call has a deadline); every greedy
+request that succeeds returns exactly what the target alone returns (the in-process engine in AR
+mode on the same parsed request: tokens, text and finish reason), and a stream's chunks add up
+to its final tokens and text, whatever the mode, K, fan-out, stops or penalties. Session: any
 sequence of SessionRequests gets SessionError responses or ends with OK, INVALID_ARGUMENT,
 FAILED_PRECONDITION or NOT_FOUND, never a crash; both servers still serve a good request after.
 
@@ -86,6 +89,12 @@ def sampling(draw) -> pb.SamplingParams:
         ignore_eos=draw(st.booleans()), stop_token_ids=draw(st.lists(token, max_size=10)))
     if draw(st.booleans()):
         m.seed = draw(uint64)
+    if draw(st.integers(0, 3)) == 0:
+        m.presence_penalty = draw(st.one_of(st.floats(-2, 2, width=32), f32))
+        m.frequency_penalty = draw(st.one_of(st.floats(-2, 2, width=32), f32))
+        m.repetition_penalty = draw(st.one_of(st.floats(0.5, 2, width=32), f32))
+        for t, b in draw(st.dictionaries(token, st.one_of(st.floats(-100, 100, width=32), f32), max_size=4)).items():
+            m.logit_bias[t] = b
     return m
 
 
@@ -121,23 +130,49 @@ def generate_request(draw):
     return m
 
 
-def _call(addr: str, request) -> grpc.StatusCode:
+def _call(addr: str, request):
+    """(status code, details, the final GenerateComplete or None)."""
     with grpc.insecure_channel(addr) as channel:
         stub = pb_grpc.GenerationStub(channel)
         try:
             if isinstance(request, pb.GenerateRequest):
-                for _ in stub.Generate(request, timeout=RPC_DEADLINE_S):
-                    pass
+                ids, text, final = [], "", None
+                for r in stub.Generate(request, timeout=RPC_DEADLINE_S):
+                    if r.WhichOneof("response") == "chunk":
+                        ids += r.chunk.token_ids
+                        text += r.chunk.text
+                    elif r.WhichOneof("response") == "complete":
+                        final = r.complete
+                assert final is not None, "stream ended without its complete message"
+                assert (ids, text) == (list(final.token_ids), final.text), "the chunks do not add up to the result"
             else:
-                stub.Complete(request, timeout=RPC_DEADLINE_S)
+                final = stub.Complete(request, timeout=RPC_DEADLINE_S).complete
         except grpc.RpcError as exc:
-            return exc.code(), exc.details()
-    return grpc.StatusCode.OK, ""
+            return exc.code(), exc.details(), None
+    return grpc.StatusCode.OK, "", final
 
 
-def check_generation(addr: str, request) -> None:
-    code, details = _call(addr, request)
+def oracle(server, request):
+    """The target alone (the engine in AR mode, no draft) on the same parsed request."""
+    from ssd_core.config import Mode, SpecConfig
+    from ssd_core.engine import Engine
+    from target_service.convert import job_from_pb
+
+    app = server.app
+    job = job_from_pb(request, app.cfg, app.target)
+    engine = Engine(app.target, spec=SpecConfig(mode=Mode.AR))
+    (result,) = engine.generate([job.request])
+    return result
+
+
+def check_generation(addr: str, request, server=None) -> None:
+    code, details, final = _call(addr, request)
     assert code in GENERATION_OK, f"{code.name}: {details}\nrequest: {request}"
+    if code is grpc.StatusCode.OK and server is not None and request.sampling.temperature == 0.0:
+        want = oracle(server, request)
+        got = (list(final.token_ids), final.text, pb.FinishReason.Name(final.finish_reason))
+        reason = {"eos": "FINISH_REASON_EOS", "length": "FINISH_REASON_LENGTH", "stop": "FINISH_REASON_STOP"}
+        assert got == (list(want.token_ids), want.text, reason[want.finish_reason]), f"not the target's output\n{request}"
 
 
 def _healthy(addr: str) -> None:
@@ -152,7 +187,7 @@ def test_fuzz_generation_requests_then_the_target_still_serves(servers):
     @FUZZ
     @given(request=generate_request())
     def fuzz(request):
-        check_generation(servers[0], request)
+        check_generation(servers[0], request, servers[2])
 
     fuzz()
     _healthy(servers[0])
