@@ -2,10 +2,9 @@
 bounded buffers, an authenticated draft Session endpoint, requests owned by their caller, API keys.
 
 Real gRPC servers on 127.0.0.1 (port 0), tiny random models; TLS cases are in tests/test_tls.py.
-Each test names the finding of issue 14 it covers. On 787240e they fail: partly because the knobs
-they use did not exist (peers files, limits), and where the old API suffices (a shared-token draft
-naming another host, a stranger opening a draft Session, a second connection aborting a request,
-far-future answers filed without bound) because the old code let it happen.
+Each test names the finding of issue 14 it covers. On 787240e they fail, several already because
+the knobs they use (peers files, limits, session metadata) did not exist; the shared-token redirect
+and the second-connection abort use only the old API and fail on the old behaviour.
 """
 
 from __future__ import annotations
