@@ -99,8 +99,11 @@ def service_pair(target_dir: Path, draft_dir: Path, log_dir: Path, target_cpus: 
     procs: Procs = []
     try:
         common = ["--host", host, *extra_args]
+        # the draft we start holds the pair's fresh token (identity shared@ITS-ADDRESS): its q is trusted
+        trusted = [arg for h in dict.fromkeys((host, "127.0.0.1")) for arg in ("--trusted-draft", f"shared@{h}")]
         procs.append(spawn("target", ["serve", "target", "--model", str(target_dir), "--port", str(t_port),
-                                      "--threads", str(len(target_cpus or {0})), *common], log_dir, target_cpus))
+                                      "--threads", str(len(target_cpus or {0})), *trusted, *common], log_dir,
+                           target_cpus))
         procs.append(spawn("draft", ["serve", "draft", "--model", str(draft_dir), "--port", str(d_port),
                                      "--threads", str(len(draft_cpus or {0})), "--targets", t_addr, *common],
                            log_dir, draft_cpus))

@@ -314,3 +314,50 @@ def test_real_target_greedy_equals_grpc_client(tmp_path: Path) -> None:
         server.stop(0)
     assert model == target_dir.name
     assert out.choices[0].text == direct.text and out.usage.completion_tokens == len(direct.token_ids) == 12
+
+
+def test_penalties_and_logit_bias_through_the_openai_api_equal_the_target_alone(tmp_path: Path) -> None:
+    """presence / frequency / repetition penalties and logit_bias reach the target (never silently
+    dropped): greedy SD and SSD through the openai client equal the target-alone engine with them,
+    and differ from the unpenalized output."""
+    server_mod = pytest.importorskip("target_service.server")
+    from conftest import save_tiny_pair
+    from draft_service.config import DraftServerConfig
+    from draft_service.server import create_server as create_draft
+    from ssd_core.config import Mode, SamplingParams, SpecConfig
+    from ssd_core.engine import Engine, Request
+    from ssd_core.models import load_model
+    from target_service.config import TargetConfig
+
+    target_dir, draft_dir = save_tiny_pair(tmp_path)
+    target = load_model(target_dir)
+    server, port = server_mod.create_server(TargetConfig(model=str(target_dir), port=0), target=target)
+    drafts, _ = create_draft(DraftServerConfig(port=0, targets=(f"127.0.0.1:{port}",)), model=load_model(draft_dir))
+    drafts.start()
+    drafts.start_registration().wait_registered(1, 20)
+    gateway = BackgroundServer(create_app([f"127.0.0.1:{port}"], None, target_dir)).start()
+    knobs = dict(presence_penalty=0.8, frequency_penalty=0.9, logit_bias={"7": 3.0, "12": -100.0})
+    try:
+        oai = openai.OpenAI(base_url=gateway.url, api_key="none", max_retries=0, timeout=60)
+        model = oai.models.list().data[0].id
+        got = {mode: oai.completions.create(model=model, prompt="def f(x):", max_tokens=16, temperature=0,
+                                            extra_body={"ssd_mode": mode, "repetition_penalty": 1.3,
+                                                        "ignore_eos": True}, **knobs).choices[0].text
+               for mode in ("ar", "sd", "ssd")}
+        plain = oai.completions.create(model=model, prompt="def f(x):", max_tokens=16, temperature=0,
+                                       extra_body={"ssd_mode": "ar", "ignore_eos": True}).choices[0].text
+        with pytest.raises(openai.BadRequestError):
+            oai.completions.create(model=model, prompt="x", max_tokens=2, presence_penalty=3.0)
+        with pytest.raises(openai.BadRequestError):
+            oai.completions.create(model=model, prompt="x", max_tokens=2, logit_bias={"not-a-token": 1.0})
+    finally:
+        gateway.stop()
+        drafts.stop(0)
+        server.stop(0)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True, presence_penalty=0.8, frequency_penalty=0.9,
+                            repetition_penalty=1.3, logit_bias=((7, 3.0), (12, -100.0)))
+    prompt = tuple(target.tokenizer.encode("def f(x):", add_special_tokens=False))
+    engine = Engine(target, spec=SpecConfig(mode=Mode.AR))
+    (want,) = engine.generate([Request(prompt, params)])
+    assert got == {"ar": want.text, "sd": want.text, "ssd": want.text}
+    assert plain != want.text
