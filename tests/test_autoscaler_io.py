@@ -130,6 +130,7 @@ def make(pages: dict[str, str], replicas: int = 2, dry_run: bool = False):
     return ctl, apps, core, disc, clock
 
 
+@pytest.mark.slow
 def test_discovery_uses_ready_endpoint_slices_of_the_headless_service() -> None:
     ctl, _, core, disc, _ = make({})
     assert ctl.target_addresses() == ["10.0.0.1:9400", "10.0.0.2:9400"]  # ready=False skipped, None counts
@@ -138,6 +139,7 @@ def test_discovery_uses_ready_endpoint_slices_of_the_headless_service() -> None:
     core.read_namespaced_endpoints.assert_not_called()
 
 
+@pytest.mark.slow
 def test_discovery_falls_back_to_endpoints() -> None:
     ctl, _, core, disc, _ = make({})
     disc.list_namespaced_endpoint_slice.side_effect = k8s.exceptions.ApiException(status=403, reason="Forbidden")
@@ -147,6 +149,7 @@ def test_discovery_falls_back_to_endpoints() -> None:
     core.read_namespaced_endpoints.assert_called_once_with("ssd-target-headless", "ssd")
 
 
+@pytest.mark.slow
 def test_a_server_without_v1_endpoint_slices_is_asked_once() -> None:
     """Kubernetes < 1.21 answers 404 for discovery.k8s.io/v1: use Endpoints from then on (no warning per step);
     a 403 (say) is retried every time, since access may be granted later."""
@@ -164,6 +167,7 @@ def test_a_server_without_v1_endpoint_slices_is_asked_once() -> None:
     assert disc.list_namespaced_endpoint_slice.call_count == 2
 
 
+@pytest.mark.slow
 def test_step_scales_up_through_the_scale_subresource_then_cools_down() -> None:
     pages = {"10.0.0.1:9400": page(hits=0, misses=0), "10.0.0.2:9400": page(hits=0, misses=0)}
     ctl, apps, _, _, clock = make(pages)
@@ -185,6 +189,7 @@ def test_step_scales_up_through_the_scale_subresource_then_cools_down() -> None:
     assert apps.patch_namespaced_deployment_scale.call_count == 1
 
 
+@pytest.mark.slow
 def test_step_scales_down_and_skips_unreachable_targets() -> None:
     pages = {"10.0.0.1:9400": page(hits=100, util=0.05)}  # 10.0.0.2 refuses: left out, logged
     ctl, apps, _, _, clock = make(pages, replicas=4)
@@ -221,6 +226,7 @@ def test_cli_flags_build_the_policy() -> None:
         config_from_args(parser.parse_args(["--namespace", "ns", "--up-miss-rate", "0.1", "--down-miss-rate", "0.2"]))
 
 
+@pytest.mark.slow
 def test_controller_scrapes_a_live_metrics_server_over_http() -> None:
     """Real HTTP scrape of ssd_core.metrics' server (the apiserver is still a fake)."""
     from ssd_core import metrics

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import save_tiny_pair
 from ssd_cli.main import main
 
 
+@pytest.mark.slow
 def test_bench_runs_all_in_process_modes_and_outputs_agree(tmp_path, capsys):
     target, draft = save_tiny_pair(tmp_path)
     out = tmp_path / "bench.json"
@@ -33,6 +36,7 @@ def test_bench_rejects_unknown_modes(tmp_path, capsys):
     assert "warp" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_ssd_grpc_mode_runs_services_and_agrees(tmp_path, capsys, monkeypatch):
     target, draft = save_tiny_pair(tmp_path)
     monkeypatch.setenv("SSD_BENCH_LOG_DIR", str(tmp_path / "logs"))

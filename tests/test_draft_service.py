@@ -396,6 +396,7 @@ def test_metrics_page_counts_sessions_requests_cache_builds_and_errors(server, d
     assert _v(after, "ssd_draft_sessions") == 0 and _v(after, "ssd_draft_active_sequences") == 0
 
 
+@pytest.mark.slow
 def test_ssd_serve_draft_metrics_port_in_a_real_process(tmp_path, model_dir) -> None:
     """`ssd serve draft --metrics-port N` in its own process: the page is up, carries the registration
     and session gauges, and a Session opened over gRPC shows on it."""

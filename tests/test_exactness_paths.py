@@ -80,6 +80,7 @@ REPLAY_VOCAB, REPLAY_NEW, REPLAY_PROMPT = 4, 4, (1, 3, 2)
 REPLAY_TARGET = make_pair(vocab=REPLAY_VOCAB, draft_kind="same", seed=3, init_std=1.0)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [Mode.SD, Mode.SSD])
 def test_a_plan_switch_mid_generation_does_not_replay_the_drafts_random_draws(mode):
     # draft = target: every draft token is accepted, so the output IS the draft's draws. A rebuilt
@@ -142,6 +143,7 @@ class LyingSpeculator:
         pass
 
 
+@pytest.mark.slow
 def test_a_lying_untrusted_draft_cannot_move_the_sampled_distribution():
     samples = sample(SpecConfig(mode=Mode.SD, lookahead=2), params(), factory=LyingSpeculator)
     share = sum(s.count(LIE) for s in samples) / (len(samples) * NEW)
@@ -285,6 +287,7 @@ def test_top_k_and_top_p_match_hf_warpers_on_random_logits():
         assert torch.allclose(ours, hf, atol=1e-5), (trial, t, k, p)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [Mode.SD, Mode.SSD])
 @pytest.mark.parametrize("knobs", [dict(top_k=3), dict(top_p=0.7), dict(top_k=4, top_p=0.8, temperature=0.8)])
 def test_sampled_top_k_top_p_match_the_target_distribution(mode, knobs):
@@ -348,6 +351,7 @@ def test_greedy_repetition_penalty_equals_hf_generate():
         assert list(r.token_ids) == hf, mode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [Mode.AR, Mode.SD, Mode.SSD])
 def test_sampled_penalties_match_the_target_distribution(mode):
     p = params(**PENALTIES)
@@ -367,6 +371,7 @@ def test_penalty_and_bias_ranges_are_validated():
 
 
 # -- paths: child-process draft, lean backend, mixed batch ---------------------------------------
+@pytest.mark.slow
 def test_sampled_ssd_with_the_draft_in_a_child_process_matches_the_target():
     spec = SpecConfig(mode=Mode.SSD, lookahead=2, saguaro_c=0.5, backup=BackupKind.JIT)
     samples = sample(spec, params(), n=2000, factory=process_factory(DRAFT))
@@ -377,6 +382,7 @@ def _lean(m):
     return wrap_model(apply_backend(m.model, "lean"), m.tokenizer, m.name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [Mode.SD, Mode.SSD])
 def test_sampled_output_on_the_lean_backend_matches_the_target(mode):
     spec = SpecConfig(mode=mode, lookahead=2, saguaro_c=0.5 if mode is Mode.SSD else 1.0, backup=BackupKind.JIT)
@@ -384,6 +390,7 @@ def test_sampled_output_on_the_lean_backend_matches_the_target(mode):
     assert_exact(samples, exact(top_p=0.9), f"{mode.value} on the lean backend")
 
 
+@pytest.mark.slow
 def test_a_mixed_batch_keeps_sampled_rows_exact_and_greedy_rows_greedy():
     spec = SpecConfig(mode=Mode.SSD, lookahead=2, saguaro_c=0.5, backup=BackupKind.JIT)
     sampled, greedy = sample(spec, params(), n=3000, mixed_greedy=True)

@@ -182,6 +182,7 @@ def _healthy(addr: str) -> None:
     assert len(reply.complete.token_ids) == 3
 
 
+@pytest.mark.slow
 def test_fuzz_generation_requests_then_the_target_still_serves(servers):
     # One test, so the "still serves" check always runs after the fuzz (not by test order).
     @FUZZ
@@ -269,6 +270,7 @@ def check_session(draft_addr: str, script: list[spb.SessionRequest]) -> None:
     assert code in SESSION_OK, f"{code.name}: {details}\nscript: {script}"
 
 
+@pytest.mark.slow
 def test_fuzz_session_requests_then_the_draft_still_serves(servers):
     # One test, so the "still serves" checks always run after the fuzz (not by test order).
     @FUZZ

@@ -140,6 +140,7 @@ def test_qwen_family_greedy_exact(family):
             assert list(r.token_ids) == hf_greedy(model, p, 16)
 
 
+@pytest.mark.slow
 def test_draft_in_a_child_process_is_exact():
     from ssd_core.proc_speculator import process_factory
 

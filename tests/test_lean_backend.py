@@ -241,6 +241,7 @@ def test_lean_qwen_engine_greedy_matches_hf_generate(family):
         assert [list(r.token_ids) for r in results] == refs
 
 
+@pytest.mark.slow
 def test_lean_draft_in_a_child_process_is_exact():
     from ssd_core.proc_speculator import process_factory
 
@@ -253,6 +254,7 @@ def test_lean_draft_in_a_child_process_is_exact():
     assert [list(r.token_ids) for r in results] == REFS[:2]
 
 
+@pytest.mark.slow
 def test_embedded_pair_same_greedy_output_with_both_backends():
     from ssd_train.train_pair import default_pair_dirs
 

@@ -264,6 +264,7 @@ def test_garbage_from_a_registered_draft_never_changes_greedy_output(served, tar
         rogue.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("behavior", STALLS)
 def test_a_stalling_draft_that_keeps_re_registering_costs_a_bounded_delay(served, target, behavior):
     """Worst case: the rogue stalls every round it gets and re-registers as soon as it is dropped,

@@ -82,6 +82,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_sampled_output_matches_target_distribution(name):
     temperature = 0.7 if name == "ssd_k2_c03_fast" else 1.0
@@ -110,6 +111,7 @@ def _broken_verify(draft_tokens, draft_probs, target_probs, uniforms, race):
     return num_accepted, (p_at / race).argmax(-1)
 
 
+@pytest.mark.slow
 def test_broken_residual_is_detected(monkeypatch):
     monkeypatch.setattr(engine_mod, "verify", _broken_verify)
     samples = sample_engine(CONFIGS["sd_k2"], 1.0)
@@ -117,6 +119,7 @@ def test_broken_residual_is_detected(monkeypatch):
     assert p <= ALPHA, f"the broken verifier passed the test (p={p:.2e}): the test has no power"
 
 
+@pytest.mark.slow
 def test_same_seed_reproduces_the_run():
     a = sample_engine(CONFIGS["ssd_k1_c03"], 1.0, seed0=77)[:50]
     b = sample_engine(CONFIGS["ssd_k1_c03"], 1.0, seed0=77)[:50]

@@ -273,6 +273,7 @@ def test_registry_auth_expiry_and_replacement(target):
     assert registry.live() == [] and not registry.heartbeat(second.lease_id)
 
 
+@pytest.mark.slow
 def test_draft_registering_mid_generation_is_picked_up():
     from draft_service.config import DraftServerConfig
     from draft_service.server import create_server as create_draft

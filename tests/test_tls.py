@@ -85,6 +85,7 @@ def test_clients_without_the_right_credentials_fail(cluster, pki, how):
     assert "UNAVAILABLE" in repr(info.value) or "Unavailable" in type(info.value).__name__, repr(info.value)
 
 
+@pytest.mark.slow
 def test_tls_without_mtls_and_the_cli_client(pki, pair):
     """Server TLS only (no client CA): any client that trusts the CA connects; `ssd client --tls-ca`."""
     server, port = create_server(TargetConfig(model="in-process", port=0, tls_cert=str(pki / "target.pem"),
@@ -158,6 +159,7 @@ def _complete(oai) -> int:
     return out.usage.completion_tokens
 
 
+@pytest.mark.slow
 def test_mtls_target_http_side_refuses_callers_without_a_client_certificate(pki, pair):
     """Finding 1: the in-process OpenAI API of an mTLS target is HTTPS with the target's certificate
     and requires a client certificate from the same CA; a caller without one, with one from another
@@ -184,6 +186,7 @@ def test_mtls_target_http_side_refuses_callers_without_a_client_certificate(pki,
     assert not os.path.exists(os.path.dirname(sock))
 
 
+@pytest.mark.slow
 def test_mtls_target_http_side_with_api_keys_needs_a_key(pki, pair):
     """With --openai-api-key-file the certificate becomes optional and the key is what is checked:
     no key or a wrong key is HTTP 401 (AuthenticationError), the right key works."""
