@@ -24,6 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI semantics, [-2, 2]")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI semantics, [-2, 2]")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="HF semantics, (0, 10]; 1 = off")
+    gen.add_argument("--logit-bias", default="", metavar="ID:BIAS,...", help="e.g. 13:-100,42:2.5")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=run_generate)
 
@@ -95,6 +99,19 @@ def load_pair(args: argparse.Namespace, need_draft: bool = True):
     return target, draft
 
 
+def _logit_bias(text: str) -> tuple[tuple[int, float], ...]:
+    from ssd_core.errors import InvalidParameter
+
+    out = []
+    for item in filter(None, text.split(",")):
+        try:
+            token, bias = item.split(":")
+            out.append((int(token), float(bias)))
+        except ValueError:
+            raise InvalidParameter("logit_bias", item, "want TOKEN_ID:BIAS, e.g. 13:-100") from None
+    return tuple(out)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from ssd_core.config import SamplingParams
     from ssd_core.engine import Engine, Request
@@ -102,7 +119,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
     spec, policy = spec_from_args(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            repetition_penalty=args.repetition_penalty, logit_bias=_logit_bias(args.logit_bias))
     target, draft = load_pair(args, need_draft=args.mode != "ar")
     if args.prompt is not None:
         if target.tokenizer is None:
