@@ -83,6 +83,7 @@ def _wait_live(server, count: int) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sampled_ssd_with_trusted_drafts_and_a_draft_kill_matches_the_target():
     server, addr = _target(trusted=("draft-a", "draft-b"))
     drafts = [_draft(addr, "draft-a"), _draft(addr, "draft-b")]
@@ -149,6 +150,7 @@ def _register_liar(addr: str, endpoint: str) -> None:
             spb.RegisterRequest(endpoint=endpoint, draft_id="liar", info=info, auth_token=TOKENS["liar"]), timeout=5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sd", "ssd"])
 def test_a_lying_draft_over_grpc_cannot_move_the_sampled_distribution(mode):
     server, addr = _target(trusted=("draft-a",))  # the liar is authenticated, but not trusted

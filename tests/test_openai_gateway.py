@@ -265,6 +265,7 @@ def test_ids_only_target_uses_gateway_tokenizer(tmp_path: Path, target: tuple[Fa
     assert fake.requests[-1].WhichOneof("prompt") == "token_ids" and text == "d cba"
 
 
+@pytest.mark.slow
 def test_dead_and_multiple_targets(target: tuple[FakeTarget, str], fake: FakeTarget) -> None:
     import socket
 
