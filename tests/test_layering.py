@@ -1,7 +1,7 @@
 """The allowed imports between the top-level packages, checked on every import in the source.
 
 Read from the files with `ast`, so lazy imports inside functions and `importlib.import_module("...")`
-with a literal name count too. The rules (docs/design.md, "Layout"):
+with a literal name count too. The rules (docs/design.md, "Layers"):
 
 - the core (ssd_core) imports no service, CLI, bench or gateway; only the generated protos;
 - the services (target_service, draft_service) import the core, the protos and ssd_tls: never each
