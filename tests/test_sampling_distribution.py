@@ -13,10 +13,10 @@ import itertools
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import ssd_core.engine as engine_mod
 from conftest import make_pair
+from exactref import chi_square_pvalue
 from ssd_core.config import BackupKind, BatchPolicy, Mode, PolicyRow, SamplingParams, SpecConfig
 from ssd_core.engine import Engine, Request
 
@@ -48,25 +48,6 @@ def sample_engine(spec: SpecConfig, temperature: float, seed0: int = 0) -> list[
     finally:
         engine.close()
     return out
-
-
-def chi_square_pvalue(samples: list[tuple[int, ...]], exact: dict[tuple[int, ...], float]) -> float:
-    counts = {k: 0 for k in exact}
-    for s in samples:
-        counts[s] += 1
-    # pool cells with expected count < 5 into one bin (chi-square validity)
-    obs, exp, pool_o, pool_e = [], [], 0, 0.0
-    for k, p in exact.items():
-        if p * N < 5:
-            pool_o, pool_e = pool_o + counts[k], pool_e + p * N
-        else:
-            obs.append(counts[k])
-            exp.append(p * N)
-    obs.append(pool_o)
-    exp.append(pool_e)
-    total = sum(exp)
-    exp = [e * len(samples) / total for e in exp]
-    return float(chisquare(obs, exp).pvalue)
 
 
 EXACT = {t: exact_joint(t) for t in (1.0, 0.7)}
