@@ -209,6 +209,7 @@ class Engine:
         if problem is None:
             return spec
         if spec.source is not SpecSource.NONE:
+            metrics.REJECTED_SPECULATIONS.inc()
             log.warning("rejecting speculation for %s: %s; using the fast backup", seq.req.seq_id, problem)
         return Speculation(seq.req.seq_id, seq.round + 1, ngram_guess(seq.tokens, lookahead), None, SpecSource.FAST)
 

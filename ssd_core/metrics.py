@@ -34,6 +34,9 @@ SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS = Counter(
 CACHE_HITS = Counter("ssd_cache_hits", "Speculation-cache lookups that found the verified outcome pre-drafted.")
 CACHE_MISSES = Counter("ssd_cache_misses", "Speculation-cache lookups that fell back to a backup speculator.")
 BACKUP_USES = Counter("ssd_backup_uses", "Rounds served by a backup speculator, by kind (jit | fast).", ["kind"])
+REJECTED_SPECULATIONS = Counter(
+    "ssd_rejected_speculations", "Speculations the engine refused (wrong sequence / round / shape, bad q) and "
+    "replaced with its own fast backup; a healthy deployment keeps this at 0.")
 ROUND_SECONDS = Histogram(
     "ssd_round_seconds", "Wall time of one engine step by phase; 'speculate' is the wait for the drafts.",
     ["phase"], buckets=ROUND_BUCKETS)

@@ -56,6 +56,13 @@ class _Track:
     held: str | None = None  # the lease whose draft holds a row for it (current or stale)
 
 
+def _next_round(o: RoundOutcome, track: _Track) -> int:
+    """The engine round of the speculation that follows `o`. A first outcome carries no round: the
+    sequence's first speculation here is the SeqStart's first_round (not 0: after the engine
+    rebuilt its speculator, e.g. K changed with the batch size, a sequence starts mid-generation)."""
+    return track.start.first_round if o.num_accepted == FIRST_ROUND else o.round + 1
+
+
 class PooledSpeculator:
     """Speculator over remote draft endpoints; see the module docstring."""
 
@@ -115,8 +122,8 @@ class PooledSpeculator:
                 track.synced = False
         specs = []
         for o, track in zip(outcomes, tracks):
-            spec = answers.get(o.seq_id) or Speculation(o.seq_id, o.round + 1, (), None, SpecSource.NONE)
-            track.round = o.round + 1
+            spec = answers.get(o.seq_id) or Speculation(o.seq_id, _next_round(o, track), (), None, SpecSource.NONE)
+            track.round = _next_round(o, track)
             # The engine replaces NONE with the same deterministic n-gram guess (ssd_core.backup).
             guess = ngram_guess(track.tokens, k) if k else ()
             track.spec = spec.tokens if spec.source is not SpecSource.NONE else guess
@@ -181,7 +188,7 @@ class PooledSpeculator:
             if not track.synced:
                 start = track.start
                 starts.append(SeqStart(start.seq_id, tuple(track.tokens), start.params, start.draft_seed,
-                                       first_round=o.round + 1))
+                                       first_round=_next_round(o, track)))
                 track.synced, track.held = True, lease.lease_id
                 wire.append(RoundOutcome.first(o.seq_id))
             else:
@@ -208,7 +215,7 @@ class PooledSpeculator:
                 log.warning("undecodable speculation from %s for %s: %s", endpoint, o.seq_id, exc)
                 track.synced = False
                 continue
-            problem = speculation_problem(spec, o.seq_id, o.round + 1, self.lookahead, self._vocab)
+            problem = speculation_problem(spec, o.seq_id, _next_round(o, track), self.lookahead, self._vocab)
             if problem is not None:
                 if spec.source is not SpecSource.NONE:
                     log.warning("bad speculation from %s for %s: %s", endpoint, o.seq_id, problem)

@@ -249,6 +249,41 @@ def test_sequence_joining_mid_flight_keeps_speculator_rounds_in_step():
     assert done["a"].stats.hits > 0 and done["b"].stats.hits > 0
 
 
+def test_a_k_switch_over_the_draft_pool_keeps_round_numbers_and_rejects_nothing():
+    """Regression: when K changes with the batch size the engine rebuilds its PooledSpeculator; the
+    new one must number each sequence's first speculation from SeqStart.first_round (it numbered
+    it 0, so the draft's answers were rejected, the fast backup ran, and the pool logged
+    mismatched outcomes)."""
+    from prometheus_client import REGISTRY
+
+    from draft_service.config import DraftServerConfig
+    from draft_service.server import create_server as create_draft
+    from ssd_core.config import BatchPolicy
+
+    target, draft = make_pair()
+    cfg = TargetConfig(model="in-process", port=0, max_tokens=128, policy=BatchPolicy.parse("1:4:jit,4:2:jit"))
+    server, port = create_server(cfg, target=target)
+    addr = f"127.0.0.1:{port}"
+    drafts, _ = create_draft(DraftServerConfig(port=0, targets=(addr,)), model=draft)
+    drafts.start()
+    drafts.start_registration().wait_registered(1, 20)
+    prompts = [PROMPT, [2, 7, 1], [5, 5, 3, 9], [1, 8]]
+    before = REGISTRY.get_sample_value("ssd_rejected_speculations_total") or 0.0
+    try:
+        with Client(addr, timeout=60, max_retries=0) as c, futures.ThreadPoolExecutor(4) as pool:
+            first = pool.submit(c.generate, prompt_ids=PROMPT, max_tokens=40, ignore_eos=True, mode="ssd")
+            time.sleep(0.3)  # the first runs alone (K = 4), then three join (K = 2), then they leave
+            rest = [pool.submit(c.generate, prompt_ids=p, max_tokens=12, ignore_eos=True, mode="ssd")
+                    for p in prompts[1:]]
+            results = [first.result()] + [j.result() for j in rest]
+    finally:
+        drafts.stop(0)
+        server.stop(0)
+    assert [list(r.token_ids) for r in results] == [hf_greedy(target.model, PROMPT, 40)] + [
+        hf_greedy(target.model, p, 12) for p in prompts[1:]]
+    assert (REGISTRY.get_sample_value("ssd_rejected_speculations_total") or 0.0) == before
+
+
 def test_registry_auth_expiry_and_replacement(target):
     from target_service.errors import Refused
     from target_service.registry import DraftRegistry, TargetIdentity
