@@ -14,6 +14,7 @@ from draft_service.server import serve
 from ssd_core.auth import read_peers
 from ssd_tls import add_tls_arguments
 from ssd_core.config import BACKEND_HELP, BACKENDS
+from ssd_core.cpu_placement import CPUS_HELP, THREADS_HELP, apply_affinity, choose_placement
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     parser.add_argument("--backend", choices=BACKENDS, default=None, help=BACKEND_HELP)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    parser.add_argument("--cpus", default="", metavar="LIST", help=CPUS_HELP)
     parser.add_argument("--auth-token-file", default="", metavar="FILE",
                         help=f"this draft's token, presented to the targets; without --peers-file also the one "
                              f"shared token targets must present to open Sessions (default: ${AUTH_TOKEN_ENV})")
@@ -75,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the draft endpoint until SIGTERM; returns the exit code (non-zero: port busy, bad model)."""
     # the one "ready" line (and lifecycle lines) show at the default WARNING level too
     logging.getLogger("draft_service").setLevel(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     try:
+        placement = choose_placement(args.threads, args.cpus)
+        apply_affinity(placement)
+        torch.set_num_threads(placement.threads)
+        log.info("%s", placement.describe())
         cfg = config_from_args(args)
     except (ValueError, OSError) as exc:
         log.error("cannot start the draft: %s", exc)

@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from ssd_core.config import BackupKind, BatchPolicy, Mode
+from ssd_core.cpu_placement import CPUS_HELP, THREADS_HELP, apply_affinity, choose_placement
 from ssd_tls import add_tls_arguments
 from ssd_core.auth import read_peers
 from target_service.config import TargetConfig
@@ -69,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a draft identity whose draft probabilities q are used in sampled verification "
                              "(repeatable); other drafts' sampled tokens are verified against a point mass "
                              "(exact whatever they send, lower acceptance)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    parser.add_argument("--cpus", default="", metavar="LIST", help=CPUS_HELP)
     parser.add_argument("--grace-s", type=float, default=5.0, help="SIGTERM grace period")
     parser.add_argument("--openai-port", type=int, default=0, help="also serve the OpenAI HTTP API on this port")
     parser.add_argument("--health-port", type=int, default=0,
@@ -108,8 +110,11 @@ def run(args: argparse.Namespace, gateway: Gateway | None = None) -> int:
     """Serve until SIGTERM; exit code 2 on bad arguments or a busy port, 3 when the model cannot load.
     `gateway`: what serves --openai-port (None: the flag is refused)."""
     logging.getLogger("target_service").setLevel(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
-    torch.set_num_threads(max(1, args.threads))
     try:
+        placement = choose_placement(args.threads, args.cpus)
+        apply_affinity(placement)
+        torch.set_num_threads(placement.threads)
+        log.info("%s", placement.describe())
         cfg = config_from_args(args, gateway)
         if args.metrics_port:
             from ssd_core.metrics import start_metrics_server
