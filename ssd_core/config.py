@@ -33,6 +33,7 @@ REPETITION_RANGE = (0.0, 10.0)  # exclusive low end; 1 = off (HF's RepetitionPen
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
 MAX_LOGIT_BIAS = 1024  # entries per request
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default max_logprobs; OpenAI allows 5 / 20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +59,20 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), sorted by id
+    # Log-probabilities (None = off; N = the token's own and its N most likely alternatives), see
+    # ssd_core/logprobs.py for what they are a log of. max_new_tokens 0 (score the prompt, generate
+    # nothing) is allowed only with prompt_logprobs.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InvalidParameter("max_new_tokens", self.max_new_tokens, "must be >= 1")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidParameter(name, value, f"must be in [0, {MAX_LOGPROBS}]")
+        if self.max_new_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise InvalidParameter("max_new_tokens", self.max_new_tokens,
+                                   "must be >= 1 (0 only to score the prompt, with prompt_logprobs)")
         if not 0.0 <= self.temperature < math.inf:  # also rejects NaN
             raise InvalidParameter("temperature", self.temperature, "must be finite and >= 0")
         if self.top_k < 0:

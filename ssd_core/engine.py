@@ -11,12 +11,13 @@ steps (continuous batching) and leave when they finish without disturbing the ot
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +26,7 @@ from ssd_core.backup import ngram_guess
 from ssd_core.config import BatchPolicy, Mode, SamplingParams, SpecConfig
 from ssd_core.errors import InvalidParameter
 from ssd_core.kv import BatchKV
+from ssd_core.logprobs import TokenLogprob, position_logprobs, records
 from ssd_core.models import LoadedModel, check_pair
 from ssd_core.detok import TextStream
 from ssd_core.plan import RoundPlan, resolve_plan
@@ -52,6 +54,10 @@ class Result:
     text: str
     finish_reason: str  # "eos" | "length" | "stop" | "abort"
     stats: RequestStats
+    # only when the request asked (SamplingParams.logprobs / prompt_logprobs); one per token, the
+    # prompt's from its second token on (the first has no context to be scored in)
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +71,8 @@ class Delta:
     token_ids: tuple[int, ...]
     finished: Result | None = None
     text: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()  # of token_ids, when asked
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # in a sequence's first delta, when asked
 
 
 @dataclass(slots=True)
@@ -79,6 +87,8 @@ class _Seq:
     new: int = 0  # tokens generated so far
     limit: int = 0  # max new tokens (request cap, clipped by the context)
     stop_at: int | None = None  # where in the text a stop string starts, once one completed
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the new tokens, when asked
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 SpeculatorFactory = Callable[[RoundPlan, float], Speculator]  # (plan, saguaro_c) -> speculator
@@ -107,6 +117,7 @@ class Engine:
         self._plan: RoundPlan | None = None
         self._speculator: Speculator | None = None
         self._outcomes: dict[str, RoundOutcome] = {}
+        self._ready: list[Delta] = []  # finished at admission (prompt scoring): returned by the next step
         self._ids = itertools.count()
         # Key of the draft seeds' derivation. A service uses a secret one, so a remote draft cannot
         # work out the target's noise from a request seed it might guess; in-process, b"" keeps
@@ -118,24 +129,38 @@ class Engine:
         """Run requests to completion as one batch; results in request order."""
         ids = self.add(requests)
         done: dict[str, Result] = {}
-        while self.seqs:
+        while self.busy:
             for d in self.step():
                 if d.finished is not None:
                     done[d.seq_id] = d.finished
         return [done[i] for i in ids]
 
+    @property
+    def busy(self) -> bool:
+        """Sequences to step, or results of admitted requests that the next step returns."""
+        return bool(self.seqs or self._ready)
+
     def add(self, requests: list[Request]) -> list[str]:
-        """Validate and admit requests (prefill); they take part from the next step on."""
-        new = [self._admit(r) for r in requests]
+        """Validate and admit requests (prefill); they take part from the next step on. A request
+        with max_new_tokens 0 only scores its prompt: its result comes with the next step."""
+        admitted = [self._admit(r) for r in requests]
+        scored = [s for s in admitted if s.limit == 0]
+        if scored:  # a prefill of their own: the generating rows' prefill stays as without them
+            self._prefill(scored, keep=False)
+            for s in scored:
+                s.stats.finish(0)
+                result = Result(s.req.seq_id, (), "", "length", s.stats, prompt_logprobs=s.prompt_logprobs)
+                self._ready.append(Delta(s.req.seq_id, (), result, prompt_logprobs=s.prompt_logprobs))
+        new = [s for s in admitted if s.limit > 0]
         if not new:
-            return []
+            return [s.req.seq_id for s in admitted]
         self._prefill(new)
         if self._speculator is not None:
             self._speculator.add([self._start(s) for s in new])
         for s in new:
             self._outcomes[s.req.seq_id] = RoundOutcome.first(s.req.seq_id)
         self.seqs.extend(new)
-        return [s.req.seq_id for s in new]
+        return [s.req.seq_id for s in admitted]
 
     def abort(self, seq_id: str) -> Result | None:
         idx = [i for i, s in enumerate(self.seqs) if s.req.seq_id == seq_id]
@@ -148,40 +173,44 @@ class Engine:
             self._speculator.close()
 
     def step(self) -> list[Delta]:
-        """One verification round for every active sequence."""
+        """One verification round for every active sequence (and the results of prompt-only requests)."""
+        ready, self._ready = self._ready, []
         if not self.seqs:
-            return []
+            return ready
         ts = time.perf_counter()
         plan = self._replan()
         specs = self._speculate(plan)
         t0 = time.perf_counter()
-        target_probs = self._verify_forward(specs)
+        target_probs, logprobs = self._verify_forward(specs)
         t1 = time.perf_counter()
         for seq in self.seqs:  # before commit: a request that finishes now reports this round too
             seq.stats.verify_s += t1 - t0
             seq.stats.speculate_s += t0 - ts
         num_accepted, bonus = self._verify(specs, target_probs)
-        deltas, lookups = self._commit(specs, num_accepted, bonus)
+        deltas, lookups = self._commit(specs, num_accepted, bonus, logprobs)
         t2 = time.perf_counter()
         self.timings.add(verify_s=t1 - t0, commit_s=t2 - t1)
         metrics.record_round(num_accepted.tolist(), len(specs[0].tokens), hits=lookups.count(SpecSource.CACHE_HIT),
                              jit=lookups.count(SpecSource.JIT), fast=lookups.count(SpecSource.FAST),
                              phase_seconds={"speculate": t0 - ts, "verify": t1 - t0, "commit": t2 - t1, "round": t2 - ts})
-        return deltas
+        return ready + deltas
 
     # -- phases ------------------------------------------------------------------------------
     def _replan(self) -> RoundPlan:
         plan = resolve_plan(self.spec, self.policy, len(self.seqs))
         sp = self._speculator
         if plan.lookahead > 0 and self._factory is not None:
-            if sp is None or sp.fan_out != plan.fan_out or sp.tree != plan.tree:
+            if sp is None or sp.tree != plan.tree:
                 self._switch(plan)
+            elif sp.fan_out != plan.fan_out:  # K by batch size: same speculator, its state kept
+                log.info("speculator replan: K=%d fan_out=%s", plan.lookahead, plan.fan_out)
+                sp.replan(plan.fan_out)
             self._speculator.backup = plan.backup
         self._plan = plan
         return plan
 
     def _switch(self, plan: RoundPlan) -> None:
-        """(Re)build the speculator when the plan's shape changes (first step, or K by batch size)."""
+        """(Re)build the speculator when the plan's mode changes (first step; K alone is a replan)."""
         if self._speculator is not None:
             self._speculator.close()
         log.info("speculator plan: K=%d fan_out=%s tree=%s backup=%s", plan.lookahead, plan.fan_out, plan.tree, plan.backup.value)
@@ -213,7 +242,9 @@ class Engine:
             log.warning("rejecting speculation for %s: %s; using the fast backup", seq.req.seq_id, problem)
         return Speculation(seq.req.seq_id, seq.round + 1, ngram_guess(seq.tokens, lookahead), None, SpecSource.FAST)
 
-    def _verify_forward(self, specs: list[Speculation]) -> torch.Tensor:  # [B, K+1, V]
+    def _verify_forward(self, specs: list[Speculation]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Processed target distributions [B, K+1, V], and log-probabilities [K+1, V] by batch row
+        for the rows whose request asked for them (nobody else pays for them)."""
         lookahead = len(specs[0].tokens)
         tokens = torch.tensor([[s.tokens[-1], *sp.tokens] for s, sp in zip(self.seqs, specs)], dtype=torch.long)
         start = torch.tensor([len(s.tokens) - 1 for s in self.seqs])[:, None]
@@ -230,8 +261,10 @@ class Engine:
         flat = logits.reshape(-1, logits.shape[-1])
         p = [s.req.params for s in self.seqs for _ in range(lookahead + 1)]
         probs = process_logits(flat, torch.tensor([x.temperature for x in p]), torch.tensor([x.top_k for x in p]),
-                               torch.tensor([x.top_p for x in p]))
-        return probs.view(len(self.seqs), lookahead + 1, -1)
+                               torch.tensor([x.top_p for x in p])).view(len(self.seqs), lookahead + 1, -1)
+        logprobs = {i: position_logprobs(logits[i], probs[i], seq.req.params.greedy)
+                    for i, seq in enumerate(self.seqs) if seq.req.params.logprobs is not None}
+        return probs, logprobs
 
     def _verify(self, specs: list[Speculation], target_probs: torch.Tensor):
         batch, k_plus_1, vocab = target_probs.shape
@@ -243,8 +276,8 @@ class Engine:
         uniforms, race = draw_noise([s.gen for s in self.seqs], k_plus_1 - 1, vocab)
         return verify(draft_tokens, draft_probs, target_probs, uniforms, race)
 
-    def _commit(self, specs: list[Speculation], num_accepted: torch.Tensor,
-                bonus: torch.Tensor) -> tuple[list[Delta], list[SpecSource]]:
+    def _commit(self, specs: list[Speculation], num_accepted: torch.Tensor, bonus: torch.Tensor,
+                logprobs: dict[int, torch.Tensor]) -> tuple[list[Delta], list[SpecSource]]:
         """Commit the round; returns the deltas and the sources of this round's cache lookups."""
         self.kv.keep(torch.tensor([len(s.tokens) - 1 for s in self.seqs]) + num_accepted)
         self.kv.compact()
@@ -255,15 +288,20 @@ class Engine:
             if lookup is not None:
                 lookups.append(lookup)
             self._outcomes[seq.req.seq_id] = RoundOutcome(seq.req.seq_id, sp.round, k, t)
+            first = seq.new == 0
             emitted, reason = self._emit(seq, list(sp.tokens[:k]) + [t])
+            # emitted[j] is verified position j's token (a prefix of d_1..d_k, t*): row j scores it
+            lps = records(logprobs[i], emitted, seq.req.params.logprobs) if i in logprobs else ()
+            seq.logprobs.extend(lps)
             # a finishing sequence's text comes from _retire (cut where a stop string starts)
             text = seq.text.release() if seq.text is not None and reason is None else ""
-            deltas.append(Delta(seq.req.seq_id, tuple(emitted), text=text))
+            deltas.append(Delta(seq.req.seq_id, tuple(emitted), text=text, logprobs=lps,
+                                prompt_logprobs=seq.prompt_logprobs if first else ()))
             if reason is not None:
                 finished.append((i, reason))
         if finished:
             ended = {r.seq_id: (r, rest) for r, rest in self._retire(finished)}
-            deltas = [Delta(d.seq_id, d.token_ids, ended[d.seq_id][0], d.text + ended[d.seq_id][1])
+            deltas = [dataclasses.replace(d, finished=ended[d.seq_id][0], text=d.text + ended[d.seq_id][1])
                       if d.seq_id in ended else d for d in deltas]
         return deltas, lookups
 
@@ -298,7 +336,8 @@ class Engine:
             rest = seq.text.finish(seq.stop_at if reason == "stop" else None) if seq.text is not None else ""
             text = seq.text.text if seq.text is not None else ""
             seq.stats.finish(len(new_ids))
-            results.append((Result(seq.req.seq_id, tuple(new_ids), text, reason, seq.stats), rest))
+            results.append((Result(seq.req.seq_id, tuple(new_ids), text, reason, seq.stats, tuple(seq.logprobs),
+                                   seq.prompt_logprobs), rest))
             self._outcomes.pop(seq.req.seq_id, None)
         keep = [i for i in range(len(self.seqs)) if i not in gone]
         if self._speculator is not None:
@@ -340,10 +379,20 @@ class Engine:
         # the speculator derives the stream from (draft_seed, first_round): fresh on every rebuild
         return SeqStart(seq.req.seq_id, tuple(seq.tokens), seq.req.params, seq.draft_seed, first_round=seq.round + 1)
 
-    def _prefill(self, new: list[_Seq]) -> None:
-        """Target KV for all but the last prompt token (it is fed with the first verify pass)."""
+    def _prefill(self, new: list[_Seq], keep: bool = True) -> None:
+        """Target KV for all but the last prompt token (it is fed with the first verify pass), and
+        the prompt's log-probabilities for the requests that ask (the same forward's logits);
+        keep=False: scoring only, the KV is dropped."""
         t0 = time.perf_counter()
-        self.kv.extend(BatchKV.prefill(self.target.model, [s.tokens for s in new], self.target.device))
+        kv, logits = BatchKV.prefill_logits(self.target.model, [s.tokens for s in new], self.target.device)
+        for i, s in enumerate(new):
+            n = s.req.params.prompt_logprobs
+            if n is not None and logits is not None:
+                prompt = s.req.prompt_ids
+                lp = torch.log_softmax(logits[i, : len(prompt) - 1].float().cpu(), dim=-1)
+                s.prompt_logprobs = records(lp, prompt[1:], n)
+        if keep:
+            self.kv.extend(kv)
         dt = time.perf_counter() - t0
         self.timings.add(prefill_s=dt)
         for s in new:

@@ -76,8 +76,16 @@ class BatchKV:
     def prefill(cls, model: torch.nn.Module, histories: list[list[int]], device: torch.device | str = "cpu") -> "BatchKV":
         """A new batch whose rows hold each history except its last token (that token is fed by
         the row's next step, which needs its logits). Rows are right-padded with invalid slots."""
+        return cls.prefill_logits(model, histories, device)[0]
+
+    @classmethod
+    def prefill_logits(cls, model: torch.nn.Module, histories: list[list[int]],
+                       device: torch.device | str = "cpu") -> tuple["BatchKV", torch.Tensor | None]:
+        """`prefill`, and the forward's logits [B, width, V] (row i, slot j: the distribution of
+        histories[i][j + 1]; None when every history has one token, so there was no forward)."""
         kv = cls(len(histories), device)
         width = max((len(h) - 1 for h in histories), default=0)
+        logits = None
         if width:
             tokens = torch.zeros(len(histories), width, dtype=torch.long)
             pos = torch.full((len(histories), width), -1, dtype=torch.long)
@@ -85,8 +93,8 @@ class BatchKV:
                 n = len(h) - 1
                 tokens[i, :n] = torch.tensor(h[:n], dtype=torch.long)
                 pos[i, :n] = torch.arange(n)
-            kv.forward(model, tokens, pos)
-        return kv
+            logits = kv.forward(model, tokens, pos)
+        return kv, logits
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def keep(self, trunk_limit: torch.Tensor, keep_branch: torch.Tensor | None = None) -> None:

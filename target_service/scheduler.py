@@ -169,7 +169,7 @@ class Scheduler:
                 self._admit(admit)
                 self._apply_aborts(aborts)
                 for spec, lane in list(self._lanes.items()):
-                    if lane.engine.seqs:
+                    if lane.engine.busy:  # also prompt-only requests, whose results the next step returns
                         self._step(spec, lane)
                 self._close_idle_lanes()
             except Exception as exc:  # noqa: BLE001 - the engine thread must outlive a bug
@@ -283,6 +283,8 @@ class Scheduler:
 
     def _shutdown(self) -> None:
         for lane in self._lanes.values():
+            if not lane.engine.seqs and lane.engine.busy:
+                self._dispatch(lane.engine.step())  # prompt-only results already computed
             for seq in list(lane.engine.seqs):
                 self._apply_aborts({seq.req.seq_id})
         for spec in list(self._lanes):
