@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import uuid
 
-from ssd_core.config import BackupKind, Mode, SamplingParams, SpecConfig
+from ssd_core.config import MAX_LOGPROBS, BackupKind, Mode, SamplingParams, SpecConfig
 from ssd_core.engine import Request, Result
 from ssd_core.errors import InvalidParameter
+from ssd_core.logprobs import TokenLogprob
 from ssd_core.models import LoadedModel
 from ssd_protos.ssd.v1 import generation_pb2 as pb
 from target_service.config import TargetConfig
@@ -57,7 +58,17 @@ def _prompt(request: pb.GenerateRequest | pb.CompleteRequest, cfg: TargetConfig,
 
 
 def _sampling(m: pb.SamplingParams, cfg: TargetConfig, target: LoadedModel) -> SamplingParams:
-    max_tokens = m.max_tokens or cfg.default_max_tokens
+    logprobs = m.logprobs if m.HasField("logprobs") else None
+    prompt_logprobs = m.prompt_logprobs if m.HasField("prompt_logprobs") else None
+    for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if value is not None and value > MAX_LOGPROBS:
+            raise InvalidParameter(name, value, f"at most {MAX_LOGPROBS} alternatives")
+    if m.score_only:
+        if prompt_logprobs is None:
+            raise InvalidParameter("score_only", True, "needs prompt_logprobs (scoring returns the prompt's logprobs)")
+        if m.max_tokens:
+            raise InvalidParameter("max_tokens", m.max_tokens, "must be 0 with score_only")
+    max_tokens = 0 if m.score_only else (m.max_tokens or cfg.default_max_tokens)
     if max_tokens > cfg.max_tokens:
         raise InvalidParameter("max_tokens", max_tokens, f"over the limit of {cfg.max_tokens}")
     if not math.isfinite(m.temperature):
@@ -79,7 +90,8 @@ def _sampling(m: pb.SamplingParams, cfg: TargetConfig, target: LoadedModel) -> S
                           seed=m.seed if m.HasField("seed") else None, stop=tuple(m.stop), ignore_eos=m.ignore_eos,
                           stop_token_ids=frozenset(m.stop_token_ids), presence_penalty=m.presence_penalty,
                           frequency_penalty=m.frequency_penalty, repetition_penalty=repetition,
-                          logit_bias=tuple(sorted(m.logit_bias.items())))
+                          logit_bias=tuple(sorted(m.logit_bias.items())), logprobs=logprobs,
+                          prompt_logprobs=prompt_logprobs)
 
 
 def _speculation(m: pb.SpeculationParams, cfg: TargetConfig) -> SpecConfig:
@@ -118,6 +130,11 @@ def usage_pb(prompt_tokens: int, completion_tokens: int) -> pb.Usage:
     return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
 
+def logprobs_pb(records: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=r.token_id, logprob=r.logprob,
+                            top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in r.top]) for r in records]
+
+
 def complete_pb(result: Result, prompt_tokens: int, queue_ns: int, total_ns: int) -> pb.GenerateComplete:
     s = result.stats
     stats = pb.SpeculationStats(
@@ -128,4 +145,6 @@ def complete_pb(result: Result, prompt_tokens: int, queue_ns: int, total_ns: int
     )  # fmt: skip
     return pb.GenerateComplete(token_ids=list(result.token_ids), text=result.text,
                                finish_reason=FINISH.get(result.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-                               usage=usage_pb(prompt_tokens, len(result.token_ids)), stats=stats)
+                               usage=usage_pb(prompt_tokens, len(result.token_ids)), stats=stats,
+                               logprobs=logprobs_pb(result.logprobs),
+                               prompt_logprobs=logprobs_pb(result.prompt_logprobs))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ssd_core.config import SpecConfig
 from ssd_core.engine import Delta, Engine, Request, Result
 from ssd_core.errors import InvalidParameter
+from ssd_core.logprobs import TokenLogprob
 from ssd_core.stats import RequestStats
 from target_service.errors import AdmissionRejected, ShuttingDown
 
@@ -44,6 +45,8 @@ class Job:
 class Chunk:
     token_ids: tuple[int, ...]
     text: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +255,7 @@ class Scheduler:
             if ticket is None:
                 continue
             if delta.token_ids or delta.text:
-                ticket.events.put(Chunk(delta.token_ids, delta.text))
+                ticket.events.put(Chunk(delta.token_ids, delta.text, delta.logprobs, delta.prompt_logprobs))
             if delta.finished is not None:
                 end = time.perf_counter()
                 queue_ns = int(((ticket.admitted or end) - ticket.arrival) * 1e9)

@@ -12,7 +12,7 @@ from ssd_core.models import LoadedModel, tokenizer_fingerprint
 from ssd_protos.ssd.v1 import generation_pb2 as pb
 from ssd_protos.ssd.v1 import generation_pb2_grpc as pb_grpc
 from target_service.config import TargetConfig
-from target_service.convert import MODE_TO_PB, complete_pb, job_from_pb, max_prompt_tokens, usage_pb
+from target_service.convert import MODE_TO_PB, complete_pb, job_from_pb, logprobs_pb, max_prompt_tokens, usage_pb
 from target_service.errors import Refused, mapped
 from target_service.registry import PROTO_VERSION, DraftRegistry
 from target_service.scheduler import Chunk, Done, Failed, Scheduler, Ticket
@@ -56,7 +56,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         for event in ticket.stream(alive=context.is_active):
             if isinstance(event, Chunk):  # the engine detokenizes: the chunks' text adds up to the final text
                 n_done += len(event.token_ids)
-                chunk = pb.GenerateChunk(token_ids=event.token_ids, text=event.text, usage=usage_pb(n_prompt, n_done))
+                chunk = pb.GenerateChunk(token_ids=event.token_ids, text=event.text, usage=usage_pb(n_prompt, n_done),
+                                         logprobs=logprobs_pb(event.logprobs),
+                                         prompt_logprobs=logprobs_pb(event.prompt_logprobs))
                 yield pb.GenerateResponse(request_id=rid, chunk=chunk)
             elif isinstance(event, Done):
                 complete = complete_pb(event.result, n_prompt, event.queue_ns, event.total_ns)

@@ -12,7 +12,7 @@ from client.errors import (
     Unavailable,
 )
 from client.sync_client import Client, GenerationStream
-from client.types import GenerationResult, ModelInfo, SpeculationStats, StreamDelta, Usage
+from client.types import GenerationResult, ModelInfo, SpeculationStats, StreamDelta, TokenLogprob, Usage
 
 __all__ = [
     "AsyncClient",
@@ -30,6 +30,7 @@ __all__ = [
     "SSDError",
     "SpeculationStats",
     "StreamDelta",
+    "TokenLogprob",
     "Unavailable",
     "Usage",
 ]

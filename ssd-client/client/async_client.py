@@ -69,6 +69,9 @@ class AsyncClient:
         lookahead: int | None = None,
         fan_out: Sequence[int] | None = None,
         saguaro_c: float | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        score_only: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> GenerationResult:
@@ -79,6 +82,7 @@ class AsyncClient:
             stop_token_ids=tuple(stop_token_ids), presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
             logit_bias=tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items())),
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, score_only=score_only,
         )  # fmt: skip
         request = build_request(pb.CompleteRequest, options, request_id)
         response = await self._call(lambda stub, t: stub.Complete(request, timeout=t), timeout, request.request_id)
@@ -105,6 +109,9 @@ class AsyncClient:
         lookahead: int | None = None,
         fan_out: Sequence[int] | None = None,
         saguaro_c: float | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        score_only: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> AsyncGenerationStream:
@@ -119,6 +126,7 @@ class AsyncClient:
             stop_token_ids=tuple(stop_token_ids), presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
             logit_bias=tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items())),
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, score_only=score_only,
         )  # fmt: skip
         request = build_request(pb.GenerateRequest, options, request_id)
         return AsyncGenerationStream(self, request, Deadline(self._timeout(timeout)))

@@ -10,7 +10,7 @@ from typing import TypeVar
 import grpc
 
 from client.errors import Internal, from_status
-from client.types import GenerationResult, ModelInfo, SpeculationStats, StreamDelta, Usage
+from client.types import GenerationResult, ModelInfo, SpeculationStats, StreamDelta, TokenLogprob, Usage
 from ssd_protos.ssd.v1 import generation_pb2 as pb
 
 MODES: dict[str, int] = {"ar": pb.DECODE_MODE_AR, "sd": pb.DECODE_MODE_SD, "ssd": pb.DECODE_MODE_SSD}
@@ -49,6 +49,9 @@ class GenerateOptions:
     lookahead: int | None = None
     fan_out: tuple[int, ...] | None = None
     saguaro_c: float | None = None
+    logprobs: int | None = None  # None: none; N: each new token's and its N best alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens 2..n
+    score_only: bool = False  # no new tokens (max_tokens must be 0; needs prompt_logprobs)
 
     def __post_init__(self) -> None:
         # Only structural checks: ranges are the server's to judge (it returns INVALID_ARGUMENT).
@@ -58,6 +61,9 @@ class GenerateOptions:
             raise ValueError(f"mode={self.mode!r}: expected one of {sorted(MODES)}")
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"seed={self.seed}: must be >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
 
     @classmethod
     def create(
@@ -107,6 +113,11 @@ def build_request(cls: type[RequestT], options: GenerateOptions, request_id: str
         sampling.repetition_penalty = options.repetition_penalty
     for token_id, bias in options.logit_bias:
         sampling.logit_bias[token_id] = bias
+    if options.logprobs is not None:
+        sampling.logprobs = options.logprobs
+    if options.prompt_logprobs is not None:
+        sampling.prompt_logprobs = options.prompt_logprobs
+    sampling.score_only = options.score_only
     speculation = request.speculation
     speculation.mode = MODES[options.mode.lower()] if options.mode else pb.DECODE_MODE_UNSPECIFIED
     speculation.lookahead = options.lookahead or 0
@@ -132,6 +143,11 @@ def to_stats(stats: pb.SpeculationStats) -> SpeculationStats:
     )
 
 
+def to_logprobs(records) -> tuple[TokenLogprob, ...]:
+    """repeated pb.TokenLogprob -> TokenLogprob tuple."""
+    return tuple(TokenLogprob(r.token_id, r.logprob, tuple((t.token_id, t.logprob) for t in r.top)) for r in records)
+
+
 def to_result(request_id: str, complete: pb.GenerateComplete) -> GenerationResult:
     return GenerationResult(
         request_id=request_id,
@@ -140,6 +156,8 @@ def to_result(request_id: str, complete: pb.GenerateComplete) -> GenerationResul
         finish_reason=_FINISH_REASONS.get(complete.finish_reason, ""),
         usage=to_usage(complete.usage),
         stats=to_stats(complete.stats),
+        logprobs=to_logprobs(complete.logprobs),
+        prompt_logprobs=to_logprobs(complete.prompt_logprobs),
     )
 
 
@@ -178,7 +196,8 @@ class StreamDecoder:
             chunk = response.chunk
             self._num_tokens += len(chunk.token_ids)
             self._texts.append(chunk.text)
-            return StreamDelta(token_ids=tuple(chunk.token_ids), text=chunk.text, usage=to_usage(chunk.usage))
+            return StreamDelta(token_ids=tuple(chunk.token_ids), text=chunk.text, usage=to_usage(chunk.usage),
+                               logprobs=to_logprobs(chunk.logprobs), prompt_logprobs=to_logprobs(chunk.prompt_logprobs))
         if kind == "complete":
             complete = response.complete
             self.result = to_result(self.request_id, complete)
@@ -186,8 +205,11 @@ class StreamDecoder:
             seen_text = "".join(self._texts)
             tail_text = complete.text[len(seen_text) :] if complete.text.startswith(seen_text) else ""
             tail_ids = tuple(complete.token_ids[self._num_tokens :])
-            if tail_ids or tail_text:
-                return StreamDelta(token_ids=tail_ids, text=tail_text, usage=self.result.usage)
+            first = self._num_tokens == 0  # nothing streamed (a prompt-only request): its prompt logprobs too
+            if tail_ids or tail_text or (first and self.result.prompt_logprobs):
+                return StreamDelta(token_ids=tail_ids, text=tail_text, usage=self.result.usage,
+                                   logprobs=self.result.logprobs[self._num_tokens :],
+                                   prompt_logprobs=self.result.prompt_logprobs if first else ())
             return None
         if kind == "error":
             raise from_status(response.error.code, response.error.message, self.request_id)

@@ -68,6 +68,9 @@ class Client:
         lookahead: int | None = None,
         fan_out: Sequence[int] | None = None,
         saguaro_c: float | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        score_only: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> GenerationResult:
@@ -78,6 +81,7 @@ class Client:
             stop_token_ids=tuple(stop_token_ids), presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
             logit_bias=tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items())),
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, score_only=score_only,
         )  # fmt: skip
         request = build_request(pb.CompleteRequest, options, request_id)
         response = self._call(lambda stub, t: stub.Complete(request, timeout=t), timeout, request.request_id)
@@ -104,6 +108,9 @@ class Client:
         lookahead: int | None = None,
         fan_out: Sequence[int] | None = None,
         saguaro_c: float | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        score_only: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> GenerationStream:
@@ -117,6 +124,7 @@ class Client:
             stop_token_ids=tuple(stop_token_ids), presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
             logit_bias=tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items())),
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, score_only=score_only,
         )  # fmt: skip
         request = build_request(pb.GenerateRequest, options, request_id)
         return GenerationStream(self, request, Deadline(self.timeout if timeout is None else timeout))

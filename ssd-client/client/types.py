@@ -11,6 +11,16 @@ STATS_KEYS = ("rounds", "mean_accepted_length", "acceptance_rate", "cache_hit_ra
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log-probability under the target and its most likely alternatives
+    ((token id, logprob), best first); docs/openai.md says what it is the log of."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts: prompt and completion (cumulative)."""
 
@@ -59,6 +69,8 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length" | "eos" | "abort" | "" (unspecified)
     usage: Usage
     stats: SpeculationStats
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token_ids entry, when asked (logprobs=N)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens 2..n, when asked (prompt_logprobs=N)
 
     def to_json_dict(self) -> dict[str, object]:
         """The object `ssd client generate --json` prints."""
@@ -77,6 +89,8 @@ class StreamDelta:
     token_ids: tuple[int, ...]
     text: str
     usage: Usage
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token_ids entry, when asked
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # in the first delta, when asked
 
 
 @dataclass(frozen=True, slots=True)
