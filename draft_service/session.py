@@ -96,6 +96,8 @@ class DraftSession:
         if kind == "remove":
             self._drop([s for s in req.remove.seq_ids if s in self.handed])
             return []
+        if kind == "reconfigure":
+            return self._reconfigure(req.reconfigure)
         if kind == "close":
             log.info("session %s closed by the target: %s", self.session_id, req.close.reason)
             self.done = True
@@ -137,6 +139,24 @@ class DraftSession:
                  m.target_replica_id or "?", lookahead, fan_out, saguaro_c, backup.value)
         accepted = codec.config_to_pb(fan_out, saguaro_c, backup, lookahead)
         return [pb.SessionResponse(opened=pb.SessionOpened(session_id=self.session_id, config=accepted))]
+
+    def _reconfigure(self, m: pb.SessionConfig) -> list[pb.SessionResponse]:
+        """New K / fan-out / backup for the next rounds; sequences, KV and streams are kept."""
+        try:
+            fan_out, saguaro_c, backup, lookahead = codec.config_from_pb(m)
+        except ValueError as exc:
+            return self._fatal(_INVALID, f"bad session config: {exc}")
+        spec = self.speculator
+        if lookahead > self.limits.max_lookahead or sum(fan_out) > self.limits.max_fan_out_budget:
+            return self._fatal(_INVALID, f"lookahead {lookahead} / fan-out budget {sum(fan_out)} over the limits "
+                               f"{self.limits.max_lookahead} / {self.limits.max_fan_out_budget}")
+        if (sum(fan_out) > 0) != spec.tree or saguaro_c != spec.saguaro_c:
+            return self._fatal(_INVALID, "reconfigure cannot change the mode (tree or not) or C; open a new session")
+        spec.replan(fan_out)
+        spec.backup = BackupKind.JIT if backup is BackupKind.AUTO else backup
+        log.debug("session %s reconfigured: K=%d fan_out=%s backup=%s", self.session_id, lookahead, fan_out,
+                  spec.backup.value)
+        return []
 
     def _add(self, m: pb.AddSequences) -> list[pb.SessionResponse]:
         out, good, seen = [], [], set()

@@ -63,6 +63,10 @@ class ProcessSpeculator:
     def remove(self, seq_ids: list[str]) -> None:
         self._call("remove", seq_ids)
 
+    def replan(self, fan_out: tuple[int, ...]) -> None:
+        self._call("replan", tuple(fan_out))
+        self.fan_out = tuple(fan_out)
+
     @property
     def stats(self) -> Any:
         """The child's SpeculatorStats (waits for its tree build)."""

@@ -128,6 +128,15 @@ class DraftSpeculator:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
+    def replan(self, fan_out: tuple[int, ...]) -> None:
+        """Speculate with K = len(fan_out) - 1 and this fan-out from the next round on, keeping
+        every row's draft KV and random stream (no rebuild, no re-prefill). Cached drafts of the
+        old K no longer fit and miss once (JIT at the new K); the mode (tree or not) cannot change."""
+        if (sum(fan_out) > 0) != self.tree or len(fan_out) < 2:
+            raise ValueError(f"replan to fan_out={tuple(fan_out)} would change the mode (tree={self.tree})")
+        self._wait()
+        self.fan_out = tuple(fan_out)
+
     # -- the round ---------------------------------------------------------------------------
     def propose(self, outcomes: list[RoundOutcome], lookahead: int | None = None) -> list[Speculation]:
         """Apply each sequence's outcome and return its next speculation (same order as rows).

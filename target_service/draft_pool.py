@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import grpc
 
 from ssd_core.backup import ngram_guess
-from ssd_core.config import SamplingParams
+from ssd_core.config import BackupKind, SamplingParams
 from ssd_core.plan import RoundPlan
 from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Speculation
 from ssd_core.validate import speculation_problem
@@ -69,7 +69,7 @@ class PooledSpeculator:
     def __init__(self, registry: DraftRegistry, plan: RoundPlan, saguaro_c: float, *, replica_id: str,
                  vocab_size: int, timeout_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None,
                  trusted: tuple[str, ...] = ()) -> None:
-        self.fan_out, self.tree, self.backup = plan.fan_out, plan.tree, plan.backup
+        self.fan_out, self.tree, self._backup = plan.fan_out, plan.tree, plan.backup
         self.lookahead = plan.lookahead
         self.saguaro_c = saguaro_c
         self._registry, self._replica, self._vocab, self._timeout_s = registry, replica_id, vocab_size, timeout_s
@@ -95,6 +95,27 @@ class PooledSpeculator:
             session = self._sessions.get(lease_id)
             if session is not None:
                 session.remove(ids)
+
+    @property
+    def backup(self) -> BackupKind:
+        return self._backup
+
+    @backup.setter
+    def backup(self, kind: BackupKind) -> None:  # the engine sets it every round; tell the drafts on a change
+        if kind != self._backup:
+            self._backup = kind
+            self._reconfigure_sessions()
+
+    def replan(self, fan_out: tuple[int, ...]) -> None:
+        """New K / fan-out (the batch size changed): the open sessions are reconfigured in place,
+        so the drafts keep every sequence's state (no new session, no re-prefill)."""
+        self.fan_out, self.lookahead = tuple(fan_out), len(fan_out) - 1
+        self._reconfigure_sessions()
+
+    def _reconfigure_sessions(self) -> None:
+        config = config_to_pb(self.fan_out, self.saguaro_c, self._backup, self.lookahead)
+        for session in self._sessions.values():
+            session.reconfigure(config)
 
     def close(self) -> None:
         for track in self._tracks.values():

@@ -66,6 +66,11 @@ class DraftSession:
                 self._held.update(s.seq_id for s in starts)
             self._requests.put(spb.SessionRequest(add=spb.AddSequences(sequences=[start_to_pb(s) for s in starts])))
 
+    def reconfigure(self, config: spb.SessionConfig) -> None:
+        """New K / fan-out / backup from the next round on (the draft keeps the sequences)."""
+        if self.alive:
+            self._requests.put(spb.SessionRequest(reconfigure=config))
+
     def remove(self, seq_ids: list[str]) -> None:
         with self._cond:
             self._held.difference_update(seq_ids)

@@ -250,10 +250,10 @@ def test_sequence_joining_mid_flight_keeps_speculator_rounds_in_step():
 
 
 def test_a_k_switch_over_the_draft_pool_keeps_round_numbers_and_rejects_nothing():
-    """Regression: when K changes with the batch size the engine rebuilds its PooledSpeculator; the
-    new one must number each sequence's first speculation from SeqStart.first_round (it numbered
-    it 0, so the draft's answers were rejected, the fast backup ran, and the pool logged
-    mismatched outcomes)."""
+    """When K changes with the batch size the pool reconfigures its open draft sessions in place:
+    one Session for the whole run (no re-prefill), no speculation rejected, output exact.
+    (Regression too: when a K change rebuilt the PooledSpeculator, the new one numbered each
+    sequence's first speculation 0 instead of SeqStart.first_round and the answers were rejected.)"""
     from prometheus_client import REGISTRY
 
     from draft_service.config import DraftServerConfig
@@ -269,6 +269,7 @@ def test_a_k_switch_over_the_draft_pool_keeps_round_numbers_and_rejects_nothing(
     drafts.start_registration().wait_registered(1, 20)
     prompts = [PROMPT, [2, 7, 1], [5, 5, 3, 9], [1, 8]]
     before = REGISTRY.get_sample_value("ssd_rejected_speculations_total") or 0.0
+    opened = REGISTRY.get_sample_value("ssd_draft_sessions_opened_total") or 0.0
     try:
         with Client(addr, timeout=60, max_retries=0) as c, futures.ThreadPoolExecutor(4) as pool:
             first = pool.submit(c.generate, prompt_ids=PROMPT, max_tokens=40, ignore_eos=True, mode="ssd")
@@ -282,6 +283,7 @@ def test_a_k_switch_over_the_draft_pool_keeps_round_numbers_and_rejects_nothing(
     assert [list(r.token_ids) for r in results] == [hf_greedy(target.model, PROMPT, 40)] + [
         hf_greedy(target.model, p, 12) for p in prompts[1:]]
     assert (REGISTRY.get_sample_value("ssd_rejected_speculations_total") or 0.0) == before
+    assert (REGISTRY.get_sample_value("ssd_draft_sessions_opened_total") or 0.0) == opened + 1
 
 
 def test_registry_auth_expiry_and_replacement(target):

@@ -227,18 +227,20 @@ class SessionClose(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("open", "add", "round", "remove", "close")
+    __slots__ = ("open", "add", "round", "remove", "close", "reconfigure")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     ADD_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    RECONFIGURE_FIELD_NUMBER: _ClassVar[int]
     open: SessionOpen
     add: AddSequences
     round: RoundRequest
     remove: RemoveSequences
     close: SessionClose
-    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., add: _Optional[_Union[AddSequences, _Mapping]] = ..., round: _Optional[_Union[RoundRequest, _Mapping]] = ..., remove: _Optional[_Union[RemoveSequences, _Mapping]] = ..., close: _Optional[_Union[SessionClose, _Mapping]] = ...) -> None: ...
+    reconfigure: SessionConfig
+    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., add: _Optional[_Union[AddSequences, _Mapping]] = ..., round: _Optional[_Union[RoundRequest, _Mapping]] = ..., remove: _Optional[_Union[RemoveSequences, _Mapping]] = ..., close: _Optional[_Union[SessionClose, _Mapping]] = ..., reconfigure: _Optional[_Union[SessionConfig, _Mapping]] = ...) -> None: ...
 
 class SequenceSpeculation(_message.Message):
     __slots__ = ("seq_id", "round", "tokens", "source", "probs", "probs_handle")
