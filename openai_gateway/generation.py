@@ -33,6 +33,7 @@ class Prompt:
 
     text: str | None = None
     token_ids: tuple[int, ...] | None = None
+    source_text: str | None = None  # the text token_ids were tokenized from here (echoed as given)
 
 
 class Gateway:
@@ -86,12 +87,6 @@ class Gateway:
 
     async def close(self) -> None:
         await self.client.close()
-
-
-def check_common(params: GenerationParams) -> None:
-    """400 for what the gateway cannot serve whatever the target says."""
-    if params.n != 1:
-        raise bad_request(f"n={params.n}: only n=1 is supported", "n")
 
 
 def sdk_kwargs(params: GenerationParams, prompt: Prompt, max_tokens: int, request_id: str) -> dict[str, Any]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+MAX_CHOICES = 16  # n and best_of
+MAX_LOGPROBS = 20  # the target's limit of alternatives per token
 
 
 class StreamOptions(BaseModel):
@@ -20,12 +24,12 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, ...) are ignored
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo on /v1/completions
     temperature: float | None = None  # ranges are the target's to judge (INVALID_ARGUMENT -> 400)
     top_p: float | None = None
     seed: int | None = Field(default=None, ge=0)
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Applied exactly by the target in every mode (ranges are the target's to judge).
@@ -56,8 +60,8 @@ class CompletionRequest(GenerationParams):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     suffix: str | None = None
 
 
@@ -84,6 +88,7 @@ class ChatCompletionRequest(GenerationParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, object]] | None = None
 
 
@@ -100,7 +105,7 @@ class CompletionChoice(BaseModel):
 
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
 
 
@@ -128,7 +133,7 @@ class ChatChoice(BaseModel):
 
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
 
 
@@ -149,7 +154,7 @@ class ChatChunkChoice(BaseModel):
 
     index: int = 0
     delta: dict[str, str]
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
 
 
