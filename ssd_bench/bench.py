@@ -229,7 +229,8 @@ def check_identical(results: dict[str, dict[int, ModeRun]], temperature: float) 
     return problems
 
 
-def report(results: dict[str, dict[int, ModeRun]], cfg: BenchConfig, problems: list[str], hw: dict) -> dict:
+def report(results: dict[str, dict[int, ModeRun]], cfg: BenchConfig, problems: list[str], hw: dict,
+           header: dict | None = None) -> dict:
     modes = {}
     for mode, runs in results.items():
         first = runs[min(runs)].summary()
@@ -243,7 +244,7 @@ def report(results: dict[str, dict[int, ModeRun]], cfg: BenchConfig, problems: l
     if "ssd" in modes and "ssd-grpc" in modes and 1 in results.get("ssd", {}) and 1 in results.get("ssd-grpc", {}):
         # same outputs, same rounds: the per-round difference is what gRPC control messages cost
         overhead = round(modes["ssd-grpc"]["by_batch"]["1"]["ms_per_round"] - modes["ssd"]["by_batch"]["1"]["ms_per_round"], 3)
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "hardware": hw,
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **(header or {}), "hardware": hw,
             "config": {k: getattr(cfg, k) for k in cfg.__slots__}, "modes": modes, "ratios": ratios,
             "grpc_control_overhead_ms_per_round": overhead, "outputs_identical": not problems, "problems": problems}
 
@@ -261,6 +262,10 @@ def format_table(rep: dict) -> str:
     if rep.get("grpc_control_overhead_ms_per_round") is not None:
         lines.append(f"gRPC control overhead: {rep['grpc_control_overhead_ms_per_round']:.2f} ms per round (ssd-grpc minus ssd, b=1)")
     lines.append("greedy outputs identical across modes: " + ("yes" if rep["outputs_identical"] else "NO"))
+    if rep.get("served"):
+        from ssd_bench.served_run import format_served
+
+        lines.append(format_served(rep["served"]))
     return "\n".join(lines)
 
 
@@ -298,14 +303,34 @@ def plot(rep: dict, out_dir: Path) -> list[Path]:
     return [bars, curve]
 
 
-def run_bench(target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig, grpc_runner=None) -> dict:
+def run_bench(target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig, grpc_runner=None,
+              served_runner=None, command: str = "") -> dict:
+    """The in-process modes (and ssd-grpc), then the served section when `served_runner` is given
+    (ssd_bench.served_run.make_served_runner), checked against the in-process greedy outputs."""
+    from ssd_bench.provenance import provenance
+
+    header = provenance(command)
     hw = hardware()  # before pinning, so it reports the machine's cores
     target_cpus, draft_cpus = split_cpus()
     hw.update(target_cpus=sorted(target_cpus), draft_cpus=sorted(draft_cpus))
     with pinned(target_cpus):
         results = _run_modes(target, draft, prompts, cfg, grpc_runner, target_cpus, draft_cpus)
-    problems = check_identical(results, cfg.temperature)
-    return report(results, cfg, problems, hw)
+        problems = check_identical(results, cfg.temperature)
+        served = served_runner(prompts, target_cpus, draft_cpus, _reference(results)) if served_runner else None
+    rep = report(results, cfg, problems, hw, header)
+    if served is not None:
+        rep["served"] = served
+        rep["problems"] = problems + served["problems"]
+        rep["outputs_identical"] = not rep["problems"]
+    return rep
+
+
+def _reference(results: dict[str, dict[int, ModeRun]]) -> list[tuple[int, ...]] | None:
+    """The in-process greedy outputs at b = 1 (AR's if it ran; check_identical holds the others to it)."""
+    for mode in ("ar", "sd", "ssd"):
+        if 1 in results.get(mode, {}):
+            return results[mode][1].outputs
+    return None
 
 
 def _run_modes(target, draft, prompts, cfg: BenchConfig, grpc_runner, target_cpus, draft_cpus) -> dict[str, dict[int, ModeRun]]:

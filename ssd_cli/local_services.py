@@ -64,6 +64,17 @@ def serving(addr: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def http_ok(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):  # not listening yet, or 503 until a target answers
+        return False
+
+
 def draft_registered(addr: str) -> bool:
     from client import Client, SSDError
 
@@ -89,10 +100,11 @@ def stop_all(procs: Procs) -> None:
 @contextlib.contextmanager
 def service_pair(target_dir: Path, draft_dir: Path, log_dir: Path, target_cpus: set[int] | None,
                  draft_cpus: set[int] | None, host: str = "127.0.0.1", target_port: int = 0, draft_port: int = 0,
-                 extra_args: tuple[str, ...] = (),
+                 extra_args: tuple[str, ...] = (), openai_port: int = 0,
                  startup_timeout_s: float = 120.0) -> Iterator[tuple[str, str, Procs]]:
     """Start a target and a draft that registers with it; yields (target addr, draft addr, procs)
-    once both are SERVING and the draft is registered; stops both on exit."""
+    once both are SERVING, the draft is registered and (openai_port > 0) the target's OpenAI API
+    answers /health on that port; stops both on exit."""
     log_dir.mkdir(parents=True, exist_ok=True)
     t_port, d_port = target_port or free_port(host), draft_port or free_port(host)
     t_addr, d_addr = f"{host}:{t_port}", f"{host}:{d_port}"
@@ -102,7 +114,8 @@ def service_pair(target_dir: Path, draft_dir: Path, log_dir: Path, target_cpus: 
         # the draft we start holds the pair's fresh token (identity shared@ITS-ADDRESS): its q is trusted
         trusted = [arg for h in dict.fromkeys((host, "127.0.0.1")) for arg in ("--trusted-draft", f"shared@{h}")]
         procs.append(spawn("target", ["serve", "target", "--model", str(target_dir), "--port", str(t_port),
-                                      "--threads", str(len(target_cpus or {0})), *trusted, *common], log_dir,
+                                      "--threads", str(len(target_cpus or {0})), *trusted, *common,
+                                      *(("--openai-port", str(openai_port)) if openai_port else ())], log_dir,
                            target_cpus))
         procs.append(spawn("draft", ["serve", "draft", "--model", str(draft_dir), "--port", str(d_port),
                                      "--threads", str(len(draft_cpus or {0})), "--targets", t_addr, *common],
@@ -111,6 +124,9 @@ def service_pair(target_dir: Path, draft_dir: Path, log_dir: Path, target_cpus: 
         for name, addr in (("target", t_addr), ("draft", d_addr)):
             wait_until(lambda a=addr: serving(a), deadline, procs, f"{name} health SERVING on {addr}", log_dir)
         wait_until(lambda: draft_registered(t_addr), deadline, procs, "the draft to register with the target", log_dir)
+        if openai_port:
+            url = f"http://{host}:{openai_port}/health"
+            wait_until(lambda: http_ok(url), deadline, procs, f"the OpenAI API on {url}", log_dir)
         yield t_addr, d_addr, procs
     finally:
         stop_all(procs)

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     tune()  # before the first big buffer: see ssd_core/malloc.py
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the bench records as its command
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -48,3 +48,28 @@ def test_bench_ssd_grpc_mode_runs_services_and_agrees(tmp_path, capsys, monkeypa
     assert rep["outputs_identical"] is True
     assert rep["modes"]["ssd-grpc"]["rounds"] > 0
     assert rep["grpc_control_overhead_ms_per_round"] is not None
+
+
+@pytest.mark.slow
+def test_bench_served_mode_streams_openai_and_grpc_and_outputs_agree(tmp_path, capsys, monkeypatch):
+    target, draft = save_tiny_pair(tmp_path)
+    monkeypatch.setenv("SSD_BENCH_LOG_DIR", str(tmp_path / "logs"))
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--target", str(target), "--draft", str(draft), "--num-prompts", "2", "--max-new-tokens", "8",
+               "--modes", "ar,ssd", "--served", "1:8,3:4", "--served-repeats", "2", "--json", str(out)])
+    assert rc == 0, capsys.readouterr()
+    rep = json.loads(out.read_text())
+    assert rep["command"].startswith("ssd bench ") and "--served" in rep["command"]
+    assert rep["git"]["commit"] and rep["hardware"]["cpu"] and rep["hardware"]["cores"] >= 1 and rep["date"]
+    served = rep["served"]
+    assert served["outputs_identical"] is True and rep["outputs_identical"] is True, served["problems"]
+    assert served["config"]["repeats"] == 2 and served["config"]["levels"] == [[1, 8], [3, 4]]
+    for api in ("openai", "grpc"):
+        for mode in ("ar", "sd", "ssd"):
+            for c, tokens, requests in (("1", 8, 2), ("3", 4, 3)):
+                cell = served["results"][api][mode][c]
+                assert cell["max_new_tokens"] == tokens and cell["requests"] == requests
+                assert len(cell["repeats"]) == 2 and all(r["tokens"] == tokens * requests for r in cell["repeats"])
+                assert cell["per_user_tokens_per_s"] > 0 and set(cell["ttft_ms"]) == set(cell["itl_ms"]) == {"p50", "p90", "p99"}
+        assert {"ssd/sd", "ssd/ar", "sd/ar"} <= set(served["ratios"][f"{api} c=1"])
+    assert "served" in capsys.readouterr().out

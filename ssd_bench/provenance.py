@@ -1,0 +1,32 @@
+"""What every bench report records about where it came from: the command, the commit, the date."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_state(repo: Path = REPO) -> dict:
+    """{"commit": sha, "dirty": tracked files modified} of the checkout the bench runs from;
+    commit None (with the reason) when it is not a git checkout (an installed wheel)."""
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("no git commit for the report: %s", exc)
+        return {"commit": None, "dirty": None, "why": str(exc)[:200]}
+    return {"commit": sha, "dirty": bool(dirty)}
+
+
+def provenance(command: str) -> dict:
+    """The report's header: command, git state, UTC date."""
+    return {"command": command, "git": git_state(),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
