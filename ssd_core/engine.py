@@ -30,6 +30,7 @@ from ssd_core.logprobs import TokenLogprob, position_logprobs, records
 from ssd_core.models import LoadedModel, check_pair
 from ssd_core.detok import TextStream
 from ssd_core.plan import RoundPlan, resolve_plan
+from ssd_core.planner import Planner
 from ssd_core.sampling import derive_seed, penalize, process_logits
 from ssd_core.speculator import DraftSpeculator
 from ssd_core.stats import EngineTimings, RequestStats
@@ -103,7 +104,7 @@ class Engine:
 
     def __init__(self, target: LoadedModel, draft: LoadedModel | None = None, spec: SpecConfig = SpecConfig(),
                  policy: BatchPolicy = BatchPolicy(), speculator_factory: SpeculatorFactory | None = None,
-                 draft_seed_key: bytes = b"") -> None:
+                 draft_seed_key: bytes = b"", planner: Planner | None = None) -> None:
         if draft is not None:
             check_pair(target, draft)
             speculator_factory = speculator_factory or _local_factory(draft)
@@ -111,6 +112,9 @@ class Engine:
             raise InvalidParameter("draft", None, f"mode {spec.mode.value} needs a draft model or draft endpoints")
         self.target, self.draft, self.spec, self.policy = target, draft, spec, policy
         self._factory = speculator_factory
+        # K / fan-out / backup from measured costs (ssd_core.planner) unless the spec fixes K or the
+        # fan-out; without a planner, from the BatchPolicy table
+        self.planner = planner if spec.lookahead is None and not spec.fan_out and spec.mode is not Mode.AR else None
         self.kv = BatchKV(0, target.device)
         self.seqs: list[_Seq] = []
         self.timings = EngineTimings()
@@ -187,6 +191,8 @@ class Engine:
             seq.stats.verify_s += t1 - t0
             seq.stats.speculate_s += t0 - ts
         num_accepted, bonus = self._verify(specs, target_probs)
+        if self.planner is not None:
+            self.planner.observe(num_accepted.tolist(), plan.lookahead, (t1 - t0) * 1e3, len(self.seqs))
         deltas, lookups = self._commit(specs, num_accepted, bonus, logprobs)
         t2 = time.perf_counter()
         self.timings.add(verify_s=t1 - t0, commit_s=t2 - t1)
@@ -197,7 +203,10 @@ class Engine:
 
     # -- phases ------------------------------------------------------------------------------
     def _replan(self) -> RoundPlan:
-        plan = resolve_plan(self.spec, self.policy, len(self.seqs))
+        if self.planner is not None:
+            plan = self.planner.choose(self.spec.mode, len(self.seqs)).plan
+        else:
+            plan = resolve_plan(self.spec, self.policy, len(self.seqs))
         sp = self._speculator
         if plan.lookahead > 0 and self._factory is not None:
             if sp is None or sp.tree != plan.tree:

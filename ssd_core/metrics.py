@@ -34,6 +34,9 @@ SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS = Counter(
 CACHE_HITS = Counter("ssd_cache_hits", "Speculation-cache lookups that found the verified outcome pre-drafted.")
 CACHE_MISSES = Counter("ssd_cache_misses", "Speculation-cache lookups that fell back to a backup speculator.")
 BACKUP_USES = Counter("ssd_backup_uses", "Rounds served by a backup speculator, by kind (jit | fast).", ["kind"])
+PLAN_LOOKAHEAD = Gauge("ssd_plan_lookahead", "K the planner chose, by lane mode and batch size.", ["mode", "batch"])
+PLAN_ROUNDS = Gauge("ssd_plan_rounds", "The kind of rounds the planner chose (1 for the chosen one), by lane mode.",
+                    ["mode", "rounds"])
 REJECTED_SPECULATIONS = Counter(
     "ssd_rejected_speculations", "Speculations the engine refused (wrong sequence / round / shape, bad q) and "
     "replaced with its own fast backup; a healthy deployment keeps this at 0.")
@@ -86,6 +89,13 @@ class MissRateWindow:
 
 
 MISS_RATE = MissRateWindow(DRAFT_CACHE_MISS_RATE)
+
+
+def record_plan(mode: str, lookahead: int, rounds: str, batch: int = 0) -> None:
+    """The planner's choice for a lane of `mode` (rounds: ar | sd | ssd)."""
+    PLAN_LOOKAHEAD.labels(mode=mode, batch=str(batch)).set(lookahead)
+    for kind in ("ar", "sd", "ssd"):
+        PLAN_ROUNDS.labels(mode=mode, rounds=kind).set(1.0 if kind == rounds else 0.0)
 
 
 def record_round(accepted: Iterable[int], lookahead: int, *, hits: int = 0, jit: int = 0, fast: int = 0,

@@ -1,0 +1,200 @@
+"""Choosing how to speculate from what this deployment measures (issue 13).
+
+K and the fan-out were fixed numbers (BatchPolicy: K = 6 and a 14-branch tree at batch 1),
+whatever the hardware charges for a verify or a tree step. The planner prices them instead:
+
+- costs: forward passes of the real models over the shapes a round uses, timed at start-up
+  (`calibrate`), fitted as ms = fixed + per_token * tokens (on a CPU a batched tree step is
+  compute-bound, so 14 branches cost about 14 rows; on a GPU the fit finds a small per_token);
+  the target's verify cost is then corrected online by the engine's measured verify times;
+- acceptance: a prior, then an estimate from live rounds (accepted / (accepted + rejections));
+- the performance model (ssd_core.perfmodel: Theorem 7 plus the engine's overheads, Corollary 16
+  for batches) predicts tokens/s for AR, SD at every K and SSD at every (K, fan-out budget,
+  backup), and the fastest plan for the request's mode is used. A request in mode SSD never gets
+  a plan the model predicts slower than the best SD or AR plan: it then runs that plan's rounds
+  (SD rounds in the SSD lane, or AR rounds). Plans are cached per batch size and recomputed when
+  the acceptance estimate moves; changing K does not rebuild the speculator (Speculator.replan).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ssd_core import metrics
+from ssd_core.config import BackupKind, Mode
+from ssd_core.fanout import plan_fanout
+from ssd_core.kv import BatchKV
+from ssd_core.models import LoadedModel
+from ssd_core.perfmodel import ComponentTimes, expected_tokens_per_round, expected_tokens_per_s, hit_rate_from_fanout
+from ssd_core.plan import RoundPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LinearCost:
+    """Milliseconds of one forward over `tokens` query tokens in total (rows x tokens per row)."""
+
+    fixed: float
+    per_token: float
+
+    def __call__(self, tokens: int) -> float:
+        return self.fixed + self.per_token * tokens
+
+    @staticmethod
+    def fit(points: list[tuple[int, float]]) -> "LinearCost":
+        """Least squares over (tokens, ms), both coefficients clamped at >= 0."""
+        n = len(points)
+        mx = sum(x for x, _ in points) / n
+        my = sum(y for _, y in points) / n
+        var = sum((x - mx) ** 2 for x, _ in points)
+        slope = max(0.0, sum((x - mx) * (y - my) for x, y in points) / var) if var > 0 else 0.0
+        return LinearCost(max(0.0, my - slope * mx), slope)
+
+
+@torch.inference_mode()
+def calibrate(model: LoadedModel, shapes: tuple[tuple[int, int], ...], context: int = 48,
+              repeats: int = 3) -> LinearCost:
+    """Time forwards of `model` over [rows, tokens] query shapes against a `context`-token KV
+    (the medians of `repeats`, after one warm-up each) and fit a LinearCost."""
+    points = []
+    context = max(2, min(context, model.max_context // 2))
+    for rows, length in shapes:
+        kv = BatchKV.prefill(model.model, [[1 + i % 7 for i in range(context + 1)]] * rows, model.device)
+        tokens = torch.ones(rows, length, dtype=torch.long)
+        times = []
+        for r in range(repeats + 1):
+            pos = torch.arange(context, context + length)[None, :].expand(rows, length)
+            t0 = time.perf_counter()
+            kv.forward(model.model, tokens, pos)
+            times.append((time.perf_counter() - t0) * 1e3)
+            kv.keep(torch.full((rows,), context - 1))  # drop the slots just written: same shape next time
+            kv.compact()
+        points.append((rows * length, statistics.median(times[1:])))
+    return LinearCost.fit(points)
+
+
+TARGET_SHAPES = ((1, 1), (1, 4), (1, 8), (4, 1), (4, 4), (8, 8), (16, 2), (32, 1))
+DRAFT_SHAPES = ((1, 1), (1, 8), (4, 1), (16, 1), (32, 1), (64, 1))
+
+
+@dataclass(frozen=True, slots=True)
+class PlanChoice:
+    plan: RoundPlan
+    mode: Mode  # the kind of rounds the plan runs (SSD rounds, SD rounds or AR rounds)
+    tokens_per_s: float  # predicted for the batch
+    alternatives: dict[str, float]  # best predicted tokens/s of each mode
+
+
+@dataclass(slots=True)
+class Planner:
+    """See the module docstring. target / draft: forward costs; transport_ms: one control round
+    trip to the draft per round (0 in process); overlap: the draft builds the cache on its own
+    cores beside the verify (a child process or a remote draft) rather than sharing them."""
+
+    target: LinearCost
+    draft: LinearCost
+    transport_ms: float = 0.0
+    commit_ms: float = 0.3
+    answer_ms: float = 0.2
+    acceptance_prior: float = 0.7
+    fast_acceptance: float = 0.1  # per-token acceptance of the n-gram fast backup's guesses (a prior)
+    miss_exponent: float = 1.0
+    max_lookahead: int = 8
+    fan_out_cap: int = 8
+    overlap: bool = True
+    _accepted: float = field(default=0.0, init=False)
+    _judged: float = field(default=0.0, init=False)
+    _verify_scale: float = field(default=1.0, init=False)  # measured / predicted verify time (EMA)
+    _cache: dict[tuple[Mode, int], PlanChoice] = field(default_factory=dict, init=False)
+    _planned_at: tuple[float, float] = field(default=(-1.0, 1.0), init=False)  # (acceptance, verify scale)
+
+    @property
+    def acceptance(self) -> float:
+        """Per-token acceptance: the prior until enough rounds were seen (a weight of 20 rounds)."""
+        prior_w = 20.0
+        a = (self.acceptance_prior * prior_w + self._accepted) / (prior_w + self._judged)
+        return min(max(a, 0.02), 0.98)
+
+    def observe(self, num_accepted: list[int], lookahead: int, verify_ms: float, batch: int) -> None:
+        """One verified round: acceptance (k accepted, then a rejection unless k == K) and the
+        verify time, which rescales the target's calibrated cost."""
+        if lookahead > 0:
+            self._accepted += sum(num_accepted)
+            self._judged += sum(k + (k < lookahead) for k in num_accepted)
+        predicted = self.target(batch * (lookahead + 1))
+        if predicted > 0 and verify_ms > 0:
+            self._verify_scale = 0.9 * self._verify_scale + 0.1 * min(max(verify_ms / predicted, 0.25), 4.0)
+        a0, s0 = self._planned_at
+        if self._cache and (abs(self.acceptance - a0) > 0.05 or abs(self._verify_scale / s0 - 1.0) > 0.15):
+            self._cache.clear()  # the estimates moved: plan again
+
+    def choose(self, mode: Mode, batch: int) -> PlanChoice:
+        """The plan for a lane of `mode` at this batch size (cached until the estimates move)."""
+        key = (mode, batch)
+        if key not in self._cache:
+            self._planned_at = (self.acceptance, self._verify_scale)
+            self._cache[key] = self._choose(mode, batch)
+            choice = self._cache[key]
+            log.info("plan for %s at batch %d: %s K=%d fan_out=%s backup=%s (predicted %.0f tok/s; best %s; a=%.2f)",
+                     mode.value, batch, choice.mode.value, choice.plan.lookahead, choice.plan.fan_out,
+                     choice.plan.backup.value, choice.tokens_per_s,
+                     {m: round(v) for m, v in choice.alternatives.items()}, self.acceptance)
+            metrics.record_plan(mode.value, choice.plan.lookahead, choice.mode.value, batch)
+        return self._cache[key]
+
+    # -- the search ----------------------------------------------------------------------------
+    def _times(self, batch: int, k: int, branches: int) -> ComponentTimes:
+        verify = self.target(batch * (k + 1)) * self._verify_scale
+        tree = self.draft(batch * (k + 1)) + k * self.draft(batch * branches) if branches else 0.0
+        return ComponentTimes(lookahead=k, ar_step=self.target(batch) * self._verify_scale + self.commit_ms,
+                              verify=verify, commit=self.commit_ms, jit=k * self.draft(batch) + self.answer_ms,
+                              answer=self.answer_ms, tree_build=tree, transport=self.transport_ms,
+                              fast_backup=self.answer_ms,
+                              verify_slowdown=1.0 if self.overlap else 1.0 + tree / max(verify, 1e-6),
+                              tree_slowdown=1.0)
+
+    def _choose(self, mode: Mode, batch: int) -> PlanChoice:
+        a = self.acceptance
+        ar_plan = RoundPlan(0, (), False, BackupKind.FAST)
+        ar = PlanChoice(ar_plan, Mode.AR, expected_tokens_per_s(self._times(batch, 1, 0), "ar", 1.0, batch=batch), {})
+        best = {Mode.AR: ar}
+        for k in range(1, self.max_lookahead + 1):
+            e = expected_tokens_per_round(a, k)
+            sd = expected_tokens_per_s(self._times(batch, k, 0), "sd", e, batch=batch)
+            if Mode.SD not in best or sd > best[Mode.SD].tokens_per_s:
+                best[Mode.SD] = PlanChoice(RoundPlan(k, (0,) * (k + 1), False, BackupKind.JIT), Mode.SD, sd, {})
+            for budget in sorted({k + 1, 2 * (k + 1), 3 * (k + 1)}):
+                fan = plan_fanout(k, budget, a, self.miss_exponent, self.fan_out_cap)
+                p_hit = hit_rate_from_fanout(a, fan, self.miss_exponent)
+                t = self._times(batch, k, sum(fan))
+                e_fast = expected_tokens_per_round(min(self.fast_acceptance, a), k)
+                for backup, e_miss in ((BackupKind.JIT, e), (BackupKind.FAST, e_fast)):
+                    tps = expected_tokens_per_s(t, "ssd", e, e_miss, p_hit, batch, backup.value)
+                    if Mode.SSD not in best or tps > best[Mode.SSD].tokens_per_s:
+                        best[Mode.SSD] = PlanChoice(RoundPlan(k, fan, True, backup), Mode.SSD, tps, {})
+        alternatives = {m.value: c.tokens_per_s for m, c in best.items()}
+        if mode is Mode.AR:
+            pick = best[Mode.AR]
+        elif mode is Mode.SD:  # SD lanes get the best K (or AR rounds when even that is slower)
+            pick = max((best[Mode.SD], best[Mode.AR]), key=lambda c: c.tokens_per_s)
+        else:  # never slower than the best SD or AR plan the model knows
+            pick = max(best.values(), key=lambda c: c.tokens_per_s)
+        return PlanChoice(pick.plan, pick.mode, pick.tokens_per_s, alternatives)
+
+
+def measured_planner(target: LoadedModel, draft: LoadedModel | None, *, transport_ms: float = 0.0,
+                     overlap: bool = True) -> Planner:
+    """A Planner from start-up calibrations of the two models (a second or two on a CPU)."""
+    t0 = time.perf_counter()
+    target_cost = calibrate(target, TARGET_SHAPES)
+    draft_cost = calibrate(draft, DRAFT_SHAPES) if draft is not None else LinearCost(0.0, 0.0)
+    log.info("planner calibration (%.1f s): target %.3f + %.4f ms/token, draft %.3f + %.4f ms/token",
+             time.perf_counter() - t0, target_cost.fixed, target_cost.per_token, draft_cost.fixed,
+             draft_cost.per_token)
+    return Planner(target_cost, draft_cost, transport_ms=transport_ms, overlap=overlap)

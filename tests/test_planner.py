@@ -1,0 +1,87 @@
+"""The planner (ssd_core/planner.py): pure choices from given costs, acceptance from live rounds,
+and exactness of engines whose K and fan-out it changes mid-generation."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import hf_greedy, make_pair
+from ssd_core.config import Mode, SamplingParams, SpecConfig
+from ssd_core.engine import Engine, Request
+from ssd_core.planner import LinearCost, Planner, calibrate, measured_planner
+
+
+def test_linear_fit_recovers_a_line_and_clamps_at_zero():
+    c = LinearCost.fit([(1, 3.0), (4, 6.0), (8, 10.0)])
+    assert c.fixed == pytest.approx(2.0) and c.per_token == pytest.approx(1.0)
+    flat = LinearCost.fit([(1, 5.0), (8, 4.0)])  # noise that slopes down: no negative cost per token
+    assert flat.per_token == 0.0 and flat.fixed > 0
+
+
+def _planner(target_fixed, target_tok, draft_fixed, draft_tok, **kw) -> Planner:
+    return Planner(LinearCost(target_fixed, target_tok), LinearCost(draft_fixed, draft_tok), **kw)
+
+
+def test_a_cheap_draft_and_a_bandwidth_bound_target_choose_ssd_with_a_longer_k():
+    # GPU-like: verifying 8 tokens costs about what 1 does; a draft step is a twentieth of it
+    p = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.8)
+    choice = p.choose(Mode.SSD, 1)
+    assert choice.mode is Mode.SSD and choice.plan.tree and choice.plan.lookahead >= 4
+    assert choice.tokens_per_s >= max(choice.alternatives["sd"], choice.alternatives["ar"])
+
+
+def test_an_expensive_draft_falls_back_to_ar_even_in_an_ssd_lane():
+    p = _planner(2.0, 0.05, 3.0, 0.5, acceptance_prior=0.3)
+    for mode in (Mode.SSD, Mode.SD):
+        choice = p.choose(mode, 1)
+        assert choice.mode is Mode.AR and choice.plan.lookahead == 0, mode
+
+
+def test_big_batches_on_a_compute_bound_cpu_stop_speculating():
+    p = _planner(5.0, 0.2, 1.0, 0.3, acceptance_prior=0.7)
+    small, big = p.choose(Mode.SSD, 1), p.choose(Mode.SSD, 32)
+    assert small.plan.lookahead > 0 and big.mode is Mode.AR
+
+
+def test_acceptance_is_estimated_from_live_rounds_and_replans():
+    p = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.8)
+    first = p.choose(Mode.SSD, 1)
+    for _ in range(200):  # every draft token rejected: a ~ 0
+        p.observe([0], first.plan.lookahead, 10.0, 1)
+    assert p.acceptance < 0.2
+    again = p.choose(Mode.SSD, 1)
+    assert again.plan.lookahead < first.plan.lookahead or again.mode is not Mode.SSD
+
+
+def test_calibration_times_real_forwards():
+    target, _ = make_pair()
+    cost = calibrate(target, ((1, 1), (4, 4)), repeats=2)
+    assert cost(1) > 0 and cost(16) >= cost(1)
+
+
+@pytest.mark.parametrize("mode", [Mode.SD, Mode.SSD])
+def test_engines_on_a_measured_planner_equal_the_target_alone(mode):
+    target, draft = make_pair()
+    planner = measured_planner(target, draft)
+    prompts = [[3, 1, 4, 1, 5, 9], [2, 7, 1], [8, 2, 8, 1, 8], [4, 4]]
+    engine = Engine(target, draft, SpecConfig(mode=mode), planner=planner)
+    # requests join one by one while others run: the batch size (and with it the plan) changes
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    done = {}
+    for i, p in enumerate(prompts):
+        engine.add([Request(tuple(p), params, f"r{i}")])
+        for d in engine.step():
+            if d.finished is not None:
+                done[d.seq_id] = d.finished
+    while engine.seqs:
+        done.update({d.seq_id: d.finished for d in engine.step() if d.finished is not None})
+    engine.close()
+    for i, p in enumerate(prompts):
+        assert list(done[f"r{i}"].token_ids) == hf_greedy(target.model, p, 20), i
+
+
+def test_an_explicit_k_or_fan_out_bypasses_the_planner():
+    target, draft = make_pair()
+    planner = _planner(10.0, 0.01, 0.5, 0.001)
+    assert Engine(target, draft, SpecConfig(mode=Mode.SSD, lookahead=3), planner=planner).planner is None
+    assert Engine(target, draft, SpecConfig(mode=Mode.SSD), planner=planner).planner is planner
