@@ -188,7 +188,7 @@ def test_stream_chat(oai: openai.OpenAI, fake: FakeTarget) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 def test_errors(oai: openai.OpenAI, fake: FakeTarget, stream: bool) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        oai.completions.create(model=MODEL, prompt="hi", n=2, stream=stream)
+        oai.completions.create(model=MODEL, prompt="hi", n=17, stream=stream)  # over the limit of 16
     assert info.value.body["param"] == "n" and info.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as info:  # the target's INVALID_ARGUMENT
         oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=5,
