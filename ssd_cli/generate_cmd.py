@@ -57,6 +57,11 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling constant C in (0, 1]")
     p.add_argument("--backup", choices=["jit", "fast", "auto"], default="auto")
     p.add_argument("--policy", default=None, help="batch policy MAXB:K:BACKUP,... (default 1:6:jit,4:4:jit,16:3:fast,32:2:fast)")
+    p.add_argument("--planner", choices=["measured", "table"], default="measured",
+                   help="measured (default): K, fan-out and backup per batch size from start-up timings of the "
+                        "models and live acceptance (ssd_core/planner.py); table: the --policy table. "
+                        "An explicit --lookahead, --fan-out or --policy fixes them instead, and a seeded sampled "
+                        "request uses the table (measured plans depend on timings, so its tokens would not reproduce)")
 
 
 def parse_ids(text: str, name: str) -> tuple[int, ...]:
@@ -76,6 +81,17 @@ def spec_from_args(args: argparse.Namespace):
                       saguaro_c=args.saguaro_c, backup=BackupKind(args.backup))
     policy = BatchPolicy.parse(args.policy) if args.policy else BatchPolicy()
     return spec, policy
+
+
+def planner_from_args(args: argparse.Namespace, target, draft, overlap: bool):
+    """The measured planner unless the command line fixes K / the fan-out / the policy."""
+    fixed = args.lookahead is not None or args.fan_out or args.policy or args.planner == "table"
+    seeded_sampling = getattr(args, "seed", None) is not None and getattr(args, "temperature", 0.0) > 0
+    if fixed or seeded_sampling or draft is None or args.mode == "ar":
+        return None
+    from ssd_core.planner import measured_planner
+
+    return measured_planner(target, draft, overlap=overlap)
 
 
 def load_pair(args: argparse.Namespace, need_draft: bool = True):
@@ -129,7 +145,7 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt_ids = tuple(target.tokenizer.encode(args.prompt))
     else:
         prompt_ids = parse_ids(args.prompt_ids, "prompt_ids")
-    engine = Engine(target, draft, spec, policy)
+    engine = Engine(target, draft, spec, policy, planner=planner_from_args(args, target, draft, overlap=False))
     try:
         (result,) = engine.generate([Request(prompt_ids, params)])
     finally:

@@ -203,10 +203,8 @@ class Engine:
 
     # -- phases ------------------------------------------------------------------------------
     def _replan(self) -> RoundPlan:
-        if self.planner is not None:
-            plan = self.planner.choose(self.spec.mode, len(self.seqs)).plan
-        else:
-            plan = resolve_plan(self.spec, self.policy, len(self.seqs))
+        choice = self.planner.choose(self.spec.mode, len(self.seqs)) if self.planner is not None else None
+        plan = choice.plan if choice is not None else resolve_plan(self.spec, self.policy, len(self.seqs))
         sp = self._speculator
         if plan.lookahead > 0 and self._factory is not None:
             if sp is None or sp.tree != plan.tree:

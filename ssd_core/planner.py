@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +80,7 @@ def calibrate(model: LoadedModel, shapes: tuple[tuple[int, int], ...], context: 
     return LinearCost.fit(points)
 
 
+REPLAN_EVERY = 32  # rounds: estimates settle between re-plans (a K change costs a cache miss)
 TARGET_SHAPES = ((1, 1), (1, 4), (1, 8), (4, 1), (4, 4), (8, 8), (16, 2), (32, 1))
 DRAFT_SHAPES = ((1, 1), (1, 8), (4, 1), (16, 1), (32, 1), (64, 1))
 
@@ -108,11 +110,15 @@ class Planner:
     max_lookahead: int = 8
     fan_out_cap: int = 8
     overlap: bool = True
+    # where the draft's cost comes from when it is not measured here (remote drafts report theirs at
+    # registration); None from it: unknown for now, so choose() defers to the BatchPolicy table
+    draft_source: Callable[[], LinearCost | None] | None = None
     _accepted: float = field(default=0.0, init=False)
     _judged: float = field(default=0.0, init=False)
     _verify_scale: float = field(default=1.0, init=False)  # measured / predicted verify time (EMA)
     _cache: dict[tuple[Mode, int], PlanChoice] = field(default_factory=dict, init=False)
     _planned_at: tuple[float, float] = field(default=(-1.0, 1.0), init=False)  # (acceptance, verify scale)
+    _rounds: int = field(default=0, init=False)  # rounds since the plans were last recomputed
 
     @property
     def acceptance(self) -> float:
@@ -130,12 +136,23 @@ class Planner:
         predicted = self.target(batch * (lookahead + 1))
         if predicted > 0 and verify_ms > 0:
             self._verify_scale = 0.9 * self._verify_scale + 0.1 * min(max(verify_ms / predicted, 0.25), 4.0)
+        self._rounds += 1
         a0, s0 = self._planned_at
-        if self._cache and (abs(self.acceptance - a0) > 0.05 or abs(self._verify_scale / s0 - 1.0) > 0.15):
-            self._cache.clear()  # the estimates moved: plan again
+        moved = abs(self.acceptance - a0) > 0.05 or abs(self._verify_scale / s0 - 1.0) > 0.15
+        if self._cache and moved and self._rounds >= REPLAN_EVERY:
+            self._cache.clear()  # the estimates moved: plan again (at most every REPLAN_EVERY rounds)
+            self._rounds = 0
 
-    def choose(self, mode: Mode, batch: int) -> PlanChoice:
-        """The plan for a lane of `mode` at this batch size (cached until the estimates move)."""
+    def choose(self, mode: Mode, batch: int) -> PlanChoice | None:
+        """The plan for a lane of `mode` at this batch size (cached until the estimates move);
+        None while the draft's cost is unknown."""
+        if self.draft_source is not None:
+            cost = self.draft_source()
+            if cost is None:
+                return None
+            if cost != self.draft:
+                self.draft = cost
+                self._cache.clear()
         key = (mode, batch)
         if key not in self._cache:
             self._planned_at = (self.acceptance, self._verify_scale)
