@@ -11,6 +11,7 @@ import grpc
 
 from ssd_core.auth import AuthError, Authenticator, grpc_principal, require
 from ssd_core.models import LoadedModel, tokenizer_fingerprint
+from ssd_core.planner import DRAFT_SHAPES, calibrate
 from ssd_protos.ssd.v1 import generation_pb2, speculation_pb2 as pb, speculation_pb2_grpc
 
 from draft_service.config import DraftLimits
@@ -24,7 +25,10 @@ PROTO_VERSION = 1
 def draft_info(model: LoadedModel, limits: DraftLimits) -> pb.DraftInfo:
     """What this endpoint can do (checked by targets at registration)."""
     dtype = str(next(model.model.parameters()).dtype).removeprefix("torch.")
+    cost = calibrate(model, DRAFT_SHAPES)  # the targets' planners price K and tree branches with it
+    log.info("draft forward cost: %.3f ms + %.4f ms per query token", cost.fixed, cost.per_token)
     return pb.DraftInfo(
+        step_fixed_ms=cost.fixed, step_ms_per_token=cost.per_token,
         model_id=model.name, vocab_size=model.vocab_size, dtype=dtype, proto_version=PROTO_VERSION,
         tokenizer_fingerprint=tokenizer_fingerprint(model.tokenizer, model.vocab_size),
         max_lookahead=limits.max_lookahead, max_fan_out_budget=limits.max_fan_out_budget,

@@ -93,7 +93,9 @@ class Procs:
 
     def start_target(self, i: int) -> subprocess.Popen:
         trusted = [arg for d in self.draft_ids for arg in ("--trusted-draft", d)]
-        return self.spawn(f"target{i}", ["serve", "target", "--model", str(self.target_dir), "--port",
+        # --planner table: the tiny pair's draft costs as much as its target, so a measured plan would be
+        # AR rounds and the soak would not exercise the drafts at all
+        return self.spawn(f"target{i}", ["serve", "target", "--planner", "table", "--model", str(self.target_dir), "--port",
                                          str(self.t_ports[i]), "--replica-id", f"r{i}", "--threads", "1",
                                          "--draft-timeout-s", str(self.draft_timeout_s), "--lease-ttl-s",
                                          str(self.lease_ttl_s), "--grace-s", "2",

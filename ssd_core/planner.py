@@ -66,8 +66,9 @@ def calibrate(model: LoadedModel, shapes: tuple[tuple[int, int], ...], context: 
     points = []
     context = max(2, min(context, model.max_context // 2))
     for rows, length in shapes:
-        kv = BatchKV.prefill(model.model, [[1 + i % 7 for i in range(context + 1)]] * rows, model.device)
-        tokens = torch.ones(rows, length, dtype=torch.long)
+        vocab = model.vocab_size
+        kv = BatchKV.prefill(model.model, [[(1 + i % 7) % vocab for i in range(context + 1)]] * rows, model.device)
+        tokens = torch.full((rows, length), 1 % vocab, dtype=torch.long)
         times = []
         for r in range(repeats + 1):
             pos = torch.arange(context, context + length)[None, :].expand(rows, length)

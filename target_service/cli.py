@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--openai-allow-insecure-http", action="store_true",
                         help="with --tls-cert: serve the OpenAI API as plain HTTP (default: HTTPS with the same "
                              "certificate, client certificates required under mTLS unless API keys are set)")
+    parser.add_argument("--planner", choices=["measured", "table"], default="measured",
+                        help="measured (default): K / fan-out / backup per batch size from this target's start-up "
+                             "timings, the drafts' reported costs and live acceptance; table: --policy (given "
+                             "--policy, --lookahead or --fan-out, those fix them)")
     parser.add_argument("--trusted-draft", action="append", default=[], metavar="IDENTITY",
                         help="a draft identity whose draft probabilities q are used in sampled verification "
                              "(repeatable); other drafts' sampled tokens are verified against a point mass "
@@ -103,6 +107,7 @@ def config_from_args(args: argparse.Namespace, gateway: Gateway | None = None) -
         health_port=args.health_port,
         served_model_name=args.served_model_name, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, tls_ca=args.tls_ca, trusted_drafts=tuple(args.trusted_draft),
+        planner="table" if args.policy else args.planner,
     )  # fmt: skip
 
 

@@ -42,6 +42,12 @@ class TargetConfig:
     # other draft's sampled speculation is verified against a point mass at its tokens (exact for
     # any tokens, lower acceptance). A q from a remote peer is only as good as the peer.
     trusted_drafts: tuple[str, ...] = ()
+    # K / fan-out / backup per batch size: "measured" plans them from this target's start-up timings,
+    # the drafts' reported costs and live acceptance (ssd_core.planner); "table": `policy`. An explicit
+    # lookahead or fan_out here (or in a request) fixes them. `ssd serve target` defaults to measured;
+    # this dataclass to the table, so an embedding program (and the test suite) opts in explicitly.
+    planner: str = "table"
+    draft_transport_ms: float = 1.0  # one control round trip to a draft, as the planner prices it
     grace_s: float = 5.0  # SIGTERM: finish in-flight RPCs for this long
     rpc_threads: int = 64
     health_port: int = 0  # > 0: also serve grpc.health.v1 alone, plaintext, here (probes of a TLS target)
@@ -75,6 +81,8 @@ class TargetConfig:
             ("draft_timeout_s", self.draft_timeout_s, self.draft_timeout_s > 0, "must be > 0"),
             ("lease_ttl_s", self.lease_ttl_s, self.lease_ttl_s > 0, "must be > 0"),
             ("rpc_threads", self.rpc_threads, self.rpc_threads >= 4, "must be >= 4"),
+            ("planner", self.planner, self.planner in ("measured", "table"), "must be measured or table"),
+            ("draft_transport_ms", self.draft_transport_ms, self.draft_transport_ms >= 0, "must be >= 0"),
             ("max_request_bytes", self.max_request_bytes, self.max_request_bytes >= 64 * 1024, "must be >= 64 KiB"),
             ("openai_api_keys", "<redacted>", all(len(k) >= 16 for k in self.openai_api_keys),
              "every API key must be at least 16 characters"),

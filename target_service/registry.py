@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import threading
 import time
 import uuid
@@ -61,6 +62,17 @@ class Lease:
     # The authenticated identity that took the lease (ssd_core.auth: a peers-file name, a
     # certificate's CN, or an address-derived `shared@HOST` / `anonymous@HOST`); what trust is tied to.
     identity: str = ""
+    # the draft's reported forward cost (ms fixed, ms per query token); (0, 0) = not reported
+    step_cost: tuple[float, float] = (0.0, 0.0)
+
+
+def _step_cost(info: spb.DraftInfo) -> tuple[float, float]:
+    """A draft's self-reported forward cost, clamped to sane values (untrusted: it only steers
+    the target's choice of K, never its output)."""
+    fixed, per_token = float(info.step_fixed_ms), float(info.step_ms_per_token)
+    if not (math.isfinite(fixed) and math.isfinite(per_token)):
+        return (0.0, 0.0)
+    return (min(max(fixed, 0.0), 1e4), min(max(per_token, 0.0), 1e3))
 
 
 class DraftRegistry:
@@ -95,7 +107,7 @@ class DraftRegistry:
         self._check(endpoint, info, principal)
         lease = Lease(uuid.uuid4().hex, draft_id or endpoint, endpoint, info.model_id, info.max_lookahead,
                       info.max_fan_out_budget, info.max_sequences, self._clock() + self.ttl_s,
-                      principal.identity)
+                      principal.identity, _step_cost(info))
         with self._lock:
             self._sweep()
             clash = [x for x in self._leases.values() if x.draft_id == lease.draft_id or x.endpoint == endpoint]

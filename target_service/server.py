@@ -22,6 +22,7 @@ from ssd_core.config import Mode, SpecConfig
 from ssd_core.engine import Engine
 from ssd_core.models import LoadedModel, load_model, tokenizer_fingerprint
 from ssd_core.plan import RoundPlan
+from ssd_core.planner import TARGET_SHAPES, LinearCost, Planner, calibrate
 from ssd_protos.ssd.v1 import generation_pb2, generation_pb2_grpc, speculation_pb2, speculation_pb2_grpc
 from ssd_core.auth import Authenticator, bearer_metadata, parse_allow_list
 from target_service.access import GuardedGenerationServicer
@@ -189,9 +190,25 @@ def lane_factory(target: LoadedModel, registry: DraftRegistry, cfg: TargetConfig
     # target's own noise); a seeded request is reproducible for the life of this replica
     seed_key = secrets.token_bytes(16)
 
+    target_cost = None
+    if cfg.planner == "measured" and cfg.lookahead is None and not cfg.fan_out:
+        target_cost = calibrate(target, TARGET_SHAPES)  # ~1-2 s at start-up on a CPU
+        log.info("planner: target forward %.3f ms + %.4f ms per query token; drafts report theirs",
+                 target_cost.fixed, target_cost.per_token)
+
+    def slowest_draft() -> LinearCost | None:
+        """The costliest reported cost among live drafts (a sequence may land on any of them)."""
+        costs = [lease.step_cost for lease in registry.live() if lease.step_cost != (0.0, 0.0)]
+        return LinearCost(*max(costs, key=lambda c: c[0] + 8 * c[1])) if costs else None
+
     def make(spec: SpecConfig) -> Engine:
         factory = None if spec.mode is Mode.AR else speculator
-        return Engine(target, spec=spec, policy=cfg.policy, speculator_factory=factory, draft_seed_key=seed_key)
+        planner = None
+        if target_cost is not None and factory is not None:  # one per lane: its own acceptance estimate
+            planner = Planner(target_cost, LinearCost(0.0, 0.0), transport_ms=cfg.draft_transport_ms, overlap=True,
+                              draft_source=slowest_draft)
+        return Engine(target, spec=spec, policy=cfg.policy, speculator_factory=factory, draft_seed_key=seed_key,
+                      planner=planner)
 
     return make
 

@@ -53,7 +53,7 @@ class Cluster:
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def start_target(self, i: int) -> None:
-        self.spawn(f"target{i}", ["serve", "target", "--model", str(self.target_dir), "--port", str(self.t_ports[i]),
+        self.spawn(f"target{i}", ["serve", "target", "--planner", "table", "--model", str(self.target_dir), "--port", str(self.t_ports[i]),
                                   "--replica-id", f"r{i}", "--threads", "1", "--draft-timeout-s", "3",
                                   "--lease-ttl-s", "3"])
 

@@ -85,3 +85,35 @@ def test_an_explicit_k_or_fan_out_bypasses_the_planner():
     planner = _planner(10.0, 0.01, 0.5, 0.001)
     assert Engine(target, draft, SpecConfig(mode=Mode.SSD, lookahead=3), planner=planner).planner is None
     assert Engine(target, draft, SpecConfig(mode=Mode.SSD), planner=planner).planner is planner
+
+
+def test_a_served_target_plans_with_the_costs_its_drafts_report():
+    """`ssd serve target`'s default: the target times itself at start-up, each draft reports its own
+    forward cost at registration (DraftInfo.step_*), the lanes plan with the slowest live draft;
+    output stays the target's greedy output whatever the plan."""
+    from client import Client
+    from draft_service.config import DraftServerConfig
+    from draft_service.server import create_server as create_draft
+    from target_service.config import TargetConfig
+    from target_service.server import create_server
+
+    target, draft = make_pair()
+    server, port = create_server(TargetConfig(model="in-process", port=0, max_tokens=128, planner="measured"),
+                                 target=target)
+    addr = f"127.0.0.1:{port}"
+    drafts, _ = create_draft(DraftServerConfig(port=0, targets=(addr,)), model=draft)
+    drafts.start()
+    drafts.start_registration().wait_registered(1, 20)
+    try:
+        (lease,) = server.app.registry.live()
+        assert lease.step_cost[0] > 0 or lease.step_cost[1] > 0  # measured by the draft, sent at registration
+        with Client(addr, timeout=60, max_retries=0) as c:
+            for mode in ("sd", "ssd"):
+                r = c.generate(prompt_ids=[3, 1, 4, 1, 5, 9], max_tokens=16, ignore_eos=True, mode=mode)
+                assert list(r.token_ids) == hf_greedy(target.model, [3, 1, 4, 1, 5, 9], 16), mode
+        lanes = list(server.app.scheduler._lanes.values())
+        planners = [lane.engine.planner for lane in lanes if lane.engine.planner is not None]
+        assert planners and all(p.draft.fixed + p.draft.per_token > 0 for p in planners)  # the reported cost
+    finally:
+        drafts.stop(0)
+        server.stop(0)

@@ -33,7 +33,7 @@ SPECULATION_SOURCE_FAST: SpeculationSource
 SPECULATION_SOURCE_NONE: SpeculationSource
 
 class DraftInfo(_message.Message):
-    __slots__ = ("model_id", "vocab_size", "tokenizer_fingerprint", "dtype", "proto_version", "max_lookahead", "max_fan_out_budget", "max_sequences", "transports", "backups")
+    __slots__ = ("model_id", "vocab_size", "tokenizer_fingerprint", "dtype", "proto_version", "max_lookahead", "max_fan_out_budget", "max_sequences", "transports", "backups", "step_fixed_ms", "step_ms_per_token")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,8 @@ class DraftInfo(_message.Message):
     MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     BACKUPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIXED_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     vocab_size: int
     tokenizer_fingerprint: str
@@ -54,7 +56,9 @@ class DraftInfo(_message.Message):
     max_sequences: int
     transports: _containers.RepeatedScalarFieldContainer[Transport]
     backups: _containers.RepeatedScalarFieldContainer[_generation_pb2.BackupKind]
-    def __init__(self, model_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., proto_version: _Optional[int] = ..., max_lookahead: _Optional[int] = ..., max_fan_out_budget: _Optional[int] = ..., max_sequences: _Optional[int] = ..., transports: _Optional[_Iterable[_Union[Transport, str]]] = ..., backups: _Optional[_Iterable[_Union[_generation_pb2.BackupKind, str]]] = ...) -> None: ...
+    step_fixed_ms: float
+    step_ms_per_token: float
+    def __init__(self, model_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., proto_version: _Optional[int] = ..., max_lookahead: _Optional[int] = ..., max_fan_out_budget: _Optional[int] = ..., max_sequences: _Optional[int] = ..., transports: _Optional[_Iterable[_Union[Transport, str]]] = ..., backups: _Optional[_Iterable[_Union[_generation_pb2.BackupKind, str]]] = ..., step_fixed_ms: _Optional[float] = ..., step_ms_per_token: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("endpoint", "draft_id", "info", "auth_token")
