@@ -38,7 +38,8 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1,)
     num_prompts: int = 8
     max_new_tokens: int = 96
-    lookahead: int = 4
+    lookahead: int = 4  # with planner "table" (and for hf-assisted)
+    planner: str = "measured"  # measured: SD / SSD engines plan K / fan-out / backup (ssd_core.planner)
     fan_out: tuple[int, ...] = ()
     budget: int = 0
     saguaro_c: float = 1.0
@@ -116,8 +117,10 @@ def load_prompts(source: str, tokenizer, count: int, max_chars: int, max_tokens:
 def spec_for(mode: str, cfg: BenchConfig) -> SpecConfig:
     if mode == "ar":
         return SpecConfig(mode=Mode.AR)
-    return SpecConfig(mode=Mode.SD if mode == "sd" else Mode.SSD, lookahead=cfg.lookahead, fan_out=cfg.fan_out,
-                      budget=cfg.budget, saguaro_c=cfg.saguaro_c, backup=BackupKind(cfg.backup))
+    planned = cfg.planner == "measured"  # the planner chooses K / fan-out / backup (it needs them unset)
+    return SpecConfig(mode=Mode.SD if mode == "sd" else Mode.SSD, lookahead=None if planned else cfg.lookahead,
+                      fan_out=() if planned else cfg.fan_out, budget=cfg.budget, saguaro_c=cfg.saguaro_c,
+                      backup=BackupKind(cfg.backup))
 
 
 def run_engine_modes(modes: list[str], target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig,
@@ -151,7 +154,12 @@ def _open_engine(mode: str, target: LoadedModel, draft: LoadedModel, prompts, cf
     factory = process_factory(source, 1, draft_cpus, backend=cfg.backend) if cfg.draft_placement == "process" and mode != "ar" else None
     # the bench sweeps batch sizes itself: speculate at every size it asks for
     policy = BatchPolicy((PolicyRow(max(cfg.batch_sizes), cfg.lookahead, BackupKind(cfg.backup) if cfg.backup != "auto" else BackupKind.JIT),))
-    engine = Engine(target, draft, spec_for(mode, cfg), policy, speculator_factory=factory)
+    planner = None
+    if cfg.planner == "measured" and mode != "ar":
+        from ssd_core.planner import measured_planner
+
+        planner = measured_planner(target, draft, overlap=cfg.draft_placement == "process")
+    engine = Engine(target, draft, spec_for(mode, cfg), policy, speculator_factory=factory, planner=planner)
     engine.generate([Request(prompts[0][:8], SamplingParams(max_new_tokens=8, ignore_eos=True))])  # warm-up
     return engine
 

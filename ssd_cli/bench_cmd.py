@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lookahead", type=int, default=None,
                    help="K (in-process default 4; --served: sent only when given, else the target's default)")
     p.add_argument("--fan-out", default=None, help="F_0..F_K (default: capped geometric plan)")
+    p.add_argument("--planner", choices=["measured", "table"], default="measured",
+                   help="in-process SD/SSD: measured (default) plans K / fan-out / backup from start-up timings and "
+                        "live acceptance; table: K = --lookahead (default 4). --lookahead or --fan-out fix them")
     p.add_argument("--budget", type=int, default=0)
     p.add_argument("--saguaro-c", type=float, default=None, help="Saguaro C (default 1.0; --served: sent only when given)")
     p.add_argument("--backup", choices=["jit", "fast", "auto"], default="jit")
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, lookahead=4 if args.lookahead is None else args.lookahead,
                       fan_out=parse_ids(args.fan_out, "fan_out") if args.fan_out else (), budget=args.budget,
                       saguaro_c=1.0 if args.saguaro_c is None else args.saguaro_c, backup=args.backup,
-                      temperature=args.temperature, seed=args.seed, draft_placement=args.draft_placement)
+                      temperature=args.temperature, seed=args.seed, draft_placement=args.draft_placement,
+                      planner="table" if args.lookahead is not None or args.fan_out else args.planner)
     if args.target is None or args.draft is None:
         from ssd_train.train_pair import default_pair_dirs
 

@@ -81,7 +81,12 @@ def calibrate(model: LoadedModel, shapes: tuple[tuple[int, int], ...], context: 
     return LinearCost.fit(points)
 
 
-REPLAN_EVERY = 32  # rounds: estimates settle between re-plans (a K change costs a cache miss)
+REPLAN_EVERY = 16  # rounds: estimates settle between re-plans (a K change costs a cache miss)
+
+
+def _ema(old: float, ratio: float, alpha: float = 0.2) -> float:
+    """An exponential moving average of a measured/predicted ratio (clamped: one odd round can't swing it)."""
+    return (1 - alpha) * old + alpha * min(max(ratio, 0.2), 5.0)
 TARGET_SHAPES = ((1, 1), (1, 4), (1, 8), (4, 1), (4, 4), (8, 8), (16, 2), (32, 1))
 DRAFT_SHAPES = ((1, 1), (1, 8), (4, 1), (16, 1), (32, 1), (64, 1))
 
@@ -118,7 +123,8 @@ class Planner:
     _judged: float = field(default=0.0, init=False)
     _verify_scale: float = field(default=1.0, init=False)  # measured / predicted verify time (EMA)
     _cache: dict[tuple[Mode, int], PlanChoice] = field(default_factory=dict, init=False)
-    _planned_at: tuple[float, float] = field(default=(-1.0, 1.0), init=False)  # (acceptance, verify scale)
+    _draft_scale: float = field(default=1.0, init=False)  # measured / predicted draft time (EMA)
+    _planned_at: tuple[float, float, float] = field(default=(-1.0, 1.0, 1.0), init=False)  # (a, scales)
     _rounds: int = field(default=0, init=False)  # rounds since the plans were last recomputed
 
     @property
@@ -128,18 +134,34 @@ class Planner:
         a = (self.acceptance_prior * prior_w + self._accepted) / (prior_w + self._judged)
         return min(max(a, 0.02), 0.98)
 
-    def observe(self, num_accepted: list[int], lookahead: int, verify_ms: float, batch: int) -> None:
-        """One verified round: acceptance (k accepted, then a rejection unless k == K) and the
-        verify time, which rescales the target's calibrated cost."""
-        if lookahead > 0:
+    def observe(self, num_accepted: list[int], plan: RoundPlan, verify_ms: float, wait_ms: float = 0.0,
+                all_hit: bool = False) -> None:
+        """One verified round: acceptance (k accepted, then a rejection unless k == K); the verify
+        time, which rescales the target's calibrated cost; and the time the target waited for the
+        speculations, which rescales the draft's (an SD round waits for the JIT drafting; an SSD
+        round answered from the cache everywhere (`all_hit`) waits for the part of the cache build
+        the verify did not hide; a round with a miss also waits for JIT drafting, so it is skipped)."""
+        k, batch = plan.lookahead, len(num_accepted)
+        if k > 0:
             self._accepted += sum(num_accepted)
-            self._judged += sum(k + (k < lookahead) for k in num_accepted)
-        predicted = self.target(batch * (lookahead + 1))
+            self._judged += sum(n + (n < k) for n in num_accepted)
+        predicted = self.target(batch * (k + 1))
         if predicted > 0 and verify_ms > 0:
-            self._verify_scale = 0.9 * self._verify_scale + 0.1 * min(max(verify_ms / predicted, 0.25), 4.0)
+            self._verify_scale = _ema(self._verify_scale, verify_ms / predicted)
+        if k > 0:
+            t = self._times(batch, k, sum(plan.fan_out) if plan.tree else 0, unscaled_draft=True)
+            if not plan.tree and t.jit > 0:  # SD: the wait is the JIT drafting (plus a round trip)
+                self._draft_scale = _ema(self._draft_scale, max(wait_ms - self.transport_ms, 0.0) / t.jit)
+            elif plan.tree and t.tree_build > 0 and all_hit:
+                hidden = verify_ms + self.commit_ms + self.transport_ms
+                if wait_ms > 0.5:  # the build outlasted the verify: its length shows in the wait
+                    self._draft_scale = _ema(self._draft_scale, (wait_ms + hidden) / t.tree_build)
+                elif t.tree_build > hidden:  # hidden although predicted longer: it is at most `hidden`
+                    self._draft_scale = _ema(self._draft_scale, min(self._draft_scale, hidden / t.tree_build))
         self._rounds += 1
-        a0, s0 = self._planned_at
-        moved = abs(self.acceptance - a0) > 0.05 or abs(self._verify_scale / s0 - 1.0) > 0.15
+        a0, s0, d0 = self._planned_at
+        moved = (abs(self.acceptance - a0) > 0.05 or abs(self._verify_scale / s0 - 1.0) > 0.15
+                 or abs(self._draft_scale / d0 - 1.0) > 0.15)
         if self._cache and moved and self._rounds >= REPLAN_EVERY:
             self._cache.clear()  # the estimates moved: plan again (at most every REPLAN_EVERY rounds)
             self._rounds = 0
@@ -156,7 +178,7 @@ class Planner:
                 self._cache.clear()
         key = (mode, batch)
         if key not in self._cache:
-            self._planned_at = (self.acceptance, self._verify_scale)
+            self._planned_at = (self.acceptance, self._verify_scale, self._draft_scale)
             self._cache[key] = self._choose(mode, batch)
             choice = self._cache[key]
             log.info("plan for %s at batch %d: %s K=%d fan_out=%s backup=%s (predicted %.0f tok/s; best %s; a=%.2f)",
@@ -167,11 +189,12 @@ class Planner:
         return self._cache[key]
 
     # -- the search ----------------------------------------------------------------------------
-    def _times(self, batch: int, k: int, branches: int) -> ComponentTimes:
+    def _times(self, batch: int, k: int, branches: int, unscaled_draft: bool = False) -> ComponentTimes:
+        ds = 1.0 if unscaled_draft else self._draft_scale
         verify = self.target(batch * (k + 1)) * self._verify_scale
-        tree = self.draft(batch * (k + 1)) + k * self.draft(batch * branches) if branches else 0.0
+        tree = (self.draft(batch * (k + 1)) + k * self.draft(batch * branches)) * ds if branches else 0.0
         return ComponentTimes(lookahead=k, ar_step=self.target(batch) * self._verify_scale + self.commit_ms,
-                              verify=verify, commit=self.commit_ms, jit=k * self.draft(batch) + self.answer_ms,
+                              verify=verify, commit=self.commit_ms, jit=k * self.draft(batch) * ds + self.answer_ms,
                               answer=self.answer_ms, tree_build=tree, transport=self.transport_ms,
                               fast_backup=self.answer_ms,
                               verify_slowdown=1.0 if self.overlap else 1.0 + tree / max(verify, 1e-6),

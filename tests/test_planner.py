@@ -47,7 +47,7 @@ def test_acceptance_is_estimated_from_live_rounds_and_replans():
     p = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.8)
     first = p.choose(Mode.SSD, 1)
     for _ in range(200):  # every draft token rejected: a ~ 0
-        p.observe([0], first.plan.lookahead, 10.0, 1)
+        p.observe([0], first.plan, 10.0)
     assert p.acceptance < 0.2
     again = p.choose(Mode.SSD, 1)
     assert again.plan.lookahead < first.plan.lookahead or again.mode is not Mode.SSD
@@ -117,3 +117,14 @@ def test_a_served_target_plans_with_the_costs_its_drafts_report():
     finally:
         drafts.stop(0)
         server.stop(0)
+
+
+def test_a_draft_slower_than_calibrated_is_seen_in_the_waits_and_replans():
+    # calibrated: a cheap draft (SSD pays); live: every all-hit round waits 40 ms for the cache build
+    p = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.8)
+    first = p.choose(Mode.SSD, 1)
+    assert first.mode is Mode.SSD
+    for _ in range(100):
+        p.observe([first.plan.lookahead], first.plan, 10.0, wait_ms=40.0, all_hit=True)
+    again = p.choose(Mode.SSD, 1)
+    assert p._draft_scale > 3 and (again.mode is not Mode.SSD or again.plan.lookahead < first.plan.lookahead)
