@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def git_state(repo: Path = REPO) -> dict:
-    """{"commit": sha, "dirty": tracked files modified} of the checkout the bench runs from;
+    """{"commit": sha, "dirty": tracked files modified, "dirty_files"} of the checkout the bench runs from;
     commit None (with the reason) when it is not a git checkout (an installed wheel)."""
     try:
         sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -23,7 +23,8 @@ def git_state(repo: Path = REPO) -> dict:
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("no git commit for the report: %s", exc)
         return {"commit": None, "dirty": None, "why": str(exc)[:200]}
-    return {"commit": sha, "dirty": bool(dirty)}
+    files = [line[3:] for line in dirty.splitlines()]
+    return {"commit": sha, "dirty": bool(files), "dirty_files": files}  # what differs from the commit
 
 
 def provenance(command: str) -> dict:
