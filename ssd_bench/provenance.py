@@ -19,11 +19,11 @@ def git_state(repo: Path = REPO) -> dict:
         sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, check=True, timeout=10).stdout  # " M path" lines
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("no git commit for the report: %s", exc)
         return {"commit": None, "dirty": None, "why": str(exc)[:200]}
-    files = [line[3:] for line in dirty.splitlines()]
+    files = [line[3:] for line in dirty.splitlines() if line.strip()]
     return {"commit": sha, "dirty": bool(files), "dirty_files": files}  # what differs from the commit
 
 
