@@ -310,3 +310,30 @@ def test_cli_errors_name_the_status(fake: FakeGeneration, addr: str, capsys: pyt
 def test_sdk_and_cli_do_not_import_torch() -> None:
     code = "import sys, client, client.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_sync_and_async_clients_take_one_set_of_generation_options():
+    """One options type (client.codec.GenerateKwargs / GenerateOptions) behind both clients'
+    generate and stream; a misspelt option is a TypeError naming it, before any RPC."""
+    import asyncio
+    import inspect
+
+    from client import AsyncClient
+    from client.codec import GenerateKwargs, GenerateOptions
+
+    for cls in (Client, AsyncClient):
+        for name in ("generate", "stream"):
+            params = inspect.signature(getattr(cls, name)).parameters
+            assert list(params) == ["self", "prompt", "prompt_ids", "timeout", "request_id", "kwargs"], (cls, name)
+    assert set(GenerateKwargs.__annotations__) <= {f for f in GenerateOptions.__dataclass_fields__}
+    opts = GenerateOptions.from_call("generate", None, [1, 2], {"stop": "x", "logit_bias": {"3": -1}, "fan_out": [1, 2]})
+    assert opts.stop == ("x",) and opts.logit_bias == ((3, -1.0),) and opts.fan_out == (1, 2) and opts.prompt_ids == (1, 2)
+    with Client("127.0.0.1:1", timeout=1, max_retries=0) as c, pytest.raises(TypeError, match="max_tokenz"):
+        c.generate(prompt="x", max_tokenz=3)
+
+    async def bad_async():
+        async with AsyncClient("127.0.0.1:1", timeout=1, max_retries=0) as c:
+            with pytest.raises(TypeError, match="temprature"):
+                c.stream(prompt="x", temprature=1.0)
+
+    asyncio.run(bad_async())

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 import grpc
 
@@ -66,23 +66,51 @@ class GenerateOptions:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
 
     @classmethod
-    def create(
-        cls,
-        prompt: str | None,
-        prompt_ids: Sequence[int] | None,
-        stop: Sequence[str] | str | None,
-        fan_out: Sequence[int] | None,
-        **scalars: object,
-    ) -> GenerateOptions:
-        """Normalise sequence arguments (lists, a single stop string) into tuples."""
-        stop_tuple = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return cls(
-            prompt=prompt,
-            prompt_ids=None if prompt_ids is None else tuple(int(t) for t in prompt_ids),
-            stop=stop_tuple,
-            fan_out=None if fan_out is None else tuple(int(f) for f in fan_out),
-            **scalars,  # type: ignore[arg-type]
-        )
+    def from_call(cls, method: str, prompt: str | None, prompt_ids: Sequence[int] | None,
+                  kwargs: dict[str, object]) -> GenerateOptions:
+        """The options of one generate/stream call: sequences (lists, a single stop string, a
+        logit_bias mapping) normalised into tuples; an unknown keyword is a TypeError, as for any
+        function."""
+        unknown = sorted(set(kwargs) - _OPTION_NAMES)
+        if unknown:
+            raise TypeError(f"{method}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+        kw = dict(kwargs)
+        stop = kw.pop("stop", None)
+        kw["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())  # type: ignore[arg-type]
+        if kw.get("fan_out") is not None:
+            kw["fan_out"] = tuple(int(f) for f in kw["fan_out"])  # type: ignore[union-attr]
+        kw["stop_token_ids"] = tuple(int(t) for t in kw.get("stop_token_ids") or ())  # type: ignore[union-attr]
+        bias = kw.get("logit_bias") or {}
+        kw["logit_bias"] = tuple(sorted((int(k), float(v)) for k, v in dict(bias).items()))  # type: ignore[arg-type]
+        ids = None if prompt_ids is None else tuple(int(t) for t in prompt_ids)
+        return cls(prompt=prompt, prompt_ids=ids, **kw)  # type: ignore[arg-type]
+
+
+class GenerateKwargs(TypedDict, total=False):
+    """The keyword arguments of Client/AsyncClient.generate and .stream (defaults: GenerateOptions)."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: Sequence[str] | str | None
+    ignore_eos: bool
+    stop_token_ids: Sequence[int]
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float | None
+    logit_bias: Mapping[int, float] | None
+    mode: str | None
+    lookahead: int | None
+    fan_out: Sequence[int] | None
+    saguaro_c: float | None
+    logprobs: int | None
+    prompt_logprobs: int | None
+    score_only: bool
+
+
+_OPTION_NAMES = frozenset(GenerateKwargs.__annotations__)
 
 
 def new_request_id() -> str:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from client.codec import GenerateOptions, StreamDecoder, build_request, to_model_info, to_result
+from client.codec import GenerateKwargs, GenerateOptions, StreamDecoder, build_request, to_model_info, to_result
 from client.errors import SSDError, from_rpc_error
 from client.retry import Deadline, RetryPolicy, RoundRobin, parse_addresses
 from client.types import GenerationResult, ModelInfo, StreamDelta
@@ -19,6 +19,9 @@ from ssd_protos.ssd.v1 import generation_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 ChannelOptions = Sequence[tuple[str, Any]]
+
+if TYPE_CHECKING:  # annotations are strings at run time (PEP 563): no dependency added
+    from typing import Unpack  # Python >= 3.11 (type checkers only)
 
 
 class Client:
@@ -52,37 +55,12 @@ class Client:
         prompt: str | None = None,
         prompt_ids: Sequence[int] | None = None,
         *,
-        max_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Sequence[str] | str | None = None,
-        ignore_eos: bool = False,
-        stop_token_ids: Sequence[int] = (),
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repetition_penalty: float | None = None,
-        logit_bias: Mapping[int, float] | None = None,
-        mode: str | None = "ssd",
-        lookahead: int | None = None,
-        fan_out: Sequence[int] | None = None,
-        saguaro_c: float | None = None,
-        logprobs: int | None = None,
-        prompt_logprobs: int | None = None,
-        score_only: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
+        **kwargs: Unpack[GenerateKwargs],
     ) -> GenerationResult:
         """Generate up to `max_tokens` new tokens from a text prompt or token ids; blocks until done."""
-        options = GenerateOptions.create(
-            prompt, prompt_ids, stop, fan_out, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, ignore_eos=ignore_eos, mode=mode, lookahead=lookahead, saguaro_c=saguaro_c,
-            stop_token_ids=tuple(stop_token_ids), presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-            logit_bias=tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items())),
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, score_only=score_only,
-        )  # fmt: skip
+        options = GenerateOptions.from_call("generate", prompt, prompt_ids, kwargs)
         request = build_request(pb.CompleteRequest, options, request_id)
         response = self._call(lambda stub, t: stub.Complete(request, timeout=t), timeout, request.request_id)
         return to_result(response.request_id or request.request_id, response.complete)
@@ -92,40 +70,15 @@ class Client:
         prompt: str | None = None,
         prompt_ids: Sequence[int] | None = None,
         *,
-        max_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Sequence[str] | str | None = None,
-        ignore_eos: bool = False,
-        stop_token_ids: Sequence[int] = (),
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repetition_penalty: float | None = None,
-        logit_bias: Mapping[int, float] | None = None,
-        mode: str | None = "ssd",
-        lookahead: int | None = None,
-        fan_out: Sequence[int] | None = None,
-        saguaro_c: float | None = None,
-        logprobs: int | None = None,
-        prompt_logprobs: int | None = None,
-        score_only: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
+        **kwargs: Unpack[GenerateKwargs],
     ) -> GenerationStream:
         """Start a streaming generation; iterate for StreamDeltas, then read `.result`.
 
         `.cancel()` or `.close()` (or leaving a `with` block) cancels the RPC on the server.
         """
-        options = GenerateOptions.create(
-            prompt, prompt_ids, stop, fan_out, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, ignore_eos=ignore_eos, mode=mode, lookahead=lookahead, saguaro_c=saguaro_c,
-            stop_token_ids=tuple(stop_token_ids), presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-            logit_bias=tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items())),
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, score_only=score_only,
-        )  # fmt: skip
+        options = GenerateOptions.from_call("stream", prompt, prompt_ids, kwargs)
         request = build_request(pb.GenerateRequest, options, request_id)
         return GenerationStream(self, request, Deadline(self.timeout if timeout is None else timeout))
 
