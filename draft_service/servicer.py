@@ -33,7 +33,7 @@ def draft_info(model: LoadedModel, limits: DraftLimits) -> pb.DraftInfo:
         tokenizer_fingerprint=tokenizer_fingerprint(model.tokenizer, model.vocab_size),
         max_lookahead=limits.max_lookahead, max_fan_out_budget=limits.max_fan_out_budget,
         max_sequences=limits.max_sequences, transports=[pb.TRANSPORT_INLINE],
-        backups=[generation_pb2.BACKUP_KIND_NEURAL, generation_pb2.BACKUP_KIND_FAST],
+        backups=[generation_pb2.BACKUP_KIND_JIT, generation_pb2.BACKUP_KIND_FAST],
     )
 
 

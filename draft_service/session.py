@@ -205,8 +205,8 @@ class DraftSession:
         try:
             specs = self.speculator.propose(outcomes) if outcomes else []
         except Exception as exc:  # the speculator may be half-updated: end the session
-            log.exception("session %s: propose failed in round %d", self.session_id, m.round)
-            return errors + self._fatal(_INTERNAL, f"speculator failed in round {m.round}: {exc}")
+            log.exception("session %s: propose failed in step %d", self.session_id, m.step)
+            return errors + self._fatal(_INTERNAL, f"speculator failed in step {m.step}: {exc}")
         t_enc = time.perf_counter_ns()
         for s in specs:
             self.handed[s.seq_id] = (s.round, len(s.tokens))
@@ -218,7 +218,7 @@ class DraftSession:
                                         prefetch_ns=int((stats.tree_s - tree0) * 1e9))
         metrics.observe_request((t_end - t_start) / 1e9, wait / 1e9, jit / 1e9, stats.hits - hits0,
                                 stats.jit - njit0, stats.fast - fast0)
-        return errors + [pb.SessionResponse(speculations=pb.Speculations(round=m.round, sequences=seqs,
+        return errors + [pb.SessionResponse(speculations=pb.Speculations(step=m.step, sequences=seqs,
                                                                           timings=timings))]
 
     def _check_outcomes(self, m: pb.RoundRequest) -> tuple[list[pb.SessionResponse], list[RoundOutcome]]:
@@ -244,7 +244,7 @@ class DraftSession:
         bad = {sid for e in errors for sid in e.error.seq_ids}
         missing = [sid for sid in self.handed if sid not in good and sid not in bad]
         if missing:
-            errors.append(_error(_PRECONDITION, f"no outcome in round {m.round} (every active sequence needs one)",
+            errors.append(_error(_PRECONDITION, f"no outcome in step {m.step} (every active sequence needs one)",
                                  missing))
         return errors, [o for sid, o in good.items() if sid not in bad]
 

@@ -20,7 +20,7 @@ from target_service.scheduler import Job
 
 MODES = {pb.DECODE_MODE_AR: Mode.AR, pb.DECODE_MODE_SD: Mode.SD, pb.DECODE_MODE_SSD: Mode.SSD}
 MODE_TO_PB = {v: k for k, v in MODES.items()}
-BACKUPS = {pb.BACKUP_KIND_FAST: BackupKind.FAST, pb.BACKUP_KIND_NEURAL: BackupKind.JIT}
+BACKUPS = {pb.BACKUP_KIND_FAST: BackupKind.FAST, pb.BACKUP_KIND_JIT: BackupKind.JIT}
 FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP,
           "abort": pb.FINISH_REASON_ABORT}
 
@@ -104,7 +104,7 @@ def _speculation(m: pb.SpeculationParams, cfg: TargetConfig) -> SpecConfig:
     if mode is Mode.AR:
         return SpecConfig(mode=Mode.AR)  # one AR lane whatever the other fields say
     if m.backup != pb.BACKUP_KIND_UNSPECIFIED and m.backup not in BACKUPS:
-        raise InvalidParameter("speculation.backup", m.backup, "unknown backup kind (use FAST or NEURAL)")
+        raise InvalidParameter("speculation.backup", m.backup, "unknown backup kind (use FAST or JIT)")
     if m.lookahead > cfg.max_lookahead:
         raise InvalidParameter("speculation.lookahead", m.lookahead, f"over the limit of {cfg.max_lookahead}")
     fan_out = tuple(m.fan_out) or cfg.fan_out

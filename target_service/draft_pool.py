@@ -34,7 +34,7 @@ from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Spec
 from ssd_core.validate import speculation_problem
 from ssd_core.wire.codec import config_to_pb, speculation_from_pb
 from target_service.registry import DraftRegistry, Lease
-from target_service.session import DraftSession
+from target_service.session import DraftSessionClient
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class PooledSpeculator:
         self._credentials = credentials
         self._trusted = frozenset(trusted)  # Lease.identity values whose q is used (TargetConfig.trusted_drafts)
         self._tracks: dict[str, _Track] = {}
-        self._sessions: dict[str, DraftSession] = {}
+        self._sessions: dict[str, DraftSessionClient] = {}
 
     # -- Speculator protocol ---------------------------------------------------------------------
     def add(self, starts: list[SeqStart]) -> None:
@@ -199,7 +199,7 @@ class PooledSpeculator:
         session = self._sessions.get(lease.lease_id)
         if session is None:
             config = config_to_pb(self.fan_out, self.saguaro_c, self.backup, self.lookahead)
-            session = DraftSession(lease.lease_id, lease.endpoint, self._replica, config, self._credentials,
+            session = DraftSessionClient(lease.lease_id, lease.endpoint, self._replica, config, self._credentials,
                                    self._registry.session_metadata)
             self._sessions[lease.lease_id] = session
         stale = [t.start.seq_id for t, _ in group if not t.synced and t.held == lease.lease_id]

@@ -31,7 +31,7 @@ MAX_MESSAGE = 256 * 1024 * 1024  # per message: draft_probs [B, K, V] float32 in
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
 
 
-class DraftSession:
+class DraftSessionClient:
     """The client end of ssd.v1 Speculator.Session for one lease."""
 
     def __init__(self, lease_id: str, endpoint: str, replica_id: str, config: spb.SessionConfig,
@@ -81,7 +81,7 @@ class DraftSession:
         """Send one RoundRequest; returns its session step number (echoed by the answer)."""
         with self._cond:
             self._step += 1
-        request = spb.RoundRequest(round=self._step, outcomes=[outcome_to_pb(o) for o in outcomes],
+        request = spb.RoundRequest(step=self._step, outcomes=[outcome_to_pb(o) for o in outcomes],
                                    want_draft_probs=want_draft_probs)
         self._requests.put(spb.SessionRequest(round=request))
         return self._step
@@ -142,7 +142,7 @@ class DraftSession:
         kind = response.WhichOneof("response")
         with self._cond:
             if kind == "speculations":
-                step = response.speculations.round
+                step = response.speculations.step
                 if step > self._step:  # not asked yet: a broken or hostile draft; never filed
                     self._fail_locked(f"answered step {step} before it was asked (current step {self._step})")
                     self._call.cancel()

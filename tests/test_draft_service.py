@@ -104,10 +104,10 @@ def test_session_matches_in_process_speculator_with_cache_hits(server, draft) ->
     outcomes = [RoundOutcome.first(s.seq_id) for s in starts]
     sources = []
     for step in range(4):
-        stream.send(round=pb.RoundRequest(round=step, outcomes=[codec.outcome_to_pb(o) for o in outcomes],
+        stream.send(round=pb.RoundRequest(step=step, outcomes=[codec.outcome_to_pb(o) for o in outcomes],
                                           want_draft_probs=True))
         resp = stream.recv()
-        assert resp.WhichOneof("response") == "speculations" and resp.speculations.round == step
+        assert resp.WhichOneof("response") == "speculations" and resp.speculations.step == step
         remote = {m.seq_id: codec.speculation_from_pb(m) for m in resp.speculations.sequences}
         expected = {s.seq_id: s for s in local.propose(outcomes)}
         for sid, want in expected.items():
@@ -165,12 +165,12 @@ def test_bad_messages_get_session_errors_not_a_crash(server) -> None:
     errors = [stream.recv().error, stream.recv().error]
     assert [list(e.seq_ids) for e in errors] == [["empty"], ["big"]]
     assert errors[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    stream.send(round=pb.RoundRequest(round=0, outcomes=[codec.outcome_to_pb(RoundOutcome.first("ok"))]))
+    stream.send(round=pb.RoundRequest(step=0, outcomes=[codec.outcome_to_pb(RoundOutcome.first("ok"))]))
     spec = stream.recv().speculations.sequences[0]
     assert spec.seq_id == "ok" and len(spec.tokens) == 1
     stream.send(add=pb.AddSequences(sequences=[codec.start_to_pb(SeqStart("other", (7, 8), SamplingParams(), 2))]))
     bad = RoundOutcome("ok", spec.round, 5, 1)  # num_accepted 5 > K = 1
-    stream.send(round=pb.RoundRequest(round=1, outcomes=[codec.outcome_to_pb(bad), codec.outcome_to_pb(
+    stream.send(round=pb.RoundRequest(step=1, outcomes=[codec.outcome_to_pb(bad), codec.outcome_to_pb(
         RoundOutcome.first("other")), pb.SequenceOutcome(seq_id="ghost", round=0, num_accepted=0, bonus_token=1)]))
     first, second, third = stream.recv(), stream.recv(), stream.recv()
     assert list(first.error.seq_ids) == ["ok"] and "num_accepted" in first.error.message
@@ -184,7 +184,7 @@ def test_bad_messages_get_session_errors_not_a_crash(server) -> None:
 def test_first_request_must_be_open_and_stream_end_drops_state(server) -> None:
     srv, channel = server
     stream = _Stream(channel)
-    stream.send(round=pb.RoundRequest(round=0))
+    stream.send(round=pb.RoundRequest(step=0))
     err = stream.recv().error
     assert not err.seq_ids and err.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert list(stream.responses) == []  # a session-level error ends the stream
@@ -360,7 +360,7 @@ def test_metrics_page_counts_sessions_requests_cache_builds_and_errors(server, d
     outcomes = [RoundOutcome.first(s.seq_id) for s in starts]
     rounds = 4
     for step in range(rounds):
-        stream.send(round=pb.RoundRequest(round=step, outcomes=[codec.outcome_to_pb(o) for o in outcomes]))
+        stream.send(round=pb.RoundRequest(step=step, outcomes=[codec.outcome_to_pb(o) for o in outcomes]))
         remote = [codec.speculation_from_pb(m) for m in stream.recv().speculations.sequences]
         outcomes = []
         for spec in remote:

@@ -138,7 +138,7 @@ class LyingDraft(spb_grpc.SpeculatorServicer):
                                                 data=struct.pack(f"<{k * VOCAB}f", *(q * k))))
                     seqs.append(m)
                 self.answered += len(seqs)
-                yield spb.SessionResponse(speculations=spb.Speculations(round=request.round.round, sequences=seqs))
+                yield spb.SessionResponse(speculations=spb.Speculations(step=request.round.step, sequences=seqs))
 
 
 def _register_liar(addr: str, endpoint: str) -> None:

@@ -228,7 +228,7 @@ def session_request(draw) -> spb.SessionRequest:
                                     num_accepted=draw(st.one_of(st.integers(-2, 8), int32)),
                                     bonus_token=draw(st.one_of(st.integers(-1, VOCAB), int32)))
                 for _ in range(draw(st.integers(0, 4)))]
-        return spb.SessionRequest(round=spb.RoundRequest(round=draw(uint64), outcomes=outs,
+        return spb.SessionRequest(round=spb.RoundRequest(step=draw(uint64), outcomes=outs,
                                                          want_draft_probs=draw(st.booleans())))
     if kind == "remove":
         return spb.SessionRequest(remove=spb.RemoveSequences(seq_ids=draw(st.lists(seq_ids, max_size=4))))
@@ -247,7 +247,7 @@ def session_script(draw) -> list[spb.SessionRequest]:
         if draw(st.booleans()):
             script.append(spb.SessionRequest(add=spb.AddSequences(sequences=[
                 spb.SequenceStart(seq_id="a", token_ids=[3, 1, 4], sampling=spb.DraftSamplingParams(seed=1))])))
-            script.append(spb.SessionRequest(round=spb.RoundRequest(round=1, outcomes=[
+            script.append(spb.SessionRequest(round=spb.RoundRequest(step=1, outcomes=[
                 spb.SequenceOutcome(seq_id="a", round=-1, num_accepted=-1, bonus_token=-1)])))
     script += draw(st.lists(session_request(), max_size=8))
     return script
@@ -283,7 +283,7 @@ def test_fuzz_session_requests_then_the_draft_still_serves(servers):
     ok = [spb.SessionRequest(open=spb.SessionOpen(config=spb.SessionConfig(lookahead=2, fan_out=[1, 1, 1],
                                                                           saguaro_c=1.0), transport=1)),
           spb.SessionRequest(add=spb.AddSequences(sequences=[spb.SequenceStart(seq_id="z", token_ids=[3, 1, 4])])),
-          spb.SessionRequest(round=spb.RoundRequest(round=1, outcomes=[
+          spb.SessionRequest(round=spb.RoundRequest(step=1, outcomes=[
               spb.SequenceOutcome(seq_id="z", round=-1, num_accepted=-1, bonus_token=-1)]))]
     with grpc.insecure_channel(draft_addr) as channel:
         call = spb_grpc.SpeculatorStub(channel).Session(iter(ok), timeout=RPC_DEADLINE_S)
@@ -299,7 +299,7 @@ def test_regression_duplicate_outcomes_in_one_round_end_cleanly(servers):
     script = [spb.SessionRequest(open=spb.SessionOpen(config=spb.SessionConfig(lookahead=2, fan_out=[1, 1, 1],
                                                                               saguaro_c=1.0), transport=1)),
               spb.SessionRequest(add=spb.AddSequences(sequences=[spb.SequenceStart(seq_id="a", token_ids=[3, 1, 4])])),
-              spb.SessionRequest(round=spb.RoundRequest(round=1, outcomes=[
+              spb.SessionRequest(round=spb.RoundRequest(step=1, outcomes=[
                   spb.SequenceOutcome(seq_id="a", round=5, num_accepted=9, bonus_token=-1),
                   spb.SequenceOutcome(seq_id="a", round=5, num_accepted=9, bonus_token=-1)])),
               spb.SessionRequest(add=spb.AddSequences(sequences=[spb.SequenceStart(seq_id="b", token_ids=[3, 1])])),

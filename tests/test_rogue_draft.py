@@ -103,7 +103,7 @@ class RogueDraft(spb_grpc.SpeculatorServicer):
                 yield spb.SessionResponse(opened=spb.SessionOpened(session_id=self.behavior, config=request.open.config))
             elif kind == "round":
                 self.rounds += 1
-                step_seen.append(request.round.round)
+                step_seen.append(request.round.step)
                 yield from self._answer(request.round, k, step_seen, context)
 
     def _answer(self, rnd: spb.RoundRequest, k: int, steps: list[int], context) -> Iterator[spb.SessionResponse]:
@@ -187,13 +187,13 @@ class RogueDraft(spb_grpc.SpeculatorServicer):
             seqs.append(m)
         if b == "duplicates":
             seqs = seqs + seqs
-        answer_round = rnd.round
+        answer_round = rnd.step
         if b == "wrong_step":
-            answer_round = rnd.round + 100  # never the step the target waits for: a stall
-        reply = spb.SessionResponse(speculations=spb.Speculations(round=answer_round, sequences=seqs))
+            answer_round = rnd.step + 100  # never the step the target waits for: a stall
+        reply = spb.SessionResponse(speculations=spb.Speculations(step=answer_round, sequences=seqs))
         if b == "replay_old_steps":
             for old in steps[:-1][-3:]:
-                yield spb.SessionResponse(speculations=spb.Speculations(round=old, sequences=seqs))
+                yield spb.SessionResponse(speculations=spb.Speculations(step=old, sequences=seqs))
         yield reply
 
 

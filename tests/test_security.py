@@ -167,10 +167,10 @@ class FutureStreamingDraft(spb_grpc.SpeculatorServicer):
             elif kind == "round":
                 for i in range(self.flood):
                     self.sent += 1
-                    yield spb.SessionResponse(speculations=spb.Speculations(round=10**9 + i))
+                    yield spb.SessionResponse(speculations=spb.Speculations(step=10**9 + i))
                 misses = [spb.SequenceSpeculation(seq_id=o.seq_id, round=max(o.round + 1, 0),
                                                   source=spb.SPECULATION_SOURCE_NONE) for o in request.round.outcomes]
-                yield spb.SessionResponse(speculations=spb.Speculations(round=request.round.round, sequences=misses))
+                yield spb.SessionResponse(speculations=spb.Speculations(step=request.round.step, sequences=misses))
 
 
 @pytest.fixture()
@@ -190,10 +190,10 @@ def test_memory_stays_bounded_under_a_draft_streaming_far_future_answers(flood_d
     import time
 
     from ssd_core.types import RoundOutcome
-    from target_service.session import DraftSession
+    from target_service.session import DraftSessionClient
 
     servicer, endpoint = flood_draft
-    session = DraftSession("lease-0123456789", endpoint, "target-x", spb.SessionConfig(lookahead=2),
+    session = DraftSessionClient("lease-0123456789", endpoint, "target-x", spb.SessionConfig(lookahead=2),
                            metadata=bearer_metadata(TOK["target-0"]))
     try:
         step = session.send_round([RoundOutcome.first("s1")], want_draft_probs=False)
@@ -349,7 +349,7 @@ class StallingDraft(spb_grpc.SpeculatorServicer):
                 yield spb.SessionResponse(opened=spb.SessionOpened(session_id="stall", config=request.open.config))
             elif kind == "round":
                 self.release.wait(60)
-                yield spb.SessionResponse(speculations=spb.Speculations(round=request.round.round))
+                yield spb.SessionResponse(speculations=spb.Speculations(step=request.round.step))
 
 
 def test_a_client_cannot_abort_another_clients_request(pair):

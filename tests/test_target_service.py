@@ -190,7 +190,7 @@ class _GarbageDraft(spb_grpc.SpeculatorServicer):
                 seqs = [spb.SequenceSpeculation(seq_id=o.seq_id, round=999, tokens=[10_000] * k,
                                                 source=spb.SPECULATION_SOURCE_CACHE_HIT)
                         for o in request.round.outcomes]
-                yield spb.SessionResponse(speculations=spb.Speculations(round=request.round.round, sequences=seqs))
+                yield spb.SessionResponse(speculations=spb.Speculations(step=request.round.step, sequences=seqs))
 
 
 @contextlib.contextmanager

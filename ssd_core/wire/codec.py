@@ -36,7 +36,7 @@ _SOURCE_FROM_PB = {v: k for k, v in _SOURCE_TO_PB.items()}
 
 # AUTO travels as UNSPECIFIED ("server default"); the draft resolves it (JIT).
 _BACKUP_TO_PB = {
-    BackupKind.JIT: generation_pb2.BACKUP_KIND_NEURAL,
+    BackupKind.JIT: generation_pb2.BACKUP_KIND_JIT,
     BackupKind.FAST: generation_pb2.BACKUP_KIND_FAST,
     BackupKind.AUTO: generation_pb2.BACKUP_KIND_UNSPECIFIED,
 }

@@ -18,6 +18,7 @@ class BackupKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     BACKUP_KIND_UNSPECIFIED: _ClassVar[BackupKind]
     BACKUP_KIND_FAST: _ClassVar[BackupKind]
+    BACKUP_KIND_JIT: _ClassVar[BackupKind]
     BACKUP_KIND_NEURAL: _ClassVar[BackupKind]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -33,6 +34,7 @@ DECODE_MODE_SD: DecodeMode
 DECODE_MODE_SSD: DecodeMode
 BACKUP_KIND_UNSPECIFIED: BackupKind
 BACKUP_KIND_FAST: BackupKind
+BACKUP_KIND_JIT: BackupKind
 BACKUP_KIND_NEURAL: BackupKind
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason

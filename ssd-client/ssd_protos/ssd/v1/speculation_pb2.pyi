@@ -209,14 +209,14 @@ class SequenceOutcome(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., bonus_token: _Optional[int] = ...) -> None: ...
 
 class RoundRequest(_message.Message):
-    __slots__ = ("round", "outcomes", "want_draft_probs")
-    ROUND_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("step", "outcomes", "want_draft_probs")
+    STEP_FIELD_NUMBER: _ClassVar[int]
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     WANT_DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
-    round: int
+    step: int
     outcomes: _containers.RepeatedCompositeFieldContainer[SequenceOutcome]
     want_draft_probs: bool
-    def __init__(self, round: _Optional[int] = ..., outcomes: _Optional[_Iterable[_Union[SequenceOutcome, _Mapping]]] = ..., want_draft_probs: _Optional[bool] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., outcomes: _Optional[_Iterable[_Union[SequenceOutcome, _Mapping]]] = ..., want_draft_probs: _Optional[bool] = ...) -> None: ...
 
 class RemoveSequences(_message.Message):
     __slots__ = ("seq_ids",)
@@ -279,14 +279,14 @@ class SpeculationTimings(_message.Message):
     def __init__(self, queue_ns: _Optional[int] = ..., lookup_ns: _Optional[int] = ..., jit_ns: _Optional[int] = ..., encode_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., prefetch_ns: _Optional[int] = ...) -> None: ...
 
 class Speculations(_message.Message):
-    __slots__ = ("round", "sequences", "timings")
-    ROUND_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("step", "sequences", "timings")
+    STEP_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
-    round: int
+    step: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceSpeculation]
     timings: SpeculationTimings
-    def __init__(self, round: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSpeculation, _Mapping]]] = ..., timings: _Optional[_Union[SpeculationTimings, _Mapping]] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSpeculation, _Mapping]]] = ..., timings: _Optional[_Union[SpeculationTimings, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "config")
