@@ -161,7 +161,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def result_json(result) -> dict:
     stats = result.stats.to_dict()
-    keys = ("rounds", "mean_accepted_length", "acceptance_rate", "cache_hit_rate", "backup_uses", "tokens_per_s")
+    keys = ("rounds", "mean_accepted_length", "acceptance_rate", "cache_hit_rate", "backup_uses", "tokens_per_s",
+            "plan_lookahead", "plan_rounds")
     return {"token_ids": list(result.token_ids), "text": result.text, "finish_reason": result.finish_reason,
             "stats": {k: stats[k] for k in keys}}
 

@@ -18,6 +18,8 @@ class RequestStats:
     hits: int = 0
     backup_jit: int = 0
     backup_fast: int = 0
+    plan_lookahead: int = 0  # K of the last round (the planner may change it with the batch size)
+    plan_rounds: str = ""  # ar | sd | ssd: the kind of the last round
     new_tokens: int = 0
     # wall time of the engine phases this request took part in (a batch's step counts for each
     # of its requests: it is the latency each one saw)
@@ -36,6 +38,7 @@ class RequestStats:
             self.backup_jit += source is SpecSource.JIT
             self.backup_fast += source is SpecSource.FAST
         self.rounds += 1
+        self.plan_lookahead, self.plan_rounds = lookahead, "ar" if lookahead == 0 else ("ssd" if cached else "sd")
         self.drafted += lookahead
         self.accepted += num_accepted
         self.emitted += num_accepted + 1
@@ -78,6 +81,8 @@ class RequestStats:
             "backup_fast": self.backup_fast,
             "tokens_per_s": round(self.tokens_per_s, 3),
             "new_tokens": self.new_tokens,
+            "plan_lookahead": self.plan_lookahead,
+            "plan_rounds": self.plan_rounds,
         }
 
 

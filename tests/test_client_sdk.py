@@ -292,6 +292,7 @@ def test_cli_generate_json(fake: FakeGeneration, addr: str, capsys: pytest.Captu
         assert out["token_ids"] == [3, 2, 1] and out["finish_reason"] == "length"
         assert set(out["stats"]) == {
             "rounds", "mean_accepted_length", "cache_hit_rate", "backup_uses", "tokens_per_s", "acceptance_rate",
+            "plan_lookahead", "plan_rounds",
         }  # fmt: skip
 
     assert ssd_main(["client", "info", "--addr", addr]) == 0

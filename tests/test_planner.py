@@ -111,6 +111,9 @@ def test_a_served_target_plans_with_the_costs_its_drafts_report():
             for mode in ("sd", "ssd"):
                 r = c.generate(prompt_ids=[3, 1, 4, 1, 5, 9], max_tokens=16, ignore_eos=True, mode=mode)
                 assert list(r.token_ids) == hf_greedy(target.model, [3, 1, 4, 1, 5, 9], 16), mode
+                # the plan is visible per request: the kind and K of its last round
+                assert r.stats.plan_rounds in ("ar", "sd", "ssd") and (r.stats.plan_lookahead == 0) == (
+                    r.stats.plan_rounds == "ar"), r.stats
         lanes = list(server.app.scheduler._lanes.values())
         planners = [lane.engine.planner for lane in lanes if lane.engine.planner is not None]
         assert planners and all(p.draft.fixed + p.draft.per_token > 0 for p in planners)  # the reported cost

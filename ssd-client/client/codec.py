@@ -168,6 +168,8 @@ def to_stats(stats: pb.SpeculationStats) -> SpeculationStats:
         backup_uses=stats.backup_uses,
         tokens_per_s=stats.tokens_per_s,
         timings_ns=tuple((name, getattr(stats, name)) for name in _TIMING_FIELDS),
+        plan_lookahead=stats.plan_lookahead,
+        plan_rounds=stats.plan_rounds,
     )
 
 

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 # The keys of the `stats` object printed by `ssd generate --json` and `ssd client generate --json`.
-STATS_KEYS = ("rounds", "mean_accepted_length", "acceptance_rate", "cache_hit_rate", "backup_uses", "tokens_per_s")
+STATS_KEYS = ("rounds", "mean_accepted_length", "acceptance_rate", "cache_hit_rate", "backup_uses", "tokens_per_s",
+              "plan_lookahead", "plan_rounds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,8 @@ class SpeculationStats:
     backup_uses: int = 0
     tokens_per_s: float = 0.0
     timings_ns: tuple[tuple[str, int], ...] = field(default=(), compare=False)  # (name, ns) pairs
+    plan_lookahead: int = 0  # K of the request's last round (0: AR), as the target planned it
+    plan_rounds: str = ""  # ar | sd | ssd: the kind of that round
 
     def to_dict(self) -> dict[str, float | int]:
         """The STATS_KEYS as a plain dict (the CLI's JSON `stats` object)."""

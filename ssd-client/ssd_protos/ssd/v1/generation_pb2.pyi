@@ -172,7 +172,7 @@ class GenerateChunk(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("rounds", "mean_accepted_length", "acceptance_rate", "cache_hit_rate", "backup_uses", "tokens_per_s", "queue_ns", "prefill_ns", "decode_ns", "verify_ns", "speculation_wait_ns", "total_ns")
+    __slots__ = ("rounds", "mean_accepted_length", "acceptance_rate", "cache_hit_rate", "backup_uses", "tokens_per_s", "queue_ns", "prefill_ns", "decode_ns", "verify_ns", "speculation_wait_ns", "total_ns", "plan_lookahead", "plan_rounds")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     MEAN_ACCEPTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +185,8 @@ class SpeculationStats(_message.Message):
     VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
     SPECULATION_WAIT_NS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     mean_accepted_length: float
     acceptance_rate: float
@@ -197,7 +199,9 @@ class SpeculationStats(_message.Message):
     verify_ns: int
     speculation_wait_ns: int
     total_ns: int
-    def __init__(self, rounds: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., backup_uses: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., queue_ns: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., decode_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., speculation_wait_ns: _Optional[int] = ..., total_ns: _Optional[int] = ...) -> None: ...
+    plan_lookahead: int
+    plan_rounds: str
+    def __init__(self, rounds: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., backup_uses: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., queue_ns: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., decode_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., speculation_wait_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., plan_lookahead: _Optional[int] = ..., plan_rounds: _Optional[str] = ...) -> None: ...
 
 class GenerateComplete(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "usage", "stats", "logprobs", "prompt_logprobs")
