@@ -42,7 +42,7 @@ class GenerationParams(BaseModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     # SSD speculation knobs (extra body fields); None = the target's default.
-    ssd_mode: Literal["ar", "sd", "ssd"] | None = None
+    ssd_mode: Literal["ar", "sd", "ssd", "auto"] | None = None
     lookahead: int | None = Field(default=None, ge=1)
     fan_out: list[int] | None = None
     saguaro_c: float | None = None

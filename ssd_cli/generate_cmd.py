@@ -50,7 +50,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_spec_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=["ar", "sd", "ssd"], default="ssd")
+    p.add_argument("--mode", choices=["ar", "sd", "ssd", "auto"], default="ssd",
+                   help="auto: the fastest plan the planner predicts (SSD, SD or AR rounds)")
     p.add_argument("--lookahead", type=int, default=None, help="K (default: from the batch-size policy)")
     p.add_argument("--fan-out", default=None, help="F_0..F_K, comma-separated (default: capped geometric plan)")
     p.add_argument("--budget", type=int, default=0, help="max cached outcomes per round (default 2*(K+1))")

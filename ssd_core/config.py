@@ -19,6 +19,10 @@ class Mode(str, enum.Enum):
     AR = "ar"
     SD = "sd"
     SSD = "ssd"
+    # The fastest plan the planner predicts, of any kind of rounds. An SSD lane already never takes
+    # a plan predicted slower than the best SD or AR one, so this runs as an SSD lane; it is the
+    # name for clients that want speed and do not care how it is obtained.
+    AUTO = "auto"
 
 
 class BackupKind(str, enum.Enum):

@@ -18,7 +18,8 @@ from ssd_protos.ssd.v1 import generation_pb2 as pb
 from target_service.config import TargetConfig
 from target_service.scheduler import Job
 
-MODES = {pb.DECODE_MODE_AR: Mode.AR, pb.DECODE_MODE_SD: Mode.SD, pb.DECODE_MODE_SSD: Mode.SSD}
+MODES = {pb.DECODE_MODE_AR: Mode.AR, pb.DECODE_MODE_SD: Mode.SD, pb.DECODE_MODE_SSD: Mode.SSD,
+         pb.DECODE_MODE_AUTO: Mode.AUTO}
 MODE_TO_PB = {v: k for k, v in MODES.items()}
 BACKUPS = {pb.BACKUP_KIND_FAST: BackupKind.FAST, pb.BACKUP_KIND_JIT: BackupKind.JIT}
 FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP,
@@ -100,7 +101,7 @@ def _speculation(m: pb.SpeculationParams, cfg: TargetConfig) -> SpecConfig:
     elif m.mode in MODES:
         mode = MODES[m.mode]
     else:
-        raise InvalidParameter("speculation.mode", m.mode, "unknown decode mode (use AR, SD or SSD)")
+        raise InvalidParameter("speculation.mode", m.mode, "unknown decode mode (use AR, SD, SSD or AUTO)")
     if mode is Mode.AR:
         return SpecConfig(mode=Mode.AR)  # one AR lane whatever the other fields say
     if m.backup != pb.BACKUP_KIND_UNSPECIFIED and m.backup not in BACKUPS:

@@ -108,7 +108,7 @@ def test_a_served_target_plans_with_the_costs_its_drafts_report():
         (lease,) = server.app.registry.live()
         assert lease.step_cost[0] > 0 or lease.step_cost[1] > 0  # measured by the draft, sent at registration
         with Client(addr, timeout=60, max_retries=0) as c:
-            for mode in ("sd", "ssd"):
+            for mode in ("sd", "ssd", "auto"):
                 r = c.generate(prompt_ids=[3, 1, 4, 1, 5, 9], max_tokens=16, ignore_eos=True, mode=mode)
                 assert list(r.token_ids) == hf_greedy(target.model, [3, 1, 4, 1, 5, 9], 16), mode
                 # the plan is visible per request: the kind and K of its last round
@@ -131,3 +131,10 @@ def test_a_draft_slower_than_calibrated_is_seen_in_the_waits_and_replans():
         p.observe([first.plan.lookahead], first.plan, 10.0, wait_ms=40.0, all_hit=True)
     again = p.choose(Mode.SSD, 1)
     assert p._draft_scale > 3 and (again.mode is not Mode.SSD or again.plan.lookahead < first.plan.lookahead)
+
+
+def test_auto_takes_the_fastest_plan_of_any_kind():
+    p = _planner(2.0, 0.05, 3.0, 0.5, acceptance_prior=0.3)  # speculation cannot pay here
+    assert p.choose(Mode.AUTO, 1).mode is Mode.AR
+    q = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.8)  # ... and here SSD does
+    assert q.choose(Mode.AUTO, 1).plan == q.choose(Mode.SSD, 1).plan

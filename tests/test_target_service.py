@@ -108,7 +108,7 @@ def test_stream_chunks_add_up_and_model_info(client, target):
     assert tokens == hf_greedy(target.model, PROMPT, 10) == list(stream.result.token_ids)
     info = client.model_info()
     assert info.vocab_size == target.vocab_size and info.draft_model_id == ""
-    assert set(info.supported_modes) == {"ar", "sd", "ssd"} and info.limits["max_tokens"] == 256
+    assert set(info.supported_modes) == {"ar", "sd", "ssd", "auto"} and info.limits["max_tokens"] == 256
 
 
 def test_cancellation_frees_the_sequence(client, served):

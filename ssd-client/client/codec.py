@@ -13,7 +13,8 @@ from client.errors import Internal, from_status
 from client.types import GenerationResult, ModelInfo, SpeculationStats, StreamDelta, TokenLogprob, Usage
 from ssd_protos.ssd.v1 import generation_pb2 as pb
 
-MODES: dict[str, int] = {"ar": pb.DECODE_MODE_AR, "sd": pb.DECODE_MODE_SD, "ssd": pb.DECODE_MODE_SSD}
+MODES: dict[str, int] = {"ar": pb.DECODE_MODE_AR, "sd": pb.DECODE_MODE_SD, "ssd": pb.DECODE_MODE_SSD,
+                         "auto": pb.DECODE_MODE_AUTO}
 _MODE_NAMES: dict[int, str] = {value: name for name, value in MODES.items()}
 _FINISH_REASONS: dict[int, str] = {
     pb.FINISH_REASON_UNSPECIFIED: "",

@@ -13,6 +13,7 @@ class DecodeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECODE_MODE_AR: _ClassVar[DecodeMode]
     DECODE_MODE_SD: _ClassVar[DecodeMode]
     DECODE_MODE_SSD: _ClassVar[DecodeMode]
+    DECODE_MODE_AUTO: _ClassVar[DecodeMode]
 
 class BackupKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +33,7 @@ DECODE_MODE_UNSPECIFIED: DecodeMode
 DECODE_MODE_AR: DecodeMode
 DECODE_MODE_SD: DecodeMode
 DECODE_MODE_SSD: DecodeMode
+DECODE_MODE_AUTO: DecodeMode
 BACKUP_KIND_UNSPECIFIED: BackupKind
 BACKUP_KIND_FAST: BackupKind
 BACKUP_KIND_JIT: BackupKind
