@@ -202,6 +202,8 @@ class DraftSession:
         stats = self.speculator.stats
         wait0, jit0, tree0 = stats.wait_s, stats.jit_s, stats.tree_s
         hits0, njit0, fast0 = stats.hits, stats.jit, stats.fast
+        # no q wanted: the target verifies against a point mass, so the draft's argmax is the better guess
+        self.speculator.set_propose_argmax(not m.want_draft_probs)
         try:
             specs = self.speculator.propose(outcomes) if outcomes else []
         except Exception as exc:  # the speculator may be half-updated: end the session

@@ -74,9 +74,10 @@ def main() -> int:
     prompts = load_prompts("humaneval", target.tokenizer, args.num_prompts, 600, 256)
     out = {}
     for mode in (Mode.SD, Mode.SSD):
-        for trusted in (True, False):
-            def factory(plan, c, trusted=trusted):
+        for trusted, argmax in ((True, False), (False, False), (False, True)):
+            def factory(plan, c, trusted=trusted, argmax=argmax):
                 spec = DraftSpeculator(draft, plan.fan_out, c, plan.backup, tree=plan.tree)
+                spec.set_propose_argmax(argmax)  # what a draft service does when the target wants no q
                 return spec if trusted else Untrusted(spec)
 
             spec = SpecConfig(mode=mode, lookahead=args.lookahead, backup=BackupKind.JIT)
@@ -86,7 +87,8 @@ def main() -> int:
             results = engine.generate([Request(p, sp) for p, sp in zip(prompts, params)])
             engine.close()
             rounds = sum(r.stats.rounds for r in results)
-            out[f"{mode.value}_{'trusted' if trusted else 'untrusted'}"] = {
+            name = "trusted" if trusted else ("untrusted_argmax" if argmax else "untrusted_sampled")
+            out[f"{mode.value}_{name}"] = {
                 "acceptance_rate": round(sum(r.stats.accepted for r in results) / sum(r.stats.drafted for r in results), 4),
                 "tokens_per_round": round(sum(r.stats.emitted for r in results) / rounds, 3),
                 "cache_hit_rate": round(sum(r.stats.hits for r in results) / max(1, sum(r.stats.lookups for r in results)), 4),

@@ -92,6 +92,9 @@ class DraftSpeculator:
         # Called on the worker thread after each cache build: (glue seconds, tree seconds, entries
         # put). The draft service feeds its /metrics from it; it must be cheap and must not raise.
         self.on_build: Callable[[float, float, int], None] | None = None
+        # Set when the target ignores q (it does not trust this draft, or the rows are greedy):
+        # propose argmax tokens instead of samples (see _draw).
+        self.propose_argmax = False
 
     @property
     def lookahead(self) -> int:
@@ -127,6 +130,12 @@ class DraftSpeculator:
         self._wait()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+    def set_propose_argmax(self, on: bool) -> None:
+        """Propose argmax tokens (q unused by the target) or samples from q, from the next build on."""
+        if on != self.propose_argmax:
+            self._wait()  # a build in flight keeps the setting it started with
+            self.propose_argmax = on
 
     def replan(self, fan_out: tuple[int, ...]) -> None:
         """Speculate with K = len(fan_out) - 1 and this fan-out from the next round on, keeping
@@ -225,7 +234,9 @@ class DraftSpeculator:
         if bool(sampled.any()) and self.saguaro_c < 1.0:
             q[sampled] = saguaro_reshape(q[sampled], torch.full((int(sampled.sum()),), fan_out), self.saguaro_c)
         gens = [r.gen for r in rows for _ in range(repeat)]
-        return sample(q, gens, ~sampled), q
+        # a target that will not use q verifies against a point mass (accepts d with probability
+        # p(d)): then the draft's most likely token beats a sample from q, and stays exact
+        return sample(q, gens, ~sampled | self.propose_argmax), q
 
     def _jit(self, idx: list[int], k_next: int) -> list[tuple[tuple[int, ...], torch.Tensor | None]]:
         """Draft k_next tokens autoregressively for rows idx (other rows ride along as padding)."""

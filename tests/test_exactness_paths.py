@@ -396,3 +396,20 @@ def test_a_mixed_batch_keeps_sampled_rows_exact_and_greedy_rows_greedy():
     sampled, greedy = sample(spec, params(), n=3000, mixed_greedy=True)
     assert set(greedy) == {tuple(hf_greedy(TARGET.model, list(PROMPT), NEW))}
     assert_exact(sampled, exact(), "SSD sampled rows in a mixed batch")
+
+
+def test_a_draft_whose_q_is_unused_proposes_its_argmax_tokens():
+    from ssd_core.speculator import DraftSpeculator
+    from ssd_core.types import RoundOutcome, SeqStart
+
+    def proposal(argmax: bool, temperature: float, seed: int) -> tuple[int, ...]:
+        spec = DraftSpeculator(DRAFT, (0, 0, 0, 0, 0), tree=False)
+        spec.set_propose_argmax(argmax)
+        spec.add([SeqStart("s", PROMPT, SamplingParams(temperature=temperature), seed)])
+        out = spec.propose([RoundOutcome.first("s")], 4)[0].tokens
+        spec.close()
+        return out
+
+    greedy = proposal(False, 0.0, 0)
+    assert {proposal(True, 5.0, seed) for seed in range(8)} == {greedy}  # sampled params, argmax tokens
+    assert len({proposal(False, 5.0, seed) for seed in range(8)}) > 1  # ... where samples vary

@@ -172,3 +172,21 @@ def test_a_lying_draft_over_grpc_cannot_move_the_sampled_distribution(mode):
     finally:
         liar.stop(0)
         server.stop(0)
+
+
+@pytest.mark.parametrize("mode", ["sd", "ssd"])
+def test_an_untrusted_real_draft_proposes_argmax_tokens_and_output_stays_exact(mode):
+    """A draft whose q the target does not use is asked for no q (want_draft_probs false); it then
+    proposes its argmax tokens, verified against a point mass: still the target's distribution."""
+    server, addr = _target(trusted=())  # draft-a authenticates, but is not trusted
+    draft = _draft(addr, "draft-a")
+    try:
+        _wait_live(server, 1)
+        samples = _sample(addr, 2000, mode, lookahead=2)
+        if mode == "ssd":
+            assert sum(HIT_RATES) / len(HIT_RATES) > 0.2  # the draft's speculations were used
+        p = chi_square_pvalue(samples, EXACT)
+        assert p > ALPHA, f"chi-square p={p:.2e} <= {ALPHA}"
+    finally:
+        draft.stop(0)
+        server.stop(0)
