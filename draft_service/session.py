@@ -150,8 +150,8 @@ class DraftSession:
         if lookahead > self.limits.max_lookahead or sum(fan_out) > self.limits.max_fan_out_budget:
             return self._fatal(_INVALID, f"lookahead {lookahead} / fan-out budget {sum(fan_out)} over the limits "
                                f"{self.limits.max_lookahead} / {self.limits.max_fan_out_budget}")
-        if (sum(fan_out) > 0) != spec.tree or saguaro_c != spec.saguaro_c:
-            return self._fatal(_INVALID, "reconfigure cannot change the mode (tree or not) or C; open a new session")
+        if saguaro_c != spec.saguaro_c:
+            return self._fatal(_INVALID, "reconfigure cannot change C; open a new session")
         spec.replan(fan_out)
         spec.backup = BackupKind.JIT if backup is BackupKind.AUTO else backup
         log.debug("session %s reconfigured: K=%d fan_out=%s backup=%s", self.session_id, lookahead, fan_out,

@@ -208,17 +208,17 @@ class Engine:
         plan = choice.plan if choice is not None else resolve_plan(self.spec, self.policy, len(self.seqs))
         sp = self._speculator
         if plan.lookahead > 0 and self._factory is not None:
-            if sp is None or sp.tree != plan.tree:
+            if sp is None:
                 self._switch(plan)
-            elif sp.fan_out != plan.fan_out:  # K by batch size: same speculator, its state kept
-                log.info("speculator replan: K=%d fan_out=%s", plan.lookahead, plan.fan_out)
+            elif sp.fan_out != plan.fan_out or sp.tree != plan.tree:  # same speculator, its state kept
+                log.debug("speculator replan: K=%d fan_out=%s", plan.lookahead, plan.fan_out)
                 sp.replan(plan.fan_out)
             self._speculator.backup = plan.backup
         self._plan = plan
         return plan
 
     def _switch(self, plan: RoundPlan) -> None:
-        """(Re)build the speculator when the plan's mode changes (first step; K alone is a replan)."""
+        """Build the speculator (first speculative step; later plan changes are replans)."""
         if self._speculator is not None:
             self._speculator.close()
         log.info("speculator plan: K=%d fan_out=%s tree=%s backup=%s", plan.lookahead, plan.fan_out, plan.tree, plan.backup.value)

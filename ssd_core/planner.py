@@ -60,25 +60,35 @@ class LinearCost:
 
 @torch.inference_mode()
 def calibrate(model: LoadedModel, shapes: tuple[tuple[int, int], ...], context: int = 48,
-              repeats: int = 3) -> LinearCost:
+              repeats: int = 5) -> LinearCost:
     """Time forwards of `model` over [rows, tokens] query shapes against a `context`-token KV
-    (the medians of `repeats`, after one warm-up each) and fit a LinearCost."""
+    and fit a LinearCost. The minimum of `repeats` after a warm-up: on a shared machine noise only
+    ever adds time, and a process that is still starting up (allocator, first calls) must not
+    make a draft look five times its cost (measured: a draft reporting 5.0 ms a step that takes ~1)."""
     points = []
     context = max(2, min(context, model.max_context // 2))
-    for rows, length in shapes:
-        vocab = model.vocab_size
-        kv = BatchKV.prefill(model.model, [[(1 + i % 7) % vocab for i in range(context + 1)]] * rows, model.device)
-        tokens = torch.full((rows, length), 1 % vocab, dtype=torch.long)
-        times = []
-        for r in range(repeats + 1):
-            pos = torch.arange(context, context + length)[None, :].expand(rows, length)
-            t0 = time.perf_counter()
-            kv.forward(model.model, tokens, pos)
-            times.append((time.perf_counter() - t0) * 1e3)
-            kv.keep(torch.full((rows,), context - 1))  # drop the slots just written: same shape next time
-            kv.compact()
-        points.append((rows * length, statistics.median(times[1:])))
+    for _ in range(2):  # the first pass only warms up
+        points = []
+        for rows, length in shapes:
+            points.append((rows * length, _time_forward(model, rows, length, context, repeats)))
     return LinearCost.fit(points)
+
+
+@torch.inference_mode()
+def _time_forward(model: LoadedModel, rows: int, length: int, context: int, repeats: int) -> float:
+    """Milliseconds of one forward over [rows, length] new tokens after `context` cached ones."""
+    vocab = model.vocab_size
+    kv = BatchKV.prefill(model.model, [[(1 + i % 7) % vocab for i in range(context + 1)]] * rows, model.device)
+    tokens = torch.full((rows, length), 1 % vocab, dtype=torch.long)
+    times = []
+    for _ in range(repeats + 1):
+        pos = torch.arange(context, context + length)[None, :].expand(rows, length)
+        t0 = time.perf_counter()
+        kv.forward(model.model, tokens, pos)
+        times.append((time.perf_counter() - t0) * 1e3)
+        kv.keep(torch.full((rows,), context - 1))  # drop the slots just written: same shape next time
+        kv.compact()
+    return min(times[1:])
 
 
 REPLAN_EVERY = 16  # rounds: estimates settle between re-plans (a K change costs a cache miss)
@@ -87,6 +97,10 @@ REPLAN_EVERY = 16  # rounds: estimates settle between re-plans (a K change costs
 def _ema(old: float, ratio: float, alpha: float = 0.2) -> float:
     """An exponential moving average of a measured/predicted ratio (clamped: one odd round can't swing it)."""
     return (1 - alpha) * old + alpha * min(max(ratio, 0.2), 5.0)
+
+
+HYSTERESIS = 0.05  # keep the current plan unless another is predicted this much faster
+EXPLORE_EVERY = 50  # AR rounds of a speculative lane between two probe rounds of its best SD plan
 TARGET_SHAPES = ((1, 1), (1, 4), (1, 8), (4, 1), (4, 4), (8, 8), (16, 2), (32, 1))
 DRAFT_SHAPES = ((1, 1), (1, 8), (4, 1), (16, 1), (32, 1), (64, 1))
 
@@ -97,6 +111,9 @@ class PlanChoice:
     mode: Mode  # the kind of rounds the plan runs (SSD rounds, SD rounds or AR rounds)
     tokens_per_s: float  # predicted for the batch
     alternatives: dict[str, float]  # best predicted tokens/s of each mode
+    # For a speculative lane planned as AR rounds: the best SD plan, run now and then so the
+    # draft's cost keeps being measured (AR rounds measure nothing about the draft)
+    explore: "PlanChoice | None" = None
 
 
 @dataclass(slots=True)
@@ -126,6 +143,8 @@ class Planner:
     _draft_scale: float = field(default=1.0, init=False)  # measured / predicted draft time (EMA)
     _planned_at: tuple[float, float, float] = field(default=(-1.0, 1.0, 1.0), init=False)  # (a, scales)
     _rounds: int = field(default=0, init=False)  # rounds since the plans were last recomputed
+    _ar_rounds: int = field(default=0, init=False)  # AR rounds a speculative lane ran since its last probe
+    _logged: dict[tuple[Mode, int], RoundPlan] = field(default_factory=dict, init=False)
 
     @property
     def acceptance(self) -> float:
@@ -179,14 +198,22 @@ class Planner:
         key = (mode, batch)
         if key not in self._cache:
             self._planned_at = (self.acceptance, self._verify_scale, self._draft_scale)
-            self._cache[key] = self._choose(mode, batch)
-            choice = self._cache[key]
-            log.info("plan for %s at batch %d: %s K=%d fan_out=%s backup=%s (predicted %.0f tok/s; best %s; a=%.2f)",
-                     mode.value, batch, choice.mode.value, choice.plan.lookahead, choice.plan.fan_out,
-                     choice.plan.backup.value, choice.tokens_per_s,
-                     {m: round(v) for m, v in choice.alternatives.items()}, self.acceptance)
+            self._cache[key] = choice = self._choose(mode, batch, self._logged.get(key))
+            level = logging.INFO if self._logged.get(key) != choice.plan else logging.DEBUG  # changes only
+            self._logged[key] = choice.plan
+            log.log(level, "plan for %s at batch %d: %s K=%d fan_out=%s backup=%s (predicted %.0f tok/s; best %s; "
+                    "a=%.2f, target x%.2f, draft x%.2f)", mode.value, batch, choice.mode.value, choice.plan.lookahead,
+                    choice.plan.fan_out, choice.plan.backup.value, choice.tokens_per_s,
+                    {m: round(v) for m, v in choice.alternatives.items()}, self.acceptance, self._verify_scale,
+                    self._draft_scale)
             metrics.record_plan(mode.value, choice.plan.lookahead, choice.mode.value, batch)
-        return self._cache[key]
+        choice = self._cache[key]
+        if choice.explore is not None:
+            self._ar_rounds += 1
+            if self._ar_rounds >= EXPLORE_EVERY:
+                self._ar_rounds = 0
+                return choice.explore
+        return choice
 
     # -- the search ----------------------------------------------------------------------------
     def _times(self, batch: int, k: int, branches: int, unscaled_draft: bool = False) -> ComponentTimes:
@@ -200,16 +227,19 @@ class Planner:
                               verify_slowdown=1.0 if self.overlap else 1.0 + tree / max(verify, 1e-6),
                               tree_slowdown=1.0)
 
-    def _choose(self, mode: Mode, batch: int) -> PlanChoice:
+    def _choose(self, mode: Mode, batch: int, previous: RoundPlan | None = None) -> PlanChoice:
         a = self.acceptance
+        scored: dict[RoundPlan, PlanChoice] = {}  # every candidate, for the hysteresis below
         ar_plan = RoundPlan(0, (), False, BackupKind.FAST)
         ar = PlanChoice(ar_plan, Mode.AR, expected_tokens_per_s(self._times(batch, 1, 0), "ar", 1.0, batch=batch), {})
         best = {Mode.AR: ar}
         for k in range(1, self.max_lookahead + 1):
             e = expected_tokens_per_round(a, k)
             sd = expected_tokens_per_s(self._times(batch, k, 0), "sd", e, batch=batch)
+            cand = scored.setdefault(RoundPlan(k, (0,) * (k + 1), False, BackupKind.JIT), PlanChoice(
+                RoundPlan(k, (0,) * (k + 1), False, BackupKind.JIT), Mode.SD, sd, {}))
             if Mode.SD not in best or sd > best[Mode.SD].tokens_per_s:
-                best[Mode.SD] = PlanChoice(RoundPlan(k, (0,) * (k + 1), False, BackupKind.JIT), Mode.SD, sd, {})
+                best[Mode.SD] = cand
             for budget in sorted({k + 1, 2 * (k + 1), 3 * (k + 1)}):
                 fan = plan_fanout(k, budget, a, self.miss_exponent, self.fan_out_cap)
                 p_hit = hit_rate_from_fanout(a, fan, self.miss_exponent)
@@ -217,8 +247,10 @@ class Planner:
                 e_fast = expected_tokens_per_round(min(self.fast_acceptance, a), k)
                 for backup, e_miss in ((BackupKind.JIT, e), (BackupKind.FAST, e_fast)):
                     tps = expected_tokens_per_s(t, "ssd", e, e_miss, p_hit, batch, backup.value)
+                    cand = scored.setdefault(RoundPlan(k, fan, True, backup), PlanChoice(
+                        RoundPlan(k, fan, True, backup), Mode.SSD, tps, {}))
                     if Mode.SSD not in best or tps > best[Mode.SSD].tokens_per_s:
-                        best[Mode.SSD] = PlanChoice(RoundPlan(k, fan, True, backup), Mode.SSD, tps, {})
+                        best[Mode.SSD] = cand
         alternatives = {m.value: c.tokens_per_s for m, c in best.items()}
         if mode is Mode.AR:
             pick = best[Mode.AR]
@@ -226,7 +258,13 @@ class Planner:
             pick = max((best[Mode.SD], best[Mode.AR]), key=lambda c: c.tokens_per_s)
         else:  # never slower than the best SD or AR plan the model knows
             pick = max(best.values(), key=lambda c: c.tokens_per_s)
-        return PlanChoice(pick.plan, pick.mode, pick.tokens_per_s, alternatives)
+        scored[ar_plan] = ar
+        allowed = {Mode.AR: {Mode.AR}, Mode.SD: {Mode.SD, Mode.AR}}.get(mode, {Mode.AR, Mode.SD, Mode.SSD})
+        kept = scored.get(previous) if previous is not None else None
+        if kept is not None and kept.mode in allowed and kept.tokens_per_s >= (1 - HYSTERESIS) * pick.tokens_per_s:
+            pick = kept  # within the model's error of the best: a change would cost more than it gains
+        explore = best[Mode.SD] if pick.mode is Mode.AR and mode is not Mode.AR else None
+        return PlanChoice(pick.plan, pick.mode, pick.tokens_per_s, alternatives, explore)
 
 
 def measured_planner(target: LoadedModel, draft: LoadedModel | None, *, transport_ms: float = 0.0,

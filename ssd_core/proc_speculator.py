@@ -65,7 +65,7 @@ class ProcessSpeculator:
 
     def replan(self, fan_out: tuple[int, ...]) -> None:
         self._call("replan", tuple(fan_out))
-        self.fan_out = tuple(fan_out)
+        self.fan_out, self.tree = tuple(fan_out), sum(fan_out) > 0
 
     @property
     def stats(self) -> Any:

@@ -140,11 +140,15 @@ class DraftSpeculator:
     def replan(self, fan_out: tuple[int, ...]) -> None:
         """Speculate with K = len(fan_out) - 1 and this fan-out from the next round on, keeping
         every row's draft KV and random stream (no rebuild, no re-prefill). Cached drafts of the
-        old K no longer fit and miss once (JIT at the new K); the mode (tree or not) cannot change."""
-        if (sum(fan_out) > 0) != self.tree or len(fan_out) < 2:
-            raise ValueError(f"replan to fan_out={tuple(fan_out)} would change the mode (tree={self.tree})")
+        old K no longer fit and miss once (JIT at the new K). An all-zero fan-out turns the cache
+        build off (SD rounds), a non-zero one on (SSD rounds)."""
+        if len(fan_out) < 2 or any(f < 0 for f in fan_out):
+            raise ValueError(f"replan to fan_out={tuple(fan_out)}: needs K >= 1 and F_k >= 0")
         self._wait()
         self.fan_out = tuple(fan_out)
+        self.tree = sum(self.fan_out) > 0
+        if self.tree and self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ssd-tree")
 
     # -- the round ---------------------------------------------------------------------------
     def propose(self, outcomes: list[RoundOutcome], lookahead: int | None = None) -> list[Speculation]:

@@ -110,6 +110,7 @@ class PooledSpeculator:
         """New K / fan-out (the batch size changed): the open sessions are reconfigured in place,
         so the drafts keep every sequence's state (no new session, no re-prefill)."""
         self.fan_out, self.lookahead = tuple(fan_out), len(fan_out) - 1
+        self.tree = sum(self.fan_out) > 0
         self._reconfigure_sessions()
 
     def _reconfigure_sessions(self) -> None:

@@ -138,3 +138,19 @@ def test_auto_takes_the_fastest_plan_of_any_kind():
     assert p.choose(Mode.AUTO, 1).mode is Mode.AR
     q = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.8)  # ... and here SSD does
     assert q.choose(Mode.AUTO, 1).plan == q.choose(Mode.SSD, 1).plan
+
+
+def test_a_lane_planned_as_ar_still_probes_its_draft_and_recovers_from_a_bad_calibration():
+    # the draft was calibrated 10x too slow (a busy start-up): the plan is AR rounds ...
+    p = _planner(10.0, 0.01, 20.0, 0.01, acceptance_prior=0.8)
+    assert p.choose(Mode.SSD, 1).mode is Mode.AR
+    seen_sd = 0
+    for _ in range(400):  # ... but every EXPLORE_EVERY rounds one SD round measures the real draft
+        choice = p.choose(Mode.SSD, 1)
+        if choice.mode is Mode.SD:
+            seen_sd += 1
+            p.observe([choice.plan.lookahead], choice.plan, 10.0, wait_ms=2.0 * choice.plan.lookahead)
+        else:
+            p.observe([0], choice.plan, 10.0)
+    assert seen_sd >= 2 and p._draft_scale < 0.5
+    assert p.choose(Mode.SSD, 1).mode is not Mode.AR  # speculation, once the draft is seen to be cheap
