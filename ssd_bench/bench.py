@@ -129,9 +129,14 @@ def run_engine_modes(modes: list[str], target: LoadedModel, draft: LoadedModel, 
     first rotates), so this machine's drift over the run (tens of percent within seconds on
     shared vCPUs) hits every mode alike instead of favouring whichever ran in a quiet minute."""
     engines: dict[str, Engine] = {}
+    costs = None  # measured once for the SD and SSD engines (each gets its own planner)
+    if cfg.planner == "measured" and any(m != "ar" for m in modes):
+        from ssd_core.planner import measure_costs
+
+        costs = measure_costs(target, draft)
     try:
         for mode in modes:
-            engines[mode] = _open_engine(mode, target, draft, prompts, cfg, draft_cpus)
+            engines[mode] = _open_engine(mode, target, draft, prompts, cfg, draft_cpus, costs)
         runs: dict[str, dict[int, ModeRun]] = {m: {} for m in modes}
         for b in cfg.batch_sizes:
             for m in modes:
@@ -147,7 +152,7 @@ def run_engine_modes(modes: list[str], target: LoadedModel, draft: LoadedModel, 
 
 
 def _open_engine(mode: str, target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig,
-                 draft_cpus: set[int]) -> Engine:
+                 draft_cpus: set[int], costs=None) -> Engine:
     from ssd_core.config import BatchPolicy, PolicyRow
 
     source = Path(cfg.draft_dir) if cfg.draft_dir else draft
@@ -155,10 +160,10 @@ def _open_engine(mode: str, target: LoadedModel, draft: LoadedModel, prompts, cf
     # the bench sweeps batch sizes itself: speculate at every size it asks for
     policy = BatchPolicy((PolicyRow(max(cfg.batch_sizes), cfg.lookahead, BackupKind(cfg.backup) if cfg.backup != "auto" else BackupKind.JIT),))
     planner = None
-    if cfg.planner == "measured" and mode != "ar":
-        from ssd_core.planner import measured_planner
+    if costs is not None and mode != "ar":
+        from ssd_core.planner import Planner
 
-        planner = measured_planner(target, draft, overlap=cfg.draft_placement == "process")
+        planner = Planner(*costs, overlap=cfg.draft_placement == "process")
     engine = Engine(target, draft, spec_for(mode, cfg), policy, speculator_factory=factory, planner=planner)
     engine.generate([Request(prompts[0][:8], SamplingParams(max_new_tokens=8, ignore_eos=True))])  # warm-up
     return engine

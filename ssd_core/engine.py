@@ -322,10 +322,8 @@ class Engine:
         for j, tok in enumerate(tokens):
             seq.tokens.append(tok)
             seq.new += 1
-            if seq.text is not None:
-                at = seq.text.push(tok)
-                if at is not None and seq.stop_at is None:
-                    seq.stop_at = at
+            if seq.text is not None:  # a completed stop string ends the sequence here (below)
+                seq.stop_at = seq.text.push(tok)
             if tok in eos and not params.ignore_eos:
                 return tokens[: j + 1], "eos"
             if tok in params.stop_token_ids or seq.stop_at is not None:

@@ -19,7 +19,6 @@ whatever the hardware charges for a verify or a tree step. The planner prices th
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -144,7 +143,7 @@ class Planner:
     _planned_at: tuple[float, float, float] = field(default=(-1.0, 1.0, 1.0), init=False)  # (a, scales)
     _rounds: int = field(default=0, init=False)  # rounds since the plans were last recomputed
     _ar_rounds: int = field(default=0, init=False)  # AR rounds a speculative lane ran since its last probe
-    _logged: dict[tuple[Mode, int], RoundPlan] = field(default_factory=dict, init=False)
+    _previous: dict[tuple[Mode, int], RoundPlan] = field(default_factory=dict, init=False)  # last plan per key
 
     @property
     def acceptance(self) -> float:
@@ -198,9 +197,10 @@ class Planner:
         key = (mode, batch)
         if key not in self._cache:
             self._planned_at = (self.acceptance, self._verify_scale, self._draft_scale)
-            self._cache[key] = choice = self._choose(mode, batch, self._logged.get(key))
-            level = logging.INFO if self._logged.get(key) != choice.plan else logging.DEBUG  # changes only
-            self._logged[key] = choice.plan
+            previous = self._previous.get(key)
+            self._cache[key] = choice = self._choose(mode, batch, previous)
+            level = logging.INFO if previous != choice.plan else logging.DEBUG  # log changes only
+            self._previous[key] = choice.plan
             log.log(level, "plan for %s at batch %d: %s K=%d fan_out=%s backup=%s (predicted %.0f tok/s; best %s; "
                     "a=%.2f, target x%.2f, draft x%.2f)", mode.value, batch, choice.mode.value, choice.plan.lookahead,
                     choice.plan.fan_out, choice.plan.backup.value, choice.tokens_per_s,
@@ -235,10 +235,10 @@ class Planner:
         best = {Mode.AR: ar}
         for k in range(1, self.max_lookahead + 1):
             e = expected_tokens_per_round(a, k)
-            sd = expected_tokens_per_s(self._times(batch, k, 0), "sd", e, batch=batch)
-            cand = scored.setdefault(RoundPlan(k, (0,) * (k + 1), False, BackupKind.JIT), PlanChoice(
-                RoundPlan(k, (0,) * (k + 1), False, BackupKind.JIT), Mode.SD, sd, {}))
-            if Mode.SD not in best or sd > best[Mode.SD].tokens_per_s:
+            plan = RoundPlan(k, (0,) * (k + 1), False, BackupKind.JIT)
+            scored[plan] = cand = PlanChoice(plan, Mode.SD, expected_tokens_per_s(self._times(batch, k, 0), "sd", e,
+                                                                                 batch=batch), {})
+            if Mode.SD not in best or cand.tokens_per_s > best[Mode.SD].tokens_per_s:
                 best[Mode.SD] = cand
             for budget in sorted({k + 1, 2 * (k + 1), 3 * (k + 1)}):
                 fan = plan_fanout(k, budget, a, self.miss_exponent, self.fan_out_cap)
@@ -246,10 +246,10 @@ class Planner:
                 t = self._times(batch, k, sum(fan))
                 e_fast = expected_tokens_per_round(min(self.fast_acceptance, a), k)
                 for backup, e_miss in ((BackupKind.JIT, e), (BackupKind.FAST, e_fast)):
-                    tps = expected_tokens_per_s(t, "ssd", e, e_miss, p_hit, batch, backup.value)
-                    cand = scored.setdefault(RoundPlan(k, fan, True, backup), PlanChoice(
-                        RoundPlan(k, fan, True, backup), Mode.SSD, tps, {}))
-                    if Mode.SSD not in best or tps > best[Mode.SSD].tokens_per_s:
+                    plan = RoundPlan(k, fan, True, backup)
+                    scored[plan] = cand = PlanChoice(plan, Mode.SSD, expected_tokens_per_s(
+                        t, "ssd", e, e_miss, p_hit, batch, backup.value), {})
+                    if Mode.SSD not in best or cand.tokens_per_s > best[Mode.SSD].tokens_per_s:
                         best[Mode.SSD] = cand
         alternatives = {m.value: c.tokens_per_s for m, c in best.items()}
         if mode is Mode.AR:
@@ -267,13 +267,19 @@ class Planner:
         return PlanChoice(pick.plan, pick.mode, pick.tokens_per_s, alternatives, explore)
 
 
-def measured_planner(target: LoadedModel, draft: LoadedModel | None, *, transport_ms: float = 0.0,
-                     overlap: bool = True) -> Planner:
-    """A Planner from start-up calibrations of the two models (a second or two on a CPU)."""
+def measure_costs(target: LoadedModel, draft: LoadedModel | None) -> tuple[LinearCost, LinearCost]:
+    """(target, draft) forward costs from start-up calibrations (a second or two on a CPU); one
+    measurement can serve several planners (each lane keeps its own live estimates)."""
     t0 = time.perf_counter()
     target_cost = calibrate(target, TARGET_SHAPES)
     draft_cost = calibrate(draft, DRAFT_SHAPES) if draft is not None else LinearCost(0.0, 0.0)
     log.info("planner calibration (%.1f s): target %.3f + %.4f ms/token, draft %.3f + %.4f ms/token",
              time.perf_counter() - t0, target_cost.fixed, target_cost.per_token, draft_cost.fixed,
              draft_cost.per_token)
-    return Planner(target_cost, draft_cost, transport_ms=transport_ms, overlap=overlap)
+    return target_cost, draft_cost
+
+
+def measured_planner(target: LoadedModel, draft: LoadedModel | None, *, transport_ms: float = 0.0,
+                     overlap: bool = True) -> Planner:
+    """A Planner from start-up calibrations of the two models."""
+    return Planner(*measure_costs(target, draft), transport_ms=transport_ms, overlap=overlap)

@@ -87,7 +87,8 @@ class DraftSpeculator:
         self.kv = BatchKV(0, draft.device)
         self.cache: SpeculationCache[_Branch] = SpeculationCache()
         self.stats = SpeculatorStats()
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ssd-tree") if self.tree else None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # the tree worker, made when a tree is on
+        self._ensure_pool()
         self._pending: concurrent.futures.Future | None = None
         # Called on the worker thread after each cache build: (glue seconds, tree seconds, entries
         # put). The draft service feeds its /metrics from it; it must be cheap and must not raise.
@@ -147,6 +148,9 @@ class DraftSpeculator:
         self._wait()
         self.fan_out = tuple(fan_out)
         self.tree = sum(self.fan_out) > 0
+        self._ensure_pool()
+
+    def _ensure_pool(self) -> None:
         if self.tree and self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ssd-tree")
 
