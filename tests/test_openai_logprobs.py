@@ -170,10 +170,12 @@ def test_echo_scores_prompts_equal_to_hf(served: Served, mode: str) -> None:
 
 def test_best_of_returns_the_choice_with_the_best_mean_logprob(served: Served) -> None:
     """best_of=3, n=1 with a seed: the one returned is the best by mean logprob of the three
-    choices n=3 gives for the same seed (choice j draws from seed + j)."""
+    choices n=3 gives for the same seed (choice j draws from seed + j). K is fixed: with K by batch
+    size the three requests' plans depend on when each was admitted, and so do their draft tokens
+    (the distribution, not the tokens, is what stays the same)."""
     s = served
     kw = dict(model=s.model, prompt=PROMPT, max_tokens=6, temperature=1.0, seed=11, logprobs=0,
-              extra_body={"ssd_mode": "ssd", "ignore_eos": True})
+              extra_body={"ssd_mode": "ssd", "ignore_eos": True, "lookahead": 2})
     three = s.oai.completions.create(n=3, **kw).choices
     best = s.oai.completions.create(n=1, best_of=3, **kw).choices
     means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in three]
