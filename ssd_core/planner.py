@@ -14,6 +14,13 @@ whatever the hardware charges for a verify or a tree step. The planner prices th
   a plan the model predicts slower than the best SD or AR plan: it then runs that plan's rounds
   (SD rounds in the SSD lane, or AR rounds). Plans are cached per batch size and recomputed when
   the acceptance estimate moves; changing K does not rebuild the speculator (Speculator.replan).
+- live trials (`trials=True`, what the engine, `ssd bench` and `ssd serve target` use): the model
+  only shortlists. A model fed start-up timings mispredicts a served deployment in ways no single
+  scale factor fixes (measured 2026-12-01: a draft process's per-round overheads read as 5x its
+  compute, so the model chose K = 1 where K = 3 ran 1.5x faster). So each lane runs every
+  shortlisted plan for a short stint, measures its real tokens/s (whole rounds: speculate, verify,
+  commit), then runs the fastest for doubling stints, with one challenger stint between them
+  (successive elimination; the machine's speed drifts, so the best is re-checked for ever).
 """
 
 from __future__ import annotations
@@ -104,6 +111,77 @@ TARGET_SHAPES = ((1, 1), (1, 4), (1, 8), (4, 1), (4, 4), (8, 8), (16, 2), (32, 1
 DRAFT_SHAPES = ((1, 1), (1, 8), (4, 1), (16, 1), (32, 1), (64, 1))
 
 
+TRIAL_ROUNDS = 8  # measured rounds of one stint of a shortlisted plan
+SETTLE_ROUNDS = 1  # rounds after a switch not measured (an SSD cache built for the old plan misses)
+FIRST_EXPLOIT = 32  # rounds of the fastest plan after the first pass; doubles up to MAX_EXPLOIT
+MAX_EXPLOIT = 512
+PRUNE_BELOW = 0.8  # a plan measured below this fraction of the best is not re-tried (until a re-plan)
+ARM_DECAY = 0.9  # per measured round: an arm's rate is over its last ~10 rounds
+SSD_SHORTLIST = 4  # K values of SSD plans tried (the model's best fan-out and backup at each)
+
+
+def plan_class(plan: RoundPlan) -> tuple[int, bool, BackupKind]:
+    """What a live measurement is kept for: K, tree or not, backup. Not the exact fan-out, which
+    the model re-fits whenever the acceptance estimate moves (a new fan-out is not a new plan to try)."""
+    return (plan.lookahead, plan.tree, plan.backup)
+
+
+def batch_bucket(batch: int) -> int:
+    """Plans are measured per power-of-two bucket of batch sizes (1, 2, 4, 8, ...): a lane whose
+    batch wanders between 5 and 8 shares one set of measurements."""
+    return 1 << max(0, batch - 1).bit_length()
+
+
+def _best_by_k(scored: dict[RoundPlan, PlanChoice], mode: Mode) -> dict[int, PlanChoice]:
+    """The model's best plan of `mode` at each K (fan-out and backup chosen by the model)."""
+    out: dict[int, PlanChoice] = {}
+    for c in scored.values():
+        k = c.plan.lookahead
+        if c.mode is mode and (k not in out or c.tokens_per_s > out[k].tokens_per_s):
+            out[k] = c
+    return out
+
+
+def _unique(choices: list) -> list:
+    seen: set[tuple] = set()
+    return [c for c in choices if not (plan_class(c.plan) in seen or seen.add(plan_class(c.plan)))]
+
+
+@dataclass(slots=True)
+class Arm:
+    """Live measurements of one plan in one (mode, batch bucket): decayed sums of committed
+    tokens and round milliseconds."""
+
+    tokens: float = 0.0
+    ms: float = 0.0
+    rounds: int = 0
+
+    def add(self, tokens: float, ms: float) -> None:
+        self.tokens = self.tokens * ARM_DECAY + tokens
+        self.ms = self.ms * ARM_DECAY + ms
+        self.rounds += 1
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1e3 * self.tokens / self.ms if self.ms > 0 else 0.0
+
+
+@dataclass(slots=True)
+class Trials:
+    """The stint schedule of one (mode, batch bucket)."""
+
+    shortlist: list["PlanChoice"]
+    current: "PlanChoice | None" = None
+    left: int = 0  # rounds left in the current stint
+    settle: int = 0  # rounds of the current stint still not measured
+    exploiting: bool = False
+    exploit_len: int = FIRST_EXPLOIT
+    challenger: int = 0  # round-robin position among the surviving challengers
+    pruned: set = field(default_factory=set)
+    pruned_at: float = 0.0  # the best's tokens/s when the last plans were pruned
+    candidates: list = field(default_factory=list)  # every plan the model scored (for the hill-climb)
+
+
 @dataclass(frozen=True, slots=True)
 class PlanChoice:
     plan: RoundPlan
@@ -135,6 +213,7 @@ class Planner:
     # where the draft's cost comes from when it is not measured here (remote drafts report theirs at
     # registration); None from it: unknown for now, so choose() defers to the BatchPolicy table
     draft_source: Callable[[], LinearCost | None] | None = None
+    trials: bool = True  # choose among the model's shortlist by live measurements (module docstring)
     _accepted: float = field(default=0.0, init=False)
     _judged: float = field(default=0.0, init=False)
     _verify_scale: float = field(default=1.0, init=False)  # measured / predicted verify time (EMA)
@@ -144,6 +223,12 @@ class Planner:
     _rounds: int = field(default=0, init=False)  # rounds since the plans were last recomputed
     _ar_rounds: int = field(default=0, init=False)  # AR rounds a speculative lane ran since its last probe
     _previous: dict[tuple[Mode, int], RoundPlan] = field(default_factory=dict, init=False)  # last plan per key
+    _trials: dict[tuple[Mode, int], Trials] = field(default_factory=dict, init=False)
+    _arms: dict[tuple[Mode, int], dict[tuple, Arm]] = field(default_factory=dict, init=False)
+    _last_key: tuple[Mode, int] | None = field(default=None, init=False)  # the key of the last choose()
+    _shortlists: dict[tuple[Mode, int], list[PlanChoice]] = field(default_factory=dict, init=False)
+    _best: dict[tuple[Mode, int], tuple] = field(default_factory=dict, init=False)  # measured best, per key
+    _scored: dict[tuple[Mode, int], list[PlanChoice]] = field(default_factory=dict, init=False)  # all candidates
 
     @property
     def acceptance(self) -> float:
@@ -153,13 +238,16 @@ class Planner:
         return min(max(a, 0.02), 0.98)
 
     def observe(self, num_accepted: list[int], plan: RoundPlan, verify_ms: float, wait_ms: float = 0.0,
-                all_hit: bool = False) -> None:
+                all_hit: bool = False, round_ms: float | None = None) -> None:
         """One verified round: acceptance (k accepted, then a rejection unless k == K); the verify
         time, which rescales the target's calibrated cost; and the time the target waited for the
         speculations, which rescales the draft's (an SD round waits for the JIT drafting; an SSD
         round answered from the cache everywhere (`all_hit`) waits for the part of the cache build
-        the verify did not hide; a round with a miss also waits for JIT drafting, so it is skipped)."""
+        the verify did not hide; a round with a miss also waits for JIT drafting, so it is skipped).
+        `round_ms`: the whole round (speculate + verify + commit), the plan's live measurement."""
         k, batch = plan.lookahead, len(num_accepted)
+        if round_ms is not None and round_ms > 0 and self._last_key is not None:
+            self._measure(self._last_key, plan, sum(num_accepted) + batch, round_ms)
         if k > 0:
             self._accepted += sum(num_accepted)
             self._judged += sum(n + (n < k) for n in num_accepted)
@@ -195,11 +283,13 @@ class Planner:
                 self.draft = cost
                 self._cache.clear()
         key = (mode, batch)
-        if key not in self._cache:
+        fresh = key not in self._cache
+        if fresh:
             self._planned_at = (self.acceptance, self._verify_scale, self._draft_scale)
             previous = self._previous.get(key)
             self._cache[key] = choice = self._choose(mode, batch, previous)
-            level = logging.INFO if previous != choice.plan else logging.DEBUG  # log changes only
+            # log changes only; under live trials the model only shortlists, the trials log what runs
+            level = logging.INFO if previous != choice.plan and not self.trials else logging.DEBUG
             self._previous[key] = choice.plan
             log.log(level, "plan for %s at batch %d: %s K=%d fan_out=%s backup=%s (predicted %.0f tok/s; best %s; "
                     "a=%.2f, target x%.2f, draft x%.2f)", mode.value, batch, choice.mode.value, choice.plan.lookahead,
@@ -208,6 +298,8 @@ class Planner:
                     self._draft_scale)
             metrics.record_plan(mode.value, choice.plan.lookahead, choice.mode.value, batch)
         choice = self._cache[key]
+        if self.trials and mode is not Mode.AR:
+            return self._trial(mode, batch, choice, fresh)
         if choice.explore is not None:
             self._ar_rounds += 1
             if self._ar_rounds >= EXPLORE_EVERY:
@@ -264,7 +356,102 @@ class Planner:
         if kept is not None and kept.mode in allowed and kept.tokens_per_s >= (1 - HYSTERESIS) * pick.tokens_per_s:
             pick = kept  # within the model's error of the best: a change would cost more than it gains
         explore = best[Mode.SD] if pick.mode is Mode.AR and mode is not Mode.AR else None
+        self._shortlists[(mode, batch)] = self._shortlist(pick, scored, allowed)
+        self._scored[(mode, batch)] = [c for c in scored.values() if c.mode in allowed]
         return PlanChoice(pick.plan, pick.mode, pick.tokens_per_s, alternatives, explore)
+
+    @staticmethod
+    def _shortlist(pick: PlanChoice, scored: dict[RoundPlan, PlanChoice], allowed: set[Mode]) -> list[PlanChoice]:
+        """What a lane tries first: the model's pick, AR, and for SD and SSD the model's best plan at
+        each of a coarse set of K (1, 2, 4, 6) and at the model's best K; `_refine` later adds the
+        neighbours of whatever measures fastest (the model's K can be far off)."""
+        picks = [pick] + [c for c in scored.values() if c.mode is Mode.AR]
+        for m in (Mode.SD, Mode.SSD):
+            if m not in allowed:
+                continue
+            by_k = _best_by_k(scored, m)
+            if by_k:
+                k0 = max(by_k.values(), key=lambda c: c.tokens_per_s).plan.lookahead
+                picks += [by_k[k] for k in sorted({1, 2, 4, 6, k0}) if k in by_k]
+        return _unique(picks)
+
+    # -- live trials ---------------------------------------------------------------------------
+    @staticmethod
+    def _neighbours(best: PlanChoice, candidates: list[PlanChoice]) -> list[PlanChoice]:
+        """The model's best plans of the same kind at K - 1 and K + 1."""
+        if best.mode is Mode.AR:
+            return []
+        by_k = _best_by_k({c.plan: c for c in candidates}, best.mode)
+        return [by_k[k] for k in (best.plan.lookahead - 1, best.plan.lookahead + 1) if k in by_k]
+
+    def _measure(self, key: tuple[Mode, int], plan: RoundPlan, tokens: int, round_ms: float) -> None:
+        t = self._trials.get(key)
+        if t is None or t.current is None or plan_class(t.current.plan) != plan_class(plan):
+            return
+        if t.settle > 0:
+            t.settle -= 1
+            return
+        self._arms.setdefault(key, {}).setdefault(plan_class(plan), Arm()).add(tokens, round_ms)
+
+    def _trial(self, mode: Mode, batch: int, model_pick: PlanChoice, replanned: bool) -> PlanChoice:
+        key = (mode, batch_bucket(batch))
+        self._last_key = key
+        t = self._trials.get(key)
+        if t is None or replanned:
+            shortlist = self._shortlists.get((mode, batch), [model_pick])
+            if t is None:
+                t = self._trials[key] = Trials(shortlist)
+            else:  # the estimates moved: a fresh shortlist, nothing pruned (measurements are kept)
+                measured = {plan_class(c.plan) for c in t.shortlist}
+                by_class = {plan_class(c.plan): c for c in self._scored.get((mode, batch), [])}
+                t.shortlist = _unique(shortlist + [by_class[m] for m in measured if m in by_class])
+                t.pruned = set()
+            t.candidates = self._scored.get((mode, batch), [])
+        if t.current is not None and t.left > 0:
+            t.left -= 1
+            cls = plan_class(t.current.plan)  # the same plan, with the fan-out the model fits now
+            t.current = next((c for c in t.shortlist if plan_class(c.plan) == cls), t.current)
+            return t.current
+        arms = self._arms.setdefault(key, {})
+        for c in t.shortlist:
+            arms.setdefault(plan_class(c.plan), Arm())
+        rate = lambda c: arms[plan_class(c.plan)].tokens_per_s  # noqa: E731
+        untried = [c for c in t.shortlist if arms[plan_class(c.plan)].rounds < TRIAL_ROUNDS // 2]
+        if untried:  # the first pass, in the model's order
+            nxt, length, exploiting = untried[0], TRIAL_ROUNDS, False
+        else:
+            ranked = sorted(t.shortlist, key=lambda c: -rate(c))
+            best = ranked[0]
+            near = self._neighbours(best, t.candidates)  # hill-climb in K from the measured best
+            if any(plan_class(c.plan) not in arms for c in near):
+                t.shortlist = _unique(t.shortlist + near)
+                return self._trial(mode, batch, model_pick, False)
+            if rate(best) < PRUNE_BELOW * t.pruned_at:  # the best got much slower: conditions changed
+                t.pruned, t.pruned_at = set(), 0.0
+            cut = {plan_class(c.plan) for c in ranked if rate(c) < PRUNE_BELOW * rate(best)}
+            if cut - t.pruned:
+                t.pruned |= cut
+                t.pruned_at = rate(best)
+            challengers = [c for c in ranked[1:] if plan_class(c.plan) not in t.pruned]
+            if t.exploiting and challengers:  # after a stint of the best: re-check one rival
+                nxt, length, exploiting = challengers[t.challenger % len(challengers)], TRIAL_ROUNDS, False
+                t.challenger += 1
+            else:
+                if self._best.get(key) != plan_class(best.plan):
+                    t.exploit_len = FIRST_EXPLOIT  # a new best: re-check its rivals sooner
+                nxt, length, exploiting = best, t.exploit_len, True
+                t.exploit_len = min(2 * t.exploit_len, MAX_EXPLOIT)
+                if self._best.get(key) != plan_class(best.plan):  # log and export changes only
+                    self._best[key] = plan_class(best.plan)
+                    log.info("measured best for %s at batch <= %d: %s K=%d fan_out=%s backup=%s (%.0f tok/s; %s)",
+                             mode.value, key[1], best.mode.value, best.plan.lookahead, best.plan.fan_out,
+                             best.plan.backup.value, rate(best),
+                             {f"{c.mode.value}{c.plan.lookahead}{c.plan.backup.value[0]}": round(rate(c)) for c in ranked})
+                    metrics.record_plan(mode.value, best.plan.lookahead, best.mode.value, batch)
+        if t.current is None or plan_class(nxt.plan) != plan_class(t.current.plan):
+            t.settle = SETTLE_ROUNDS
+        t.current, t.left, t.exploiting = nxt, length - 1 + t.settle, exploiting
+        return nxt
 
 
 def measure_costs(target: LoadedModel, draft: LoadedModel | None) -> tuple[LinearCost, LinearCost]:

@@ -3,6 +3,8 @@ and exactness of engines whose K and fan-out it changes mid-generation."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from conftest import hf_greedy, make_pair
@@ -19,6 +21,8 @@ def test_linear_fit_recovers_a_line_and_clamps_at_zero():
 
 
 def _planner(target_fixed, target_tok, draft_fixed, draft_tok, **kw) -> Planner:
+    """The model's choices alone (no live trials), unless the test asks for trials."""
+    kw.setdefault("trials", False)
     return Planner(LinearCost(target_fixed, target_tok), LinearCost(draft_fixed, draft_tok), **kw)
 
 
@@ -154,3 +158,58 @@ def test_a_lane_planned_as_ar_still_probes_its_draft_and_recovers_from_a_bad_cal
             p.observe([0], choice.plan, 10.0)
     assert seen_sd >= 2 and p._draft_scale < 0.5
     assert p.choose(Mode.SSD, 1).mode is not Mode.AR  # speculation, once the draft is seen to be cheap
+
+
+def _drive(p: Planner, mode: Mode, rounds: int, true_tokens_per_s) -> Counter:
+    """Run `rounds` rounds of a lane whose plans really commit at true_tokens_per_s(plan) (every
+    round: K accepted tokens + 1, timed to match): which plans ran how often."""
+    ran: Counter = Counter()
+    for _ in range(rounds):
+        choice = p.choose(mode, 1)
+        plan = choice.plan
+        ran[(choice.mode, plan.lookahead)] += 1
+        tokens = plan.lookahead + 1
+        p.observe([plan.lookahead], plan, 5.0, round_ms=1e3 * tokens / true_tokens_per_s(choice))
+    return ran
+
+
+def test_live_trials_find_the_fastest_plan_when_the_model_is_wrong():
+    # the model (a cheap draft, a bandwidth-bound target) favours SSD at a long K; the deployment
+    # really runs SD at K = 2 fastest (say the draft's per-round overheads were never timed)
+    p = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.95, trials=True)
+    assert p.choose(Mode.SSD, 1).mode is Mode.SSD  # the model's pick runs first
+
+    def truth(c):
+        return 300.0 if (c.mode, c.plan.lookahead) == (Mode.SD, 2) else 100.0 + 10 * c.plan.lookahead
+
+    ran = _drive(p, Mode.SSD, 1500, truth)
+    assert ran[(Mode.SD, 2)] >= 0.8 * 1500, ran  # the first pass and the re-checks stay small
+    assert len(ran) >= 4  # the shortlist was tried (AR, SD and SSD plans at several K)
+
+
+def test_live_trials_keep_a_speculative_lane_at_least_as_fast_as_ar():
+    p = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.9, trials=True)
+    ran = _drive(p, Mode.SSD, 1200, lambda c: 200.0 if c.mode is Mode.AR else 120.0)
+    assert ran[(Mode.AR, 0)] >= 0.8 * 1200, ran
+
+
+def test_live_trials_recheck_the_best_and_follow_a_drift():
+    p = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.9, trials=True)
+    fast = {"plan": (Mode.AR, 0)}
+
+    def truth(c):
+        return 300.0 if (c.mode, c.plan.lookahead) == fast["plan"] else 150.0
+
+    _drive(p, Mode.SSD, 600, truth)
+    assert p.choose(Mode.SSD, 1).mode is Mode.AR
+    fast["plan"] = (Mode.SD, 1)  # the machine changed: SD at K = 1 is now the fastest
+    ran = _drive(p, Mode.SSD, 3000, truth)
+    assert ran[(Mode.SD, 1)] >= 0.5 * 3000, ran
+
+
+def test_live_trials_are_per_mode_and_batch_bucket():
+    from ssd_core.planner import batch_bucket
+    assert [batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    p = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.9, trials=True)
+    # an SD lane never runs SSD rounds, an AR lane never speculates
+    assert {m for m, _ in _drive(p, Mode.SD, 200, lambda c: 100.0)} <= {Mode.SD, Mode.AR}
