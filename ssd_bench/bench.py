@@ -66,6 +66,7 @@ class ModeRun:
     breakdown_s: dict[str, float] = field(default_factory=dict)
     outputs: list[tuple[int, ...]] = field(default_factory=list)
     requests: list[RequestCounts] = field(default_factory=list)  # what each request did (ssd simulate)
+    planner: dict = field(default_factory=dict)  # the lane's planner after the run (model bound, trials)
 
     def record(self, results, wall_s: float, prompts=()) -> None:
         """One batch: its wall time and each result's tokens and speculation stats."""
@@ -93,6 +94,7 @@ class ModeRun:
             "ms_per_round": round(1000 * self.wall_s / self.rounds, 3) if self.rounds else 0.0,
             "round_breakdown_ms": {k: round(v, 3) for k, v in per_round.items()},
             "requests": [asdict(c) for c in self.requests],
+            **({"planner": self.planner} if self.planner else {}),
         }
 
 
@@ -145,6 +147,10 @@ def run_engine_modes(modes: list[str], target: LoadedModel, draft: LoadedModel, 
                 shift = i % len(modes)
                 for m in modes[shift:] + modes[:shift]:
                     _run_batch(engines[m], prompts[start : start + b], cfg, runs[m][b])
+            for m, engine in engines.items():
+                if engine.planner is not None:
+                    runs[m][b].planner = {"model_best_case_tokens_per_s": engine.planner.best_case(b),
+                                          "measured_plans": engine.planner.measured(engine.spec.mode, b)}
         return runs
     finally:
         for engine in engines.values():
@@ -271,6 +277,14 @@ def format_table(rep: dict) -> str:
                          f"{s['mean_accepted_length']:>7.2f} {s['cache_hit_rate']:>5.2f} {s['backup_uses']:>6}  "
                          f"{br.get('verify', 0):.2f}/{br.get('draft_wait', 0):.2f}/{br.get('commit', 0):.2f} | "
                          f"{br.get('draft_tree_overlapped', 0):.2f}")
+    for mode, m in rep["modes"].items():
+        for b, s in m["by_batch"].items():
+            if s.get("planner"):
+                best = s["planner"]["model_best_case_tokens_per_s"]
+                top = next(iter(s["planner"]["measured_plans"].items()), None)
+                lines.append(f"{mode} b={b}: model's best case here ar {best['ar']:.0f} / sd {best['sd']:.0f} / ssd "
+                             f"{best['ssd']:.0f} tok/s (all hits, a={best['acceptance']:.2f})"
+                             + (f"; fastest plan measured {top[0]} {top[1]['tokens_per_s']:.0f} tok/s" if top else ""))
     lines.append("ratios: " + ", ".join(f"{k} = {v:.2f}x" for k, v in rep["ratios"].items()))
     if rep.get("grpc_control_overhead_ms_per_round") is not None:
         lines.append(f"gRPC control overhead: {rep['grpc_control_overhead_ms_per_round']:.2f} ms per round (ssd-grpc minus ssd, b=1)")

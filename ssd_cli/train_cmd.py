@@ -8,8 +8,14 @@ from pathlib import Path
 
 
 def _train_pair(args: argparse.Namespace) -> int:
+    import torch
+
     from ssd_train.train_pair import train_pair
 
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise SystemExit("--threads must be positive")
+        torch.set_num_threads(args.threads)
     target_dir, draft_dir = train_pair(
         Path(args.out), size=args.size, device=args.device, seed=args.seed, steps=args.steps, progress=not args.quiet
     )
@@ -44,7 +50,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", required=True, help="output directory (OUT/target, OUT/draft are written)")
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default cpu)")
-    p.add_argument("--size", choices=("small", "large"), default="small", help="small: 2 CPU cores; large: a GPU")
+    p.add_argument("--size", choices=("base", "small", "large"), default="base",
+                   help="base: the embedded default pair (2 CPU cores, <= 45 min); small: the older, faster-to-train "
+                   "pair; large: a GPU")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own choice); training is deterministic per thread count")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="override the optimizer steps of each model")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

