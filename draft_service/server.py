@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from ssd_tls import channel_credentials, server_credentials
 from ssd_core.auth import Authenticator
+from ssd_core.grpc_server import PortInUse, ServiceServer, create_grpc_server, health_only_server  # noqa: F401 - PortInUse: re-exported
 from ssd_core.models import LoadedModel, load_model
 from ssd_protos.ssd.v1 import speculation_pb2, speculation_pb2_grpc
 
@@ -26,36 +24,25 @@ log = logging.getLogger(__name__)
 SPECULATOR_SERVICE = speculation_pb2.DESCRIPTOR.services_by_name["Speculator"].full_name
 
 
-class PortInUse(OSError):
-    """The listen address could not be bound."""
-
-
 class DraftServer:
     """A bound draft endpoint: gRPC server, Speculator servicer, health (NOT_SERVING until a model)."""
 
-    def __init__(self, cfg: DraftServerConfig, grpc_server: grpc.Server, servicer: SpeculatorServicer,
-                 health_servicer: health.HealthServicer, port: int) -> None:
-        self.cfg, self.grpc_server, self.servicer, self.health, self.port = cfg, grpc_server, servicer, health_servicer, port
-        self.endpoint = cfg.endpoint(port)
+    def __init__(self, cfg: DraftServerConfig, skeleton: ServiceServer, servicer: SpeculatorServicer) -> None:
+        self.cfg, self.skeleton, self.servicer = cfg, skeleton, servicer
+        self.grpc_server, self.health, self.port = skeleton.server, skeleton.health, skeleton.port
+        self.endpoint = cfg.endpoint(self.port)
         self.registrar: Registrar | None = None
         self.health_server: grpc.Server | None = None  # the plaintext health-only port, if any
 
     def start(self) -> None:
         self.grpc_server.start()
         if self.cfg.health_port:  # Kubernetes' gRPC probes speak no TLS: health alone, plaintext
-            self.health_server = grpc.server(futures.ThreadPoolExecutor(2, thread_name_prefix="health"),
-                                             maximum_concurrent_rpcs=8, options=[("grpc.so_reuseport", 0)])
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            address = f"[{self.cfg.host}]:{self.cfg.health_port}" if ":" in self.cfg.host else \
-                f"{self.cfg.host}:{self.cfg.health_port}"
-            if self.health_server.add_insecure_port(address) == 0:
-                raise PortInUse(f"cannot listen on the health port {address}")
-            self.health_server.start()
+            self.health_server = health_only_server(self.health, self.cfg.host, self.cfg.health_port)
 
     def set_model(self, model: LoadedModel) -> None:
         """Serve `model`: GetInfo and Session answer from now on; health turns SERVING."""
         self.servicer.set_model(model)
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.skeleton.set_serving(True)
 
     def start_registration(self) -> Registrar:
         """Register with every configured target and keep the leases alive (needs the model)."""
@@ -72,21 +59,18 @@ class DraftServer:
         self.registrar.start()
         registrar = self.registrar
         metrics.bind_targets(lambda: len(registrar.registered()), registrar.known)
+        self.servicer.registration = lambda: (len(registrar.registered()), registrar.known())
         return self.registrar
 
     def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, deregister from every target, then stop with a grace period."""
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.skeleton.set_serving(False)
         if self.registrar is not None:
             self.registrar.stop()
         self.grpc_server.stop(self.cfg.grace_s if grace_s is None else grace_s).wait()
         if self.health_server is not None:
             self.health_server.stop(None)
         metrics.unbind_state()  # the process-wide gauges stop reading this server's state
-
-    def _set_health(self, status: int) -> None:
-        for name in ("", SPECULATOR_SERVICE):
-            self.health.set(name, status)
 
 
 def draft_authenticator(cfg: DraftServerConfig) -> Authenticator:
@@ -98,34 +82,21 @@ def draft_authenticator(cfg: DraftServerConfig) -> Authenticator:
 
 def create_server(cfg: DraftServerConfig, model: LoadedModel | None = None) -> tuple[DraftServer, int]:
     """Build and bind (not start) a draft server; returns it and the bound port (cfg.port 0: any)."""
-    # so_reuseport off: a second server on a busy port must fail, not silently share it; calls beyond the
-    # handler threads are refused (RESOURCE_EXHAUSTED) rather than queued behind long-lived Sessions
-    grpc_server = grpc.server(futures.ThreadPoolExecutor(cfg.max_workers, thread_name_prefix="ssd-draft-rpc"),
-                              options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", cfg.max_request_bytes)],
-                              maximum_concurrent_rpcs=cfg.max_workers)
     servicer = SpeculatorServicer(cfg.limits, draft_authenticator(cfg))
-    speculation_pb2_grpc.add_SpeculatorServicer_to_server(servicer, grpc_server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection((SPECULATOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server)
-    address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
-    try:
-        if cfg.tls_cert:
-            port = grpc_server.add_secure_port(address, server_credentials(cfg.tls_cert, cfg.tls_key,
-                                                                           cfg.tls_client_ca or None))
-        else:
-            port = grpc_server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise PortInUse(f"cannot listen on {address}: address in use or not available ({exc})") from exc
-    if port == 0:
-        raise PortInUse(f"cannot listen on {address}: address in use or not available")
-    server = DraftServer(cfg, grpc_server, servicer, health_servicer, port)
+    # calls beyond the handler threads are refused (RESOURCE_EXHAUSTED) rather than queued behind
+    # long-lived Sessions
+    skeleton = create_grpc_server(
+        cfg.host, cfg.port, (SPECULATOR_SERVICE,),
+        lambda server: speculation_pb2_grpc.add_SpeculatorServicer_to_server(servicer, server),
+        workers=cfg.max_workers, thread_name_prefix="ssd-draft-rpc", maximum_concurrent_rpcs=cfg.max_workers,
+        options=[("grpc.max_receive_message_length", cfg.max_request_bytes)],
+        credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) if cfg.tls_cert else None)
+    server = DraftServer(cfg, skeleton, servicer)
     metrics.bind_state(sessions=lambda: servicer.tracker.sessions, sequences=lambda: servicer.tracker.sequences,
                        capacity=cfg.limits.max_sequences)
-    server._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     if model is not None:
         server.set_model(model)
-    return server, port
+    return server, skeleton.port
 
 
 def serve(cfg: DraftServerConfig, stop: threading.Event | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -48,6 +48,8 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
         self.info: pb.DraftInfo | None = None
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid()}-"
+        # (registered, known) targets, for GetInfo; bound by the server once registration starts
+        self.registration: Callable[[], tuple[int, int]] = lambda: (0, 0)
 
     def set_model(self, model: LoadedModel) -> None:
         self.info = draft_info(model, self.limits)
@@ -69,7 +71,8 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
         self._check_caller(context, "read draft info")
         if self.info is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the draft model is still loading")
-        return pb.GetInfoResponse(info=self.info)
+        registered, known = self.registration()
+        return pb.GetInfoResponse(info=self.info, registered_targets=registered, known_targets=known)
 
     def Session(self, request_iterator: Iterator[pb.SessionRequest],
                 context: grpc.ServicerContext) -> Iterator[pb.SessionResponse]:

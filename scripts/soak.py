@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,13 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout: the harness below
+from ssd_cli.local_services import Services, free_port  # noqa: E402 - after the path
+
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def rss_kib(pid: int) -> int:
@@ -56,112 +50,58 @@ def make_tiny_pair(root: Path, vocab: int = 64) -> tuple[Path, Path]:
     return save_tiny_pair(root, vocab=vocab)
 
 
-class Procs:
-    """Target and draft processes of one run, with their logs under `root`."""
+class Procs(Services):
+    """Target and draft processes of one run (the shared harness), with their logs under `root`."""
 
     def __init__(self, root: Path, target_dir: Path, draft_dir: Path, n_targets: int = 1, n_drafts: int = 2,
                  draft_timeout_s: float = 2.0, lease_ttl_s: float = 3.0) -> None:
+        super().__init__(root, HOST, cwd=ROOT)
         self.root, self.target_dir, self.draft_dir = root, target_dir, draft_dir
+        self.n_targets, self.n_drafts = n_targets, n_drafts
         self._write_credentials(n_targets, n_drafts)
-        self.t_ports = [free_port() for _ in range(n_targets)]
-        self.d_ports = [free_port() for _ in range(n_drafts)]
+        self.t_ports = [free_port(HOST) for _ in range(n_targets)]
         self.draft_timeout_s, self.lease_ttl_s = draft_timeout_s, lease_ttl_s
-        self.procs: dict[str, subprocess.Popen] = {}
 
     @property
     def targets(self) -> list[str]:
         return [f"{HOST}:{p}" for p in self.t_ports]
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "ssd_cli.main", "--log-level", "INFO", *argv]
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        return self.procs[name]
-
     def _write_credentials(self, n_targets: int, n_drafts: int) -> None:
         """Each process authenticates as itself (peers files); the drafts d0.. are trusted (their q is used)."""
         import secrets
 
-        tokens = {name: secrets.token_hex(16) for name in [f"r{i}" for i in range(n_targets)] +
-                  [f"d{i}" for i in range(n_drafts)]}
-        for name, token in tokens.items():
+        self.tokens = {name: secrets.token_hex(16) for name in [f"r{i}" for i in range(n_targets)] +
+                       [f"d{i}" for i in range(n_drafts)]}
+        for name, token in self.tokens.items():
             (self.root / f"{name}.token").write_text(token)
-        (self.root / "target-peers").write_text("".join(f"{n}:draft:{t}\n" for n, t in tokens.items() if n[0] == "d"))
-        (self.root / "draft-peers").write_text("".join(f"{n}:target:{t}\n" for n, t in tokens.items() if n[0] == "r"))
+        (self.root / "target-peers").write_text("".join(f"{n}:draft:{t}\n" for n, t in self.tokens.items() if n[0] == "d"))
+        (self.root / "draft-peers").write_text("".join(f"{n}:target:{t}\n" for n, t in self.tokens.items() if n[0] == "r"))
         self.draft_ids = [f"d{i}" for i in range(n_drafts)]
 
-    def start_target(self, i: int) -> subprocess.Popen:
+    def start_replica(self, i: int) -> subprocess.Popen:
         trusted = [arg for d in self.draft_ids for arg in ("--trusted-draft", d)]
         # --planner table: the tiny pair's draft costs as much as its target, so a measured plan would be
         # AR rounds and the soak would not exercise the drafts at all
-        return self.spawn(f"target{i}", ["serve", "target", "--planner", "table", "--model", str(self.target_dir), "--port",
-                                         str(self.t_ports[i]), "--replica-id", f"r{i}", "--threads", "1",
-                                         "--draft-timeout-s", str(self.draft_timeout_s), "--lease-ttl-s",
-                                         str(self.lease_ttl_s), "--grace-s", "2",
-                                         "--auth-token-file", str(self.root / f"r{i}.token"),
-                                         "--peers-file", str(self.root / "target-peers"), *trusted])
+        self.start_target(f"target{i}", self.target_dir, "--planner", "table", "--replica-id", f"r{i}",
+                          "--threads", "1", "--draft-timeout-s", str(self.draft_timeout_s), "--lease-ttl-s",
+                          str(self.lease_ttl_s), "--grace-s", "2", "--auth-token-file", str(self.root / f"r{i}.token"),
+                          "--peers-file", str(self.root / "target-peers"), *trusted, port=self.t_ports[i])
+        return self.procs[f"target{i}"]
 
-    def start_draft(self, i: int) -> subprocess.Popen:
-        return self.spawn(f"draft{i}", ["serve", "draft", "--model", str(self.draft_dir), "--port",
-                                        str(self.d_ports[i]), "--threads", "1", "--draft-id", f"d{i}",
-                                        "--targets", ",".join(self.targets), "--grace", "1",
-                                        "--auth-token-file", str(self.root / f"d{i}.token"),
-                                        "--peers-file", str(self.root / "draft-peers")])
+    def start_draft_endpoint(self, i: int) -> subprocess.Popen:
+        # GetInfo (readiness) is for targets: probe with target r0's credential
+        self.start_draft(f"draft{i}", self.draft_dir, self.targets, "--threads", "1", "--draft-id", f"d{i}",
+                         "--grace", "1", "--auth-token-file", str(self.root / f"d{i}.token"),
+                         "--peers-file", str(self.root / "draft-peers"), probe_token=self.tokens["r0"])
+        return self.procs[f"draft{i}"]
 
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def wait_serving(self, addrs: list[str], timeout_s: float = 120.0) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        end = time.monotonic() + timeout_s
-        for addr in addrs:
-            while True:
-                try:
-                    with grpc.insecure_channel(addr) as ch:
-                        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                dead = [n for n, p in self.procs.items() if p.poll() is not None and not n.startswith("killed")]
-                if dead:
-                    raise RuntimeError(f"{dead} exited: " + " ".join(self.log(n)[-1500:] for n in dead))
-                if time.monotonic() > end:
-                    raise TimeoutError(f"{addr} not SERVING after {timeout_s}s")
-                time.sleep(0.2)
-
-    def wait_drafts_known(self, n: int, timeout_s: float = 60.0) -> None:
-        """Until every target's log shows n distinct draft ids registered."""
-        end = time.monotonic() + timeout_s
-        for i in range(len(self.targets)):
-            while self._count_drafts(self.log(f"target{i}")) < n:
-                if time.monotonic() > end:
-                    raise TimeoutError(f"{n} drafts not registered with {self.targets[i]}")
-                time.sleep(0.2)
-
-    @staticmethod
-    def _count_drafts(text: str) -> int:
-        return len({line.split("draft_id=")[1].split()[0] for line in text.splitlines() if "draft registered:" in line})
-
-    def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        self.procs[f"killed-{name}-{time.monotonic_ns()}"] = proc
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    def start_all(self, timeout_s: float = 120.0) -> None:
+        """Every target, then every draft; returns once all are ready (gRPC health, ModelInfo, GetInfo)."""
+        for i in range(self.n_targets):
+            self.start_replica(i)
+        for i in range(self.n_drafts):
+            self.start_draft_endpoint(i)
+        self.wait_all(timeout_s)
 
 
 def reference(target_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -284,7 +224,7 @@ def kill_drafts(procs: Procs, stats: dict, stop: threading.Event, every_s: float
         stats["draft_kills"] += 1
         if stop.wait(restart_after_s):
             return
-        procs.start_draft(victim)
+        procs.restart(f"draft{victim}")  # same port and draft id
         victim = 1 - victim
 
 
@@ -319,11 +259,8 @@ def main() -> int:
     procs = Procs(root, target_dir, draft_dir, draft_timeout_s=args.draft_timeout_s)
     stats = {"requests": 0, "errors": 0, "tokens": 0, "wrong_tokens": 0, "wrong_requests": 0, "draft_kills": 0}
     try:
-        target = procs.start_target(0)
-        for i in range(2):
-            procs.start_draft(i)
-        procs.wait_serving(procs.targets + [f"{HOST}:{p}" for p in procs.d_ports])
-        procs.wait_drafts_known(2)
+        procs.start_all()
+        target = procs.procs["target0"]
         rss_start = rss_kib(target.pid)
         stop = threading.Event()
 
@@ -346,7 +283,7 @@ def main() -> int:
             target_alive=target.poll() is None, logs=str(root),
         )  # fmt: skip
     finally:
-        procs.stop()
+        procs.stop_all()
     if sampled:
         p = sampled_pvalue(target_dir, samples, args.max_tokens, args.temperature)
         stats.update(temperature=args.temperature, chi_square_p=p, alpha=1e-3, distinct_outputs=len(set(samples)))

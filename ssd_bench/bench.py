@@ -186,7 +186,7 @@ def _run_batch(engine: Engine, batch, cfg: BenchConfig, run: ModeRun) -> None:
     after = engine.timings.to_dict()
     run.record(results, wall, batch)
     run.rounds += after["steps"] - before["steps"]
-    parts = {"verify": "verify_s", "draft_wait": "speculate_s", "commit": "commit_s", "prefill": "prefill_s"}
+    parts = {"verify": "target_forward_s", "draft_wait": "speculate_s", "commit": "commit_s", "prefill": "prefill_s"}
     for name, key in parts.items():
         run.breakdown_s[name] = run.breakdown_s.get(name, 0.0) + after[key] - before[key]
     sp_after = _spec_stats(engine)

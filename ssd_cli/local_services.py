@@ -1,4 +1,11 @@
-"""A target and a draft service as local child processes, pinned apart: `ssd up` and `ssd bench`."""
+"""Target and draft services as local child processes: the one harness behind `ssd up`, `ssd bench`
+(its served modes), scripts/soak.py and the process tests.
+
+Readiness comes from the services themselves over gRPC, never from their logs: a target is ready
+when its health check says SERVING and GetModelInfo answers; a draft when its health says SERVING
+and its GetInfo reports a live lease with every target it knows (registered == known > 0), so a
+restarted draft is ready once it has registered again.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +18,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 Procs = list[tuple[str, subprocess.Popen]]
-_PAIR_TOKEN = secrets.token_hex(16)  # shared by the target and draft this process starts (never logged)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -26,33 +33,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def spawn(name: str, argv: list[str], log_dir: Path, cpus: set[int] | None) -> tuple[str, subprocess.Popen]:
-    """`python -m ssd_cli.main ARGV` logging to LOG_DIR/NAME.log, pinned to `cpus` (None: not pinned)."""
-    threads = str(len(cpus)) if cpus else "1"
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
-    # one fresh token per pair (unless the caller set one): registration and Sessions are authenticated
-    env.setdefault("SSD_AUTH_TOKEN", _PAIR_TOKEN)
-    cmd = [sys.executable, "-m", "ssd_cli.main", "--log-level", "INFO", *argv]
-    out = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus and hasattr(os, "sched_setaffinity") else None
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
-    log.info("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
-    return name, proc
-
-
-def wait_until(ready: Callable[[], bool], deadline: float, procs: Procs, what: str, log_dir: Path) -> None:
-    """Poll `ready` until the deadline; fail early, with the log tail, if a process exits."""
-    while not ready():
-        for name, proc in procs:
-            if proc.poll() is not None:
-                tail = (log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise OSError(f"{name} exited with code {proc.returncode} while waiting for {what}:\n{tail}")
-        if time.monotonic() > deadline:
-            raise OSError(f"timed out waiting for {what} (logs in {log_dir})")
-        time.sleep(0.2)
-
-
 def serving(addr: str) -> bool:
+    """The service at `addr` answers grpc.health.v1 Check("") with SERVING."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -62,6 +44,35 @@ def serving(addr: str) -> bool:
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def target_info(addr: str):
+    """The target's ModelInfo (client.ModelInfo), or None while it does not answer."""
+    from client import Client, SSDError
+
+    try:
+        with Client(addr, timeout=2, max_retries=0) as c:
+            return c.model_info()
+    except SSDError:
+        return None
+
+
+def draft_registration(addr: str, token: str = "") -> tuple[int, int] | None:
+    """(targets the draft holds a live lease with, targets it knows) from its GetInfo, or None while
+    it does not answer. GetInfo is for targets: `token` is a credential with the target role."""
+    import grpc
+
+    from ssd_core.auth import bearer_metadata
+    from ssd_protos.ssd.v1 import speculation_pb2 as spb
+    from ssd_protos.ssd.v1 import speculation_pb2_grpc as spb_grpc
+
+    with grpc.insecure_channel(addr) as channel:
+        try:
+            reply = spb_grpc.SpeculatorStub(channel).GetInfo(spb.GetInfoRequest(), timeout=2,
+                                                             metadata=bearer_metadata(token) or None)
+        except grpc.RpcError:
+            return None
+    return reply.registered_targets, reply.known_targets
 
 
 def http_ok(url: str) -> bool:
@@ -75,26 +86,149 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def draft_registered(addr: str) -> bool:
-    from client import Client, SSDError
+@dataclass
+class _Service:
+    kind: str  # "target" | "draft"
+    argv: list[str]  # after `ssd`, without --port
+    port: int
+    cpus: set[int] | None
+    env: dict[str, str]
+    probe_token: str  # drafts: a target-role credential for GetInfo
 
-    try:
-        with Client(addr, timeout=2, max_retries=0) as c:
-            return bool(c.model_info().draft_model_id)
-    except SSDError:
-        return False
 
+@dataclass
+class Services:
+    """Target and draft processes on one host (`python -m ssd_cli.main serve ...`), each logging to
+    LOG_DIR/NAME.log. A name keeps its port across restarts, so a restarted draft re-registers under
+    the same endpoint. Readiness: wait_target / wait_draft (gRPC, see the module docstring)."""
 
-def stop_all(procs: Procs) -> None:
-    for name, proc in reversed(procs):  # the draft first: it deregisters from a live target
+    log_dir: Path
+    host: str = "127.0.0.1"
+    env: dict[str, str] = field(default_factory=dict)  # added to every child's environment
+    cwd: Path | None = None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)  # live (and exited) children by name
+    killed: list[subprocess.Popen] = field(default_factory=list)  # SIGKILLed by kill(), reaped
+    _services: dict[str, _Service] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.log_dir = Path(self.log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def addr(self, name: str) -> str:
+        return f"{self.host}:{self._services[name].port}"
+
+    def port(self, name: str) -> int:
+        return self._services[name].port
+
+    def start_target(self, name: str, model: Path | str, *args: str, port: int = 0, cpus: set[int] | None = None,
+                     env: dict[str, str] | None = None) -> str:
+        """`ssd serve target --model MODEL ARGS`; returns its address."""
+        return self._start(name, _Service("target", ["serve", "target", "--model", str(model), *args],
+                                          port or free_port(self.host), cpus, dict(env or {}), ""))
+
+    def start_draft(self, name: str, model: Path | str, targets: Sequence[str], *args: str, port: int = 0,
+                    cpus: set[int] | None = None, env: dict[str, str] | None = None, probe_token: str = "") -> str:
+        """`ssd serve draft --model MODEL --targets T,.. ARGS`; returns its address. probe_token: a
+        credential with the target role for its GetInfo (default: the child's $SSD_AUTH_TOKEN)."""
+        env = dict(env or {})
+        token = probe_token or env.get("SSD_AUTH_TOKEN") or self.env.get("SSD_AUTH_TOKEN", "")
+        return self._start(name, _Service("draft", ["serve", "draft", "--model", str(model), "--targets",
+                                                    ",".join(targets), *args],
+                                          port or free_port(self.host), cpus, env, token))
+
+    def restart(self, name: str) -> str:
+        """Start `name` again with the same arguments and port (after kill() or stop(name))."""
+        return self._start(name, self._services[name])
+
+    def _start(self, name: str, svc: _Service) -> str:
+        if name in self.procs and self.procs[name].poll() is None:
+            raise RuntimeError(f"{name} is already running (pid {self.procs[name].pid})")
+        self._services[name] = svc
+        threads = str(len(svc.cpus)) if svc.cpus else "1"
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1",
+               **self.env, **svc.env}
+        cmd = [sys.executable, "-m", "ssd_cli.main", "--log-level", "INFO", *svc.argv, "--host", self.host,
+               "--port", str(svc.port)]
+        out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        cpus = svc.cpus
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus and hasattr(os, "sched_setaffinity") else None
+        self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=pin,
+                                            cwd=self.cwd)
+        out.close()  # the child holds its own copy
+        log.info("started %s (pid %d): %s", name, self.procs[name].pid, " ".join(cmd))
+        return self.addr(name)
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
+        """Poll `ready`; fail early, with its log tail, if a child (not one kill() took) exits."""
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise OSError(f"{name} exited with code {proc.returncode} while waiting for {what}:\n"
+                                  f"{self.log(name)[-2000:]}")
+            if time.monotonic() > deadline:
+                raise OSError(f"timed out after {timeout_s:.0f}s waiting for {what} (logs in {self.log_dir})")
+            time.sleep(0.2)
+
+    def wait_target(self, name: str, timeout_s: float = 120.0) -> None:
+        addr = self.addr(name)
+        self.wait_until(lambda: serving(addr) and target_info(addr) is not None,
+                        f"target {name} on {addr} (health SERVING, GetModelInfo)", timeout_s)
+
+    def wait_draft(self, name: str, timeout_s: float = 120.0, targets: int | None = None) -> None:
+        """Until the draft holds a live lease with `targets` targets (default: every one it knows)."""
+        addr, token = self.addr(name), self._services[name].probe_token
+
+        def registered() -> bool:
+            reg = serving(addr) and draft_registration(addr, token)
+            return bool(reg) and reg[1] > 0 and reg[0] >= (reg[1] if targets is None else targets)
+
+        self.wait_until(registered, f"draft {name} on {addr} to register with "
+                        f"{'every target' if targets is None else targets} (GetInfo)", timeout_s)
+
+    def wait_all(self, timeout_s: float = 120.0) -> None:
+        """Every started target, then every started draft, ready (one deadline)."""
+        deadline = time.monotonic() + timeout_s
+        for kind, wait in (("target", self.wait_target), ("draft", self.wait_draft)):
+            for name, svc in self._services.items():
+                if svc.kind == kind:
+                    wait(name, max(0.0, deadline - time.monotonic()))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL `name` (a crash); restart() brings it back."""
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        self.killed.append(proc)
+
+    def stop(self, name: str, timeout_s: float = 15.0) -> int:
+        """SIGTERM `name` (a graceful stop) and wait for it; SIGKILL if it does not exit. Its exit code."""
+        proc = self.procs.pop(name)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(15)
+            return proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             log.warning("%s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
             proc.kill()
-            proc.wait()
+            return proc.wait()
+
+    def stop_all(self, timeout_s: float = 15.0) -> None:
+        """Every draft (they deregister from the still live targets), then every target: SIGTERM, wait."""
+        for kind in ("draft", "target"):
+            names = [n for n in self.procs if self._services[n].kind == kind]
+            for name in names:
+                if self.procs[name].poll() is None:
+                    self.procs[name].send_signal(signal.SIGTERM)
+            for name in names:
+                self.stop(name, timeout_s)
+
+
+_PAIR_TOKEN = secrets.token_hex(16)  # shared by the target and draft service_pair starts (never logged)
 
 
 @contextlib.contextmanager
@@ -103,30 +237,22 @@ def service_pair(target_dir: Path, draft_dir: Path, log_dir: Path, target_cpus: 
                  extra_args: tuple[str, ...] = (), openai_port: int = 0,
                  startup_timeout_s: float = 120.0) -> Iterator[tuple[str, str, Procs]]:
     """Start a target and a draft that registers with it; yields (target addr, draft addr, procs)
-    once both are SERVING, the draft is registered and (openai_port > 0) the target's OpenAI API
-    answers /health on that port; stops both on exit."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    t_port, d_port = target_port or free_port(host), draft_port or free_port(host)
-    t_addr, d_addr = f"{host}:{t_port}", f"{host}:{d_port}"
-    procs: Procs = []
+    once both are ready (see Services) and (openai_port > 0) the target's OpenAI API answers
+    /health on that port; stops both on exit."""
+    # one fresh token per pair (unless the caller set one): registration and Sessions are authenticated
+    services = Services(Path(log_dir), host, env={"SSD_AUTH_TOKEN": os.environ.get("SSD_AUTH_TOKEN", _PAIR_TOKEN)})
     try:
-        common = ["--host", host, *extra_args]
-        # the draft we start holds the pair's fresh token (identity shared@ITS-ADDRESS): its q is trusted
+        # the draft we start holds the pair's token (identity shared@ITS-ADDRESS): its q is trusted
         trusted = [arg for h in dict.fromkeys((host, "127.0.0.1")) for arg in ("--trusted-draft", f"shared@{h}")]
-        procs.append(spawn("target", ["serve", "target", "--model", str(target_dir), "--port", str(t_port),
-                                      "--threads", str(len(target_cpus or {0})), *trusted, *common,
-                                      *(("--openai-port", str(openai_port)) if openai_port else ())], log_dir,
-                           target_cpus))
-        procs.append(spawn("draft", ["serve", "draft", "--model", str(draft_dir), "--port", str(d_port),
-                                     "--threads", str(len(draft_cpus or {0})), "--targets", t_addr, *common],
-                           log_dir, draft_cpus))
-        deadline = time.monotonic() + startup_timeout_s
-        for name, addr in (("target", t_addr), ("draft", d_addr)):
-            wait_until(lambda a=addr: serving(a), deadline, procs, f"{name} health SERVING on {addr}", log_dir)
-        wait_until(lambda: draft_registered(t_addr), deadline, procs, "the draft to register with the target", log_dir)
+        t_addr = services.start_target("target", target_dir, "--threads", str(len(target_cpus or {0})), *trusted,
+                                       *extra_args, *(("--openai-port", str(openai_port)) if openai_port else ()),
+                                       port=target_port, cpus=target_cpus)
+        d_addr = services.start_draft("draft", draft_dir, [t_addr], "--threads", str(len(draft_cpus or {0})),
+                                      *extra_args, port=draft_port, cpus=draft_cpus)
+        services.wait_all(startup_timeout_s)
         if openai_port:
             url = f"http://{host}:{openai_port}/health"
-            wait_until(lambda: http_ok(url), deadline, procs, f"the OpenAI API on {url}", log_dir)
-        yield t_addr, d_addr, procs
+            services.wait_until(lambda: http_ok(url), f"the OpenAI API on {url}", startup_timeout_s)
+        yield t_addr, d_addr, list(services.procs.items())
     finally:
-        stop_all(procs)
+        services.stop_all()

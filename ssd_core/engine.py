@@ -188,7 +188,7 @@ class Engine:
         target_probs, logprobs = self._verify_forward(specs)
         t1 = time.perf_counter()
         for seq in self.seqs:  # before commit: a request that finishes now reports this round too
-            seq.stats.verify_s += t1 - t0
+            seq.stats.target_forward_s += t1 - t0
             seq.stats.speculate_s += t0 - ts
         num_accepted, bonus = self._verify(specs, target_probs)
         deltas, lookups = self._commit(specs, num_accepted, bonus, logprobs)
@@ -196,7 +196,7 @@ class Engine:
         if self.planner is not None:
             self.planner.observe(num_accepted.tolist(), plan, (t1 - t0) * 1e3, (t0 - ts) * 1e3,
                                  all(sp.source is SpecSource.CACHE_HIT for sp in specs), round_ms=(t2 - ts) * 1e3)
-        self.timings.add(verify_s=t1 - t0, commit_s=t2 - t1)
+        self.timings.add(target_forward_s=t1 - t0, commit_s=t2 - t1)
         metrics.record_round(num_accepted.tolist(), len(specs[0].tokens), hits=lookups.count(SpecSource.CACHE_HIT),
                              jit=lookups.count(SpecSource.JIT), fast=lookups.count(SpecSource.FAST),
                              phase_seconds={"speculate": t0 - ts, "verify": t1 - t0, "commit": t2 - t1, "round": t2 - ts})

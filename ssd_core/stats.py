@@ -24,10 +24,15 @@ class RequestStats:
     # wall time of the engine phases this request took part in (a batch's step counts for each
     # of its requests: it is the latency each one saw)
     prefill_s: float = 0.0
-    verify_s: float = 0.0
+    target_forward_s: float = 0.0  # the target's forwards over the drafted tokens (the check itself: commit)
     speculate_s: float = 0.0  # waiting for speculations (cache build waits, JIT drafting, drafts' answers)
     start_s: float = field(default_factory=time.perf_counter)
     end_s: float = 0.0
+
+    @property
+    def verify_s(self) -> float:
+        """Deprecated name of target_forward_s."""
+        return self.target_forward_s
 
     def record_round(self, lookahead: int, num_accepted: int, source: SpecSource, cached: bool) -> SpecSource | None:
         """Count one verification round; returns `source` when the round was a cache lookup."""
@@ -93,13 +98,18 @@ class EngineTimings:
     steps: int = 0
     prefill_s: float = 0.0
     speculate_s: float = 0.0  # blocked on the speculator: tree wait + JIT drafting
-    verify_s: float = 0.0  # target verify forward
-    commit_s: float = 0.0  # verification, KV rollback, stop checks
+    target_forward_s: float = 0.0  # the target's forward over the drafted tokens (verify_s before)
+    commit_s: float = 0.0  # verification (acceptance), KV rollback, stop checks
+
+    @property
+    def verify_s(self) -> float:
+        """Deprecated name of target_forward_s (it never included the verification itself)."""
+        return self.target_forward_s
 
     def add(self, **parts: float) -> None:
         for name, value in parts.items():
             setattr(self, name, getattr(self, name) + value)
-        if "verify_s" in parts:
+        if "target_forward_s" in parts:
             self.steps += 1
 
     def to_dict(self) -> dict:

@@ -142,7 +142,7 @@ def complete_pb(result: Result, prompt_tokens: int, queue_ns: int, total_ns: int
         rounds=s.rounds, mean_accepted_length=s.mean_accepted_length, acceptance_rate=s.acceptance_rate,
         cache_hit_rate=s.cache_hit_rate, backup_uses=s.backup_uses, tokens_per_s=s.tokens_per_s,
         queue_ns=queue_ns, decode_ns=int(max(s.end_s - s.start_s, 0.0) * 1e9), total_ns=total_ns,
-        prefill_ns=int(s.prefill_s * 1e9), verify_ns=int(s.verify_s * 1e9), speculation_wait_ns=int(s.speculate_s * 1e9),
+        prefill_ns=int(s.prefill_s * 1e9), verify_ns=int(s.target_forward_s * 1e9), speculation_wait_ns=int(s.speculate_s * 1e9),
         plan_lookahead=s.plan_lookahead, plan_rounds=s.plan_rounds,
     )  # fmt: skip
     return pb.GenerateComplete(token_ids=list(result.token_ids), text=result.text,

@@ -10,16 +10,15 @@ import signal
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from ssd_tls import channel_credentials, server_credentials
 from ssd_core import metrics
 from ssd_core.config import Mode, SpecConfig
 from ssd_core.engine import Engine
+from ssd_core.grpc_server import PortInUse, bind, create_grpc_server, health_only_server  # noqa: F401 - PortInUse: re-exported
 from ssd_core.models import LoadedModel, load_model, tokenizer_fingerprint
 from ssd_core.plan import RoundPlan
 from ssd_core.planner import TARGET_SHAPES, LinearCost, Planner, calibrate
@@ -37,10 +36,6 @@ log = logging.getLogger(__name__)
 
 SERVICES = (generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
             speculation_pb2.DESCRIPTOR.services_by_name["TargetRegistry"].full_name)
-
-
-class PortInUse(OSError):
-    """The address could not be bound."""
 
 
 class ModelLoadError(OSError):
@@ -81,35 +76,25 @@ class TargetServer:
 
 def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple[TargetServer, int]:
     """Bind, start (health NOT_SERVING), load the model (unless given), then flip to SERVING."""
-    # every in-flight Generate holds a handler thread; so_reuseport off: a busy port must fail
-    workers = max(cfg.rpc_threads, cfg.max_batch + cfg.max_queue + 16)
-    # callers (clients, drafts) send small messages: the receive limit bounds what one may make us buffer
-    server = grpc.server(futures.ThreadPoolExecutor(workers, thread_name_prefix="rpc"),
-                         options=[("grpc.max_receive_message_length", cfg.max_request_bytes),
-                                  ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0)])
-    health_servicer = health.HealthServicer()
-    for name in ("", *SERVICES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     apps, registries = AppHolder(), RegistryHolder()
     auth = target_authenticator(cfg)
-    generation_pb2_grpc.add_GenerationServicer_to_server(GuardedGenerationServicer(apps, auth), server)
-    speculation_pb2_grpc.add_TargetRegistryServicer_to_server(TargetRegistryServicer(registries), server)
-    reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+    def add_servicers(server: grpc.Server) -> None:
+        generation_pb2_grpc.add_GenerationServicer_to_server(GuardedGenerationServicer(apps, auth), server)
+        speculation_pb2_grpc.add_TargetRegistryServicer_to_server(TargetRegistryServicer(registries), server)
+
+    # every in-flight Generate holds a handler thread; callers (clients, drafts) send small messages:
+    # the receive limit bounds what one may make us buffer
+    skeleton = create_grpc_server(
+        cfg.host, cfg.port, SERVICES, add_servicers, workers=max(cfg.rpc_threads, cfg.max_batch + cfg.max_queue + 16),
+        thread_name_prefix="rpc", options=[("grpc.max_receive_message_length", cfg.max_request_bytes),
+                                           ("grpc.max_send_message_length", MAX_MESSAGE)],
+        credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) if cfg.tls_cert else None)
+    server, health_servicer, port = skeleton.server, skeleton.health, skeleton.port
     local_address = None
-    try:
-        if cfg.tls_cert:
-            creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None)
-            port = server.add_secure_port(f"{cfg.host}:{cfg.port}", creds)
-            if cfg.openai_port:  # only this user can enter the 0700 directory
-                local_address = "unix:" + os.path.join(tempfile.mkdtemp(prefix="ssd-target-"), "grpc.sock")
-                server.add_insecure_port(local_address)
-        else:
-            port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-    except RuntimeError as exc:
-        raise PortInUse(f"cannot bind {cfg.host}:{cfg.port}: {exc}") from None
-    if port == 0:
-        raise PortInUse(f"cannot bind {cfg.host}:{cfg.port} (in use?)")
+    if cfg.tls_cert and cfg.openai_port:  # only this user can enter the 0700 directory
+        local_address = "unix:" + os.path.join(tempfile.mkdtemp(prefix="ssd-target-"), "grpc.sock")
+        bind(server, local_address)
     server.start()
     try:
         target = target or load_model(cfg.model, cfg.device, cfg.dtype, cfg.backend)
@@ -127,28 +112,10 @@ def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple
     metrics.bind_state(pool=lambda: _pool_state(registry), queue=scheduler.counts)
     app = TargetApp(cfg, target, scheduler, registry, replica_id)
     apps.app, registries.registry = app, registry
-    for name in ("", *SERVICES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    skeleton.set_serving(True)
     out = TargetServer(server, health_servicer, app, local_address)
     out.health_server = health_only_server(health_servicer, cfg.host, cfg.health_port) if cfg.health_port else None
     return out, port
-
-
-def health_only_server(servicer: health.HealthServicer, host: str, port: int) -> grpc.Server:
-    """grpc.health.v1 alone on a plaintext port (Kubernetes' gRPC probes speak no TLS); it shares the
-    status of the main server and serves nothing else."""
-    server = grpc.server(futures.ThreadPoolExecutor(2, thread_name_prefix="health"), maximum_concurrent_rpcs=8,
-                         options=[("grpc.so_reuseport", 0)])
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise PortInUse(f"cannot bind the health port {address}: {exc}") from None
-    if bound == 0:
-        raise PortInUse(f"cannot bind the health port {address} (in use?)")
-    server.start()
-    return server
 
 
 def target_authenticator(cfg: TargetConfig) -> Authenticator:

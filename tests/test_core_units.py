@@ -285,3 +285,14 @@ def test_draft_process_pipe_carries_tensors_exactly():
     for sent, got in zip(items[1:5], back[1:5]):
         assert got.dtype == sent.dtype and torch.equal(got, sent)
     assert torch.equal(back[5]["k"][0], q[0])
+
+
+def test_target_forward_time_is_named_for_what_it_times_and_verify_s_still_reads():
+    """EngineTimings / RequestStats.target_forward_s: the target's forwards only (the acceptance check
+    is commit_s); verify_s is kept as a read-only alias for old callers."""
+    engine = Engine(make_pair()[0], spec=SpecConfig(mode=Mode.AR))
+    (result,) = engine.generate([Request((1, 2, 3), SamplingParams(max_new_tokens=4, ignore_eos=True), "t")])
+    t = engine.timings
+    assert t.steps >= 3 and t.target_forward_s > 0 and t.verify_s == t.target_forward_s
+    assert "target_forward_s" in t.to_dict() and "verify_s" not in t.to_dict()
+    assert 0 < result.stats.target_forward_s == result.stats.verify_s

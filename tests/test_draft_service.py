@@ -241,9 +241,18 @@ def test_registers_with_every_target_and_again_after_a_restart(draft) -> None:
                             max_backoff_s=0.3)
     draft_srv, port = create_server(cfg, model=draft)
     draft_srv.start()
+
+    def get_info() -> pb.GetInfoResponse:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return speculation_pb2_grpc.SpeculatorStub(channel).GetInfo(
+                pb.GetInfoRequest(), timeout=5, metadata=(("authorization", "Bearer s3cret"),))
+
+    assert (get_info().registered_targets, get_info().known_targets) == (0, 0)  # not registering yet
     registrar = draft_srv.start_registration()
     try:
         assert registrar.wait_registered(2, 10)
+        # what the process harness reads as readiness (ssd_cli.local_services)
+        assert (get_info().registered_targets, get_info().known_targets) == (2, 2)
         assert _wait_for(lambda: fake_a.count("heartbeat") >= 2 and fake_b.count("heartbeat") >= 2)
         assert fake_a.calls[0] == ("register", f"127.0.0.1:{port}", "s3cret", 64)
         srv_a.stop(0).wait()

@@ -2,99 +2,39 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import Client
 from conftest import hf_greedy, make_pair
+from ssd_cli.local_services import Services
 
 pytestmark = pytest.mark.slow
-HOST = "127.0.0.1"
 PROMPTS = [[(7 * i + j) % 60 + 1 for j in range(5 + i % 3)] for i in range(8)]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
-    """The processes of one test module, with their logs."""
+class Cluster(Services):
+    """The processes of one test module (the shared harness), with their logs."""
 
     def __init__(self, root: Path, target_dir: Path, draft_dirs: list[Path]) -> None:
+        super().__init__(root)
         self.root, self.target_dir, self.draft_dirs = root, target_dir, draft_dirs
-        self.t_ports, self.d_ports = [_port(), _port()], [_port(), _port()]
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.restarts = 0
-
-    @property
-    def targets(self) -> list[str]:
-        return [f"{HOST}:{p}" for p in self.t_ports]
+        self.targets: list[str] = []
 
     def drafts(self) -> list[str]:
-        return [f"{HOST}:{p}" for p in self.d_ports]
+        return [self.addr(f"draft{i}") for i in range(2)]
 
-    def spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "ssd_cli.main", "--log-level", "INFO", *argv]
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    def start_target_replica(self, i: int) -> None:
+        self.targets.append(self.start_target(f"target{i}", self.target_dir, "--planner", "table", "--replica-id",
+                                              f"r{i}", "--threads", "1", "--draft-timeout-s", "3", "--lease-ttl-s", "3"))
 
-    def start_target(self, i: int) -> None:
-        self.spawn(f"target{i}", ["serve", "target", "--planner", "table", "--model", str(self.target_dir), "--port", str(self.t_ports[i]),
-                                  "--replica-id", f"r{i}", "--threads", "1", "--draft-timeout-s", "3",
-                                  "--lease-ttl-s", "3"])
-
-    def start_draft(self, i: int) -> None:
-        self.spawn(f"draft{i}", ["serve", "draft", "--model", str(self.draft_dirs[i]), "--port", str(self.d_ports[i]),
-                                 "--threads", "1", "--draft-id", f"d{i}", "--targets", ",".join(self.targets)])
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")
-
-    def wait_until(self, ready, what: str, timeout_s: float = 60.0) -> None:
-        end = time.monotonic() + timeout_s
-        while not ready():
-            dead = [n for n, p in self.procs.items() if p.poll() is not None and not n.startswith("killed")]
-            assert not dead, f"{dead} exited while waiting for {what}:\n" + "\n".join(self.log(n)[-1500:] for n in dead)
-            assert time.monotonic() < end, f"timed out waiting for {what}"
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _serving(addr: str) -> bool:
-    with grpc.insecure_channel(addr) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def _drafts_known(addr: str, want: set[str]) -> bool:
-    with Client(addr, timeout=2, max_retries=0) as c:
-        return set(c.model_info().draft_model_id.split(",")) >= want
+    def start_draft_endpoint(self, i: int) -> None:
+        self.start_draft(f"draft{i}", self.draft_dirs[i], self.targets, "--threads", "1", "--draft-id", f"d{i}")
 
 
 def _sessions_in_use(text: str) -> dict[str, set[str]]:
@@ -117,16 +57,16 @@ def cluster(tmp_path_factory):
     c.reference = target  # type: ignore[attr-defined]
     try:
         for i in range(2):
-            c.start_target(i)
+            c.start_target_replica(i)
         for i in range(2):
-            c.start_draft(i)
-        for addr in c.targets + c.drafts():
-            c.wait_until(lambda a=addr: _serving(a), f"health SERVING on {addr}", 90)
-        for addr in c.targets:
-            c.wait_until(lambda a=addr: _drafts_known(a, {"draft_a", "draft_b"}), f"both drafts on {addr}")
+            c.start_draft_endpoint(i)
+        c.wait_all(180)  # both drafts registered with both targets (their GetInfo)
+        for addr in c.targets:  # and each target sees both (its ModelInfo)
+            with Client(addr, timeout=5, max_retries=0) as client:
+                assert set(client.model_info().draft_model_id.split(",")) == {"draft_a", "draft_b"}
         yield c
     finally:
-        c.stop()
+        c.stop_all()
 
 
 def _run_all(c: Cluster, max_tokens: int, modes=("ssd", "sd")) -> list:
@@ -155,16 +95,15 @@ def test_kill_a_draft_mid_generation_then_restart_it(cluster):
     with Client(cluster.targets, timeout=120) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
         streams = [client.stream(prompt_ids=p, max_tokens=200, ignore_eos=True, mode="ssd") for p in PROMPTS]
         firsts = [next(s) for s in streams]  # every request is generating
-        cluster.procs["draft0"].send_signal(signal.SIGKILL)
-        cluster.procs["killed-draft0"] = cluster.procs.pop("draft0")
+        cluster.kill("draft0")
         rest = list(pool.map(lambda s: [t for d in s for t in d.token_ids], streams))
     for prompt, first, tail, stream in zip(PROMPTS, firsts, rest, streams):
         assert list(first.token_ids) + tail == hf_greedy(cluster.reference.model, prompt, 200)
         assert stream.result.finish_reason == "length"
 
     before = {i: _sessions_in_use(cluster.log(f"target{i}")).get(victim, set()) for i in range(2)}
-    cluster.start_draft(0)  # same port and draft id: its registration replaces the dead lease
-    cluster.wait_until(lambda: cluster.log("draft0").count("draft ready") == 2, "the restarted draft to register")
+    cluster.restart("draft0")  # same port and draft id: its registration replaces the dead lease
+    cluster.wait_draft("draft0")
     results = _run_all(cluster, 16, modes=("ssd",))
     for prompt, result in zip(PROMPTS, results):
         assert list(result.token_ids) == hf_greedy(cluster.reference.model, prompt, 16)

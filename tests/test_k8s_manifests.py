@@ -424,3 +424,15 @@ def test_network_policies_allow_exactly_who_may_talk_to_whom(overlay: str) -> No
     # the evaluator can say yes: without the policies everybody reaches everything
     bare = [d for d in docs if d["kind"] != "NetworkPolicy"]
     assert may_connect(bare, pods["stranger"], pods["draft"], 50061, namespaces)
+
+
+def test_overlays_run_the_images_build_images_sh_builds() -> None:
+    """cpu-demo runs the CPU image and gpu the GPU image, by the names scripts/build_images.sh gives them
+    (read from the files: no cluster or kubectl needed)."""
+    script = (ROOT / "scripts" / "build_images.sh").read_text()
+    built = dict(re.findall(r"^(CPU|GPU)_IMAGE=\$\{\1_IMAGE:-([^}]+)\}$", script, flags=re.M))
+    assert set(built) == {"CPU", "GPU"}, built
+    for overlay, kind in (("cpu-demo", "CPU"), ("gpu", "GPU")):
+        images = yaml.safe_load((OVERLAYS_DIR / overlay / "kustomization.yaml").read_text())["images"]
+        (image,) = [i for i in images if i["name"] == "ssd-serve"]
+        assert f"{image['newName']}:{image['newTag']}" == built[kind], (overlay, image, built[kind])

@@ -35,15 +35,10 @@ def procs(tmp_path_factory):
     p.prompts = soak.prompts_for(16)
     p.expected = soak.reference(target_dir, p.prompts, MAX_TOKENS)
     try:
-        for i in range(2):
-            p.start_target(i)
-        for i in range(2):
-            p.start_draft(i)
-        p.wait_serving(p.targets + [f"{soak.HOST}:{port}" for port in p.d_ports])
-        p.wait_drafts_known(2)
+        p.start_all()
         yield p
     finally:
-        p.stop()
+        p.stop_all()
 
 
 def test_concurrent_streams_with_draft_kills_have_no_errors_and_no_wrong_tokens(procs):
@@ -96,10 +91,8 @@ def test_sigterm_drains_a_draft_and_a_target(procs):
     from client import SSDError
 
     _, addr = procs.targets
-    procs.wait_serving([f"{soak.HOST}:{procs.d_ports[1]}"])  # it may be restarting after a kill (loading)
-    draft = procs.procs.pop("draft1")
-    draft.send_signal(signal.SIGTERM)
-    assert draft.wait(15) == 0
+    procs.wait_draft("draft1", targets=1)  # it may be restarting after a kill (loading); target0 is dead
+    assert procs.stop("draft1") == 0  # SIGTERM
     procs.wait_until = time.monotonic() + 10
     while "deregistered (shutdown)" not in procs.log("target1") and time.monotonic() < procs.wait_until:
         time.sleep(0.1)

@@ -127,10 +127,14 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("info",)
+    __slots__ = ("info", "registered_targets", "known_targets")
     INFO_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_TARGETS_FIELD_NUMBER: _ClassVar[int]
     info: DraftInfo
-    def __init__(self, info: _Optional[_Union[DraftInfo, _Mapping]] = ...) -> None: ...
+    registered_targets: int
+    known_targets: int
+    def __init__(self, info: _Optional[_Union[DraftInfo, _Mapping]] = ..., registered_targets: _Optional[int] = ..., known_targets: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
