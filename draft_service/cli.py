@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from draft_service.config import DraftLimits, DraftServerConfig
+from draft_service.config import DraftLimits, DraftServerConfig, SchedulerConfig
 from draft_service.server import serve
 from ssd_core.auth import read_peers
 from ssd_tls import add_tls_arguments
@@ -49,6 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-history-tokens", type=int, default=DraftLimits().max_history_tokens,
                         help="longest sequence history accepted (also capped by the model's context)")
     parser.add_argument("--max-sessions", type=int, default=DraftLimits().max_sessions, help="open Session streams")
+    sched = SchedulerConfig()
+    parser.add_argument("--no-batching", action="store_true",
+                        help="step every session (target) on its own speculator instead of one batched step "
+                             "across sessions (the per-session design; for comparison)")
+    parser.add_argument("--batch-window-ms", type=float, default=sched.window_ms,
+                        help="a batched step waits this long for the other sessions' rounds")
+    parser.add_argument("--max-branches-per-step", type=int, default=sched.max_branches_per_step,
+                        help="tree branches (rows x fan-out budget) one batched step may carry; more rows: more shards")
+    parser.add_argument("--max-utilization", type=float, default=sched.max_utilization,
+                        help="busy fraction at which this draft reports itself saturated to the targets")
+    parser.add_argument("--max-answer-ms", type=float, default=sched.max_answer_ms,
+                        help="answer-latency p99 above which it reports itself saturated (0: no bound)")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds in-flight RPCs get on SIGTERM")
     parser.add_argument("--health-port", type=int, default=0,
                         help="also serve the gRPC health service alone, plaintext, on this port (probes of a TLS draft)")
@@ -69,6 +81,10 @@ def config_from_args(args: argparse.Namespace) -> DraftServerConfig:
                                                 max_sequences_per_session=args.max_sequences_per_session,
                                                 max_history_tokens=args.max_history_tokens,
                                                 max_sessions=args.max_sessions),
+                             scheduler=SchedulerConfig(batched=not args.no_batching, window_ms=args.batch_window_ms,
+                                                       max_branches_per_step=args.max_branches_per_step,
+                                                       max_utilization=args.max_utilization,
+                                                       max_answer_ms=args.max_answer_ms),
                              grace_s=args.grace, health_port=args.health_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
                              tls_client_ca=args.tls_client_ca, tls_ca=args.tls_ca)
 

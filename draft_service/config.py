@@ -28,6 +28,28 @@ class DraftLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """How the draft steps the work of all its sessions (draft_service/scheduler.py) and when it
+    calls itself saturated (heartbeats: targets then send new sequences elsewhere)."""
+
+    batched: bool = True  # False: every session steps its own speculator (the per-session design)
+    window_ms: float = 10.0  # a step waits this long for the group's other sessions' rounds
+    max_branches_per_step: int = 2048  # rows x fan-out budget one batched speculator steps at once
+    max_utilization: float = 0.9  # busy fraction at or over which the draft reports itself saturated
+    max_answer_ms: float = 0.0  # answer-latency p99 over which it is saturated (0: no latency bound)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.window_ms <= 1000:
+            raise InvalidParameter("window_ms", self.window_ms, "must be in 0..1000")
+        if self.max_branches_per_step < 1:
+            raise InvalidParameter("max_branches_per_step", self.max_branches_per_step, "must be >= 1")
+        if not 0 < self.max_utilization <= 1:
+            raise InvalidParameter("max_utilization", self.max_utilization, "must be in (0, 1]")
+        if self.max_answer_ms < 0:
+            raise InvalidParameter("max_answer_ms", self.max_answer_ms, "must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
 class DraftServerConfig:
     """One draft endpoint. `targets`: HOST:PORT entries; a host may be a DNS name that resolves to
     several target replicas (each address is registered with). `advertise`: the host targets dial
@@ -47,6 +69,7 @@ class DraftServerConfig:
     peers: tuple[PeerEntry, ...] = field(default=(), repr=False)  # callers, each as itself (--peers-file)
     draft_id: str = ""  # stable instance name; default: the advertised endpoint
     limits: DraftLimits = field(default_factory=DraftLimits)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_workers: int = 32  # gRPC handler threads; each open Session stream holds one
     health_port: int = 0  # > 0: also serve grpc.health.v1 alone, plaintext, here (probes of a TLS draft)
     max_request_bytes: int = 16 * 1024 * 1024  # largest message a target may send (AddSequences histories)
@@ -89,3 +112,4 @@ class DraftServerConfig:
         """host:port the targets dial to reach this draft's Speculator service."""
         host = self.advertise or (self.host if self.host not in ("", "0.0.0.0", "[::]", "::") else "127.0.0.1")
         return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+

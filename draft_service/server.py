@@ -82,7 +82,7 @@ def draft_authenticator(cfg: DraftServerConfig) -> Authenticator:
 
 def create_server(cfg: DraftServerConfig, model: LoadedModel | None = None) -> tuple[DraftServer, int]:
     """Build and bind (not start) a draft server; returns it and the bound port (cfg.port 0: any)."""
-    servicer = SpeculatorServicer(cfg.limits, draft_authenticator(cfg))
+    servicer = SpeculatorServicer(cfg.limits, draft_authenticator(cfg), cfg.scheduler)
     # calls beyond the handler threads are refused (RESOURCE_EXHAUSTED) rather than queued behind
     # long-lived Sessions
     skeleton = create_grpc_server(

@@ -14,7 +14,9 @@ from ssd_core.models import LoadedModel, tokenizer_fingerprint
 from ssd_core.planner import DRAFT_SHAPES, calibrate
 from ssd_protos.ssd.v1 import generation_pb2, speculation_pb2 as pb, speculation_pb2_grpc
 
-from draft_service.config import DraftLimits
+from draft_service import metrics
+from draft_service.config import DraftLimits, SchedulerConfig
+from draft_service.scheduler import DraftScheduler
 from draft_service.session import DraftSession, LoadTracker
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,11 @@ def draft_info(model: LoadedModel, limits: DraftLimits) -> pb.DraftInfo:
 class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
     """Serves the shared draft model to every target replica; UNAVAILABLE until a model is set."""
 
-    def __init__(self, limits: DraftLimits, auth: Authenticator | None = None) -> None:
+    def __init__(self, limits: DraftLimits, auth: Authenticator | None = None,
+                 scheduling: SchedulerConfig | None = None) -> None:
         self.limits = limits
+        self.scheduling = scheduling or SchedulerConfig()
+        self.scheduler: DraftScheduler | None = None  # made with the model
         self.auth = auth or Authenticator()  # none: auth off (anyone may open Sessions)
         self.tracker = LoadTracker(limits.max_sequences)
         self.model: LoadedModel | None = None
@@ -53,10 +58,17 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
 
     def set_model(self, model: LoadedModel) -> None:
         self.info = draft_info(model, self.limits)
+        self.scheduler = DraftScheduler(model, self.scheduling, on_build=metrics.observe_build)
         self.model = model
 
     def load(self) -> pb.DraftLoad:
-        return pb.DraftLoad(active_sequences=max(0, self.tracker.sequences), active_sessions=self.tracker.sessions)
+        base = dict(active_sequences=max(0, self.tracker.sequences), active_sessions=self.tracker.sessions)
+        if self.scheduler is None:
+            return pb.DraftLoad(**base)
+        s = self.scheduler.load()
+        return pb.DraftLoad(**base, utilization=s.utilization, rows_per_step=s.rows_per_step,
+                            branches_per_step=s.branches_per_step, step_ms=s.step_ms, answer_p50_ms=s.answer_p50_ms,
+                            answer_p99_ms=s.answer_p99_ms, saturated=s.saturated)
 
     def _check_caller(self, context: grpc.ServicerContext, what: str) -> None:
         """Only targets (role `target`) may use this endpoint: a stranger, a draft or a client is refused."""
@@ -82,7 +94,8 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
         if not self.tracker.open_session(self.limits.max_sessions):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"draft has {self.limits.max_sessions} open sessions (its limit)")
-        session = DraftSession(self.model, self.limits, self.tracker, f"{self._prefix}{next(self._ids)}")
+        session = DraftSession(self.model, self.limits, self.tracker, f"{self._prefix}{next(self._ids)}",
+                               self.scheduler)
         try:
             for request in request_iterator:
                 yield from session.handle(request)

@@ -1,8 +1,10 @@
-"""One Session stream (one target replica): a DraftSpeculator over the shared draft model.
+"""One Session stream (one target replica): its sequences, validated, in the draft's scheduler.
 
 Requests are handled in order; `handle` returns the responses for one request. A bad sequence is
 answered with a SessionError naming it and is dropped; the session goes on. A SessionError without
-seq_ids ends the session (bad open, or the speculator's state can no longer be trusted).
+seq_ids ends the session (bad open, or the speculator's state can no longer be trusted). The
+speculating itself is the DraftScheduler's (draft_service/scheduler.py), which steps the rounds of
+all sessions together.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import grpc
 
 from ssd_core.config import BackupKind
 from ssd_core.models import LoadedModel
-from ssd_core.speculator import DraftSpeculator
 from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart
 from ssd_core.wire import codec
 from ssd_protos.ssd.v1 import speculation_pb2 as pb
 
 from draft_service import metrics
 from draft_service.config import DraftLimits
+from draft_service.scheduler import DraftScheduler, RoundResult, SessionPlan
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,11 @@ def _error(code: int, message: str, seq_ids: list[str] | None = None) -> pb.Sess
 class DraftSession:
     """State of one Session stream; `done` turns true when the stream must end."""
 
-    def __init__(self, model: LoadedModel, limits: DraftLimits, tracker: LoadTracker, session_id: str) -> None:
+    def __init__(self, model: LoadedModel, limits: DraftLimits, tracker: LoadTracker, session_id: str,
+                 scheduler: DraftScheduler) -> None:
         self.model, self.limits, self.tracker, self.session_id = model, limits, tracker, session_id
-        self.speculator: DraftSpeculator | None = None
+        self.scheduler = scheduler
+        self.plan: SessionPlan | None = None  # set by open
         self.handed: dict[str, tuple[int, int] | None] = {}  # seq_id -> (round, K) handed out last
         self.done = False
         self._closed = False
@@ -87,7 +91,7 @@ class DraftSession:
         kind = req.WhichOneof("request")
         if kind == "open":
             return self._open(req.open)
-        if self.speculator is None:
+        if self.plan is None:
             return self._fatal(_PRECONDITION, f"the first request must be open, got {kind}")
         if kind == "add":
             return self._add(req.add)
@@ -105,20 +109,19 @@ class DraftSession:
         return self._fatal(_INVALID, f"unknown session request {kind!r}")
 
     def close(self) -> None:
-        """Drop every sequence and stop the speculator's worker (idempotent)."""
+        """Drop every sequence (idempotent)."""
         if self._closed:
             return
         self._closed = self.done = True
-        if self.speculator is not None:
-            self.speculator.close()
-            self.speculator = None
+        if self.plan is not None:
+            self.scheduler.close(self.session_id)
         self.tracker.release(len(self.handed))
         self.handed.clear()
         self.tracker.session_delta(-1)
 
     # -- requests ----------------------------------------------------------------------------
     def _open(self, m: pb.SessionOpen) -> list[pb.SessionResponse]:
-        if self.speculator is not None:
+        if self.plan is not None:
             return self._fatal(_PRECONDITION, "session already open")
         try:
             fan_out, saguaro_c, backup, lookahead = codec.config_from_pb(m.config)
@@ -131,9 +134,8 @@ class DraftSession:
         if transport != "inline":
             return self._fatal(_UNIMPLEMENTED, f"transport {transport} is not served here (inline only)")
         backup = BackupKind.JIT if backup is BackupKind.AUTO else backup
-        self.speculator = DraftSpeculator(self.model, fan_out, saguaro_c, backup, tree=sum(fan_out) > 0,
-                                          replica=m.target_replica_id)
-        self.speculator.on_build = metrics.observe_build
+        self.plan = SessionPlan(tuple(fan_out), saguaro_c, backup)
+        self.scheduler.open(self.session_id, self.plan)
         metrics.SESSIONS_OPENED.inc()
         log.info("session %s opened by %s: K=%d fan_out=%s C=%s backup=%s", self.session_id,
                  m.target_replica_id or "?", lookahead, fan_out, saguaro_c, backup.value)
@@ -146,16 +148,17 @@ class DraftSession:
             fan_out, saguaro_c, backup, lookahead = codec.config_from_pb(m)
         except ValueError as exc:
             return self._fatal(_INVALID, f"bad session config: {exc}")
-        spec = self.speculator
         if lookahead > self.limits.max_lookahead or sum(fan_out) > self.limits.max_fan_out_budget:
             return self._fatal(_INVALID, f"lookahead {lookahead} / fan-out budget {sum(fan_out)} over the limits "
                                f"{self.limits.max_lookahead} / {self.limits.max_fan_out_budget}")
-        if saguaro_c != spec.saguaro_c:
+        if saguaro_c != self.plan.saguaro_c:
             return self._fatal(_INVALID, "reconfigure cannot change C; open a new session")
-        spec.replan(fan_out)
-        spec.backup = BackupKind.JIT if backup is BackupKind.AUTO else backup
+        if len(fan_out) < 2:
+            return self._fatal(_INVALID, f"reconfigure to fan_out={tuple(fan_out)}: needs K >= 1")
+        self.plan = SessionPlan(tuple(fan_out), saguaro_c, BackupKind.JIT if backup is BackupKind.AUTO else backup)
+        self.scheduler.reconfigure(self.session_id, self.plan)
         log.debug("session %s reconfigured: K=%d fan_out=%s backup=%s", self.session_id, lookahead, fan_out,
-                  spec.backup.value)
+                  self.plan.backup.value)
         return []
 
     def _add(self, m: pb.AddSequences) -> list[pb.SessionResponse]:
@@ -186,12 +189,7 @@ class DraftSession:
         return out + self._add_starts(good)
 
     def _add_starts(self, starts: list[SeqStart]) -> list[pb.SessionResponse]:
-        try:
-            self.speculator.add(starts)
-        except Exception as exc:  # add() changes no state before its prefill succeeds
-            self.tracker.release(len(starts))
-            log.warning("session %s: prefill of %d sequences failed: %s", self.session_id, len(starts), exc)
-            return [_error(_INVALID, f"prefill failed: {exc}", [s.seq_id for s in starts])]
+        self.scheduler.add(self.session_id, starts)  # prefilled with the next round (a failure answers there)
         self.handed.update({s.seq_id: None for s in starts})
         return []
 
@@ -199,27 +197,28 @@ class DraftSession:
         t_start = time.perf_counter_ns()
         errors, outcomes = self._check_outcomes(m)
         self._drop([sid for e in errors for sid in e.error.seq_ids if sid in self.handed])
-        stats = self.speculator.stats
-        wait0, jit0, tree0 = stats.wait_s, stats.jit_s, stats.tree_s
-        hits0, njit0, fast0 = stats.hits, stats.jit, stats.fast
-        # no q wanted: the target verifies against a point mass, so the draft's argmax is the better guess
-        self.speculator.set_propose_argmax(not m.want_draft_probs)
         try:
-            specs = self.speculator.propose(outcomes) if outcomes else []
-        except Exception as exc:  # the speculator may be half-updated: end the session
+            # no q wanted: the target verifies against a point mass, so the draft's argmax is the better guess
+            res = self.scheduler.round(self.session_id, outcomes, argmax=not m.want_draft_probs) if outcomes \
+                else RoundResult([])
+        except Exception as exc:  # the shared speculator may be half-updated: end the session
             log.exception("session %s: propose failed in step %d", self.session_id, m.step)
             return errors + self._fatal(_INTERNAL, f"speculator failed in step {m.step}: {exc}")
+        if res.failed:  # prefill failed: those sequences are gone from the draft (the target re-adds them)
+            for sid, why in res.failed.items():
+                errors.append(_error(_INVALID, why, [sid]))
+                self.handed.pop(sid, None)
+            self.tracker.release(len(res.failed))
         t_enc = time.perf_counter_ns()
-        for s in specs:
+        for s in res.specs:
             self.handed[s.seq_id] = (s.round, len(s.tokens))
-        seqs = [codec.speculation_to_pb(s, m.want_draft_probs) for s in specs]
+        seqs = [codec.speculation_to_pb(s, m.want_draft_probs) for s in res.specs]
         t_end = time.perf_counter_ns()
-        wait, jit = int((stats.wait_s - wait0) * 1e9), int((stats.jit_s - jit0) * 1e9)
+        wait, jit = int(res.wait_s * 1e9), int(res.jit_s * 1e9)
         timings = pb.SpeculationTimings(queue_ns=wait, jit_ns=jit, lookup_ns=max(0, t_enc - t_start - wait - jit),
                                         encode_ns=t_end - t_enc, total_ns=t_end - t_start,
-                                        prefetch_ns=int((stats.tree_s - tree0) * 1e9))
-        metrics.observe_request((t_end - t_start) / 1e9, wait / 1e9, jit / 1e9, stats.hits - hits0,
-                                stats.jit - njit0, stats.fast - fast0)
+                                        prefetch_ns=int(res.tree_s * 1e9))
+        metrics.observe_request((t_end - t_start) / 1e9, res.wait_s, res.jit_s, res.hits, res.jit, res.fast)
         return errors + [pb.SessionResponse(speculations=pb.Speculations(step=m.step, sequences=seqs,
                                                                           timings=timings))]
 
@@ -269,7 +268,7 @@ class DraftSession:
         ids = [sid for sid in dict.fromkeys(seq_ids) if sid in self.handed]
         if not ids:
             return
-        self.speculator.remove(ids)
+        self.scheduler.remove(self.session_id, ids)
         for sid in ids:
             del self.handed[sid]
         self.tracker.release(len(ids))

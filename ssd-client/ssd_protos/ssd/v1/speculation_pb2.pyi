@@ -85,14 +85,26 @@ class RegisterResponse(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., lease_ttl_ms: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., target_replica_id: _Optional[str] = ...) -> None: ...
 
 class DraftLoad(_message.Message):
-    __slots__ = ("active_sequences", "active_sessions", "utilization")
+    __slots__ = ("active_sequences", "active_sessions", "utilization", "rows_per_step", "branches_per_step", "step_ms", "answer_p50_ms", "answer_p99_ms", "saturated")
     ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    SATURATED_FIELD_NUMBER: _ClassVar[int]
     active_sequences: int
     active_sessions: int
     utilization: float
-    def __init__(self, active_sequences: _Optional[int] = ..., active_sessions: _Optional[int] = ..., utilization: _Optional[float] = ...) -> None: ...
+    rows_per_step: float
+    branches_per_step: float
+    step_ms: float
+    answer_p50_ms: float
+    answer_p99_ms: float
+    saturated: bool
+    def __init__(self, active_sequences: _Optional[int] = ..., active_sessions: _Optional[int] = ..., utilization: _Optional[float] = ..., rows_per_step: _Optional[float] = ..., branches_per_step: _Optional[float] = ..., step_ms: _Optional[float] = ..., answer_p50_ms: _Optional[float] = ..., answer_p99_ms: _Optional[float] = ..., saturated: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("lease_id", "load")
