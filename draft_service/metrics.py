@@ -41,6 +41,17 @@ PHASE_SECONDS = Histogram(
     "Draft-side time by phase: 'glue' and 'tree' (the cache build, overlapped with verification), 'jit' "
     "(backup drafting on a miss), 'wait' (a request blocked on the previous build), 'request' (a whole round request).",
     ["phase"], buckets=ROUND_BUCKETS)
+BUSY_FRACTION = Gauge("ssd_draft_busy_fraction", "Busy fraction of this draft (batched steps + cache builds), "
+                      "over the last ~10 s; what its heartbeats report as utilization.")
+ROWS_PER_STEP = Gauge("ssd_draft_rows_per_step", "Mean sequences answered per batched step, all targets (~10 s).")
+BRANCHES_PER_STEP = Gauge("ssd_draft_branches_per_step", "Mean tree branches per speculation-cache build (~10 s).")
+STEP_SECONDS = Gauge("ssd_draft_step_seconds", "Mean batched step time: apply outcomes, lookups, JIT (~10 s).")
+ANSWER_P50 = Gauge("ssd_draft_answer_p50_seconds", "Answer latency p50: a round request's arrival to its answer.")
+ANSWER_P99 = Gauge("ssd_draft_answer_p99_seconds", "Answer latency p99 (~10 s).")
+SATURATED = Gauge("ssd_draft_saturated", "1 when this draft reports itself past its capacity (utilization or "
+                  "answer p99 over its limit): targets send new sequences elsewhere.")
+EVICTIONS = Counter("ssd_draft_step_evictions", "Sessions that missed a batched step's window and were moved to a "
+                    "step of their own (their rows re-added there).")
 ERRORS = Counter("ssd_draft_errors", "Session errors returned to targets, by gRPC status code name.", ["code"])
 
 _PHASE = {phase: PHASE_SECONDS.labels(phase=phase) for phase in PHASES}
@@ -84,6 +95,15 @@ def bind_state(sessions: Callable[[], int], sequences: Callable[[], int], capaci
     CAPACITY_SEQUENCES.set(capacity)
 
 
+def bind_load(snapshot: Callable[[], object]) -> None:
+    """The scheduler gauges read its LoadSnapshot at scrape time."""
+    for gauge, read in ((BUSY_FRACTION, lambda s: s.utilization), (ROWS_PER_STEP, lambda s: s.rows_per_step),
+                        (BRANCHES_PER_STEP, lambda s: s.branches_per_step), (STEP_SECONDS, lambda s: s.step_ms / 1e3),
+                        (ANSWER_P50, lambda s: s.answer_p50_ms / 1e3), (ANSWER_P99, lambda s: s.answer_p99_ms / 1e3),
+                        (SATURATED, lambda s: float(s.saturated))):
+        gauge.set_function(lambda read=read: _safe(lambda: read(snapshot())))
+
+
 def bind_targets(registered: Callable[[], int], known: Callable[[], int]) -> None:
     """The registration gauges read the registrar at scrape time (live leases, resolved addresses)."""
     REGISTERED_TARGETS.set_function(lambda: _safe(registered))
@@ -92,7 +112,8 @@ def bind_targets(registered: Callable[[], int], known: Callable[[], int]) -> Non
 
 def unbind_state() -> None:
     """Undo `bind_state` (a stopped server, tests): the gauges read 0 again."""
-    for gauge in (SESSIONS, ACTIVE_SEQUENCES, CAPACITY_SEQUENCES, REGISTERED_TARGETS, KNOWN_TARGETS):
+    for gauge in (SESSIONS, ACTIVE_SEQUENCES, CAPACITY_SEQUENCES, REGISTERED_TARGETS, KNOWN_TARGETS, BUSY_FRACTION,
+                  ROWS_PER_STEP, BRANCHES_PER_STEP, STEP_SECONDS, ANSWER_P50, ANSWER_P99, SATURATED):
         vars(gauge).pop("_child_samples", None)  # set_function's per-instance override
         gauge.set(0)
 

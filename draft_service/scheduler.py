@@ -217,6 +217,7 @@ class DraftScheduler:
         self._members: dict[str, _Member] = {}
         self._groups: dict[tuple, _Group] = {}
         self._serial = itertools.count(1)
+        self.on_evict: Callable[[], None] | None = None  # /metrics counter
         self.evictions = 0  # sessions dropped from a step for missing the window (tests, /metrics)
         self.steps = 0
 
@@ -417,6 +418,8 @@ class DraftScheduler:
 
     def _evict(self, g: _Group, m: _Member) -> None:
         self.evictions += 1
+        if self.on_evict is not None:
+            self.on_evict()
         log.info("session %s missed a %.1f ms step window: it steps alone for %d rounds", m.sid,
                  self.cfg.window_ms, m.cooldown)
         self._leave(m)

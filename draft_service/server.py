@@ -42,6 +42,7 @@ class DraftServer:
     def set_model(self, model: LoadedModel) -> None:
         """Serve `model`: GetInfo and Session answer from now on; health turns SERVING."""
         self.servicer.set_model(model)
+        metrics.bind_load(self.servicer.scheduler.load)
         self.skeleton.set_serving(True)
 
     def start_registration(self) -> Registrar:

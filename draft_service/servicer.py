@@ -59,6 +59,7 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
     def set_model(self, model: LoadedModel) -> None:
         self.info = draft_info(model, self.limits)
         self.scheduler = DraftScheduler(model, self.scheduling, on_build=metrics.observe_build)
+        self.scheduler.on_evict = metrics.EVICTIONS.inc
         self.model = model
 
     def load(self) -> pb.DraftLoad:

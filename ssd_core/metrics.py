@@ -48,6 +48,11 @@ QUEUE_DEPTH = Gauge("ssd_queue_depth", "Requests waiting for admission (beyond m
 ACTIVE_SEQUENCES = Gauge("ssd_active_sequences", "Sequences being decoded by the engine.")
 DRAFT_UTILIZATION = Gauge(
     "ssd_draft_utilization", "Sequences assigned to drafts over the drafts' announced capacity (0..1).")
+DRAFT_MEASURED_UTILIZATION = Gauge(
+    "ssd_draft_reported_utilization", "Mean busy fraction the live drafts report in their heartbeats (0..1).")
+DRAFT_ANSWER_P99 = Gauge(
+    "ssd_draft_reported_answer_p99_seconds", "Highest answer-latency p99 the live drafts report in their heartbeats.")
+DRAFT_SATURATED = Gauge("ssd_draft_reported_saturated", "Live drafts that report themselves past their capacity.")
 DRAFT_CACHE_MISS_RATE = Gauge(
     "ssd_draft_cache_miss_rate", "Speculation-cache miss rate, exponentially weighted over recent lookups.")
 
@@ -145,12 +150,17 @@ def set_queue_state(active: int, queued: int) -> None:
 
 
 def bind_state(pool: Callable[[], tuple[int, int, int]] | None = None,
-               queue: Callable[[], tuple[int, int]] | None = None) -> None:
+               queue: Callable[[], tuple[int, int]] | None = None,
+               reported: Callable[[], tuple[float, float, int]] | None = None) -> None:
     """Compute the pool/queue gauges at scrape time from callbacks (no hot-path cost; a failure reads NaN)."""
     # pool() -> (live draft leases, sequences assigned to them, their capacity); queue() -> (active, queued)
     if pool is not None:
         REGISTERED_DRAFTS.set_function(lambda: _safe(lambda: pool()[0]))
         DRAFT_UTILIZATION.set_function(lambda: _safe(lambda: _ratio(*pool()[1:])))
+    if reported is not None:  # () -> (mean utilization, max answer p99 s, saturated drafts), from heartbeats
+        DRAFT_MEASURED_UTILIZATION.set_function(lambda: _safe(lambda: reported()[0]))
+        DRAFT_ANSWER_P99.set_function(lambda: _safe(lambda: reported()[1]))
+        DRAFT_SATURATED.set_function(lambda: _safe(lambda: reported()[2]))
     if queue is not None:
         ACTIVE_SEQUENCES.set_function(lambda: _safe(lambda: queue()[0]))
         QUEUE_DEPTH.set_function(lambda: _safe(lambda: queue()[1]))
@@ -158,7 +168,8 @@ def bind_state(pool: Callable[[], tuple[int, int, int]] | None = None,
 
 def unbind_state() -> None:
     """Undo `bind_state`: the gauges take `set_*_state` values again (tests, a stopped server)."""
-    for gauge in (REGISTERED_DRAFTS, DRAFT_UTILIZATION, ACTIVE_SEQUENCES, QUEUE_DEPTH):
+    for gauge in (REGISTERED_DRAFTS, DRAFT_UTILIZATION, ACTIVE_SEQUENCES, QUEUE_DEPTH, DRAFT_MEASURED_UTILIZATION,
+                  DRAFT_ANSWER_P99, DRAFT_SATURATED):
         vars(gauge).pop("_child_samples", None)  # set_function's per-instance override
 
 

@@ -1,6 +1,8 @@
 """PooledSpeculator: the Speculator protocol over the live draft endpoints of the registry.
 
-Each sequence has a primary endpoint (least loaded when assigned). One Session stream per
+Each sequence has a primary endpoint: the one where it expects the shortest answer latency when
+assigned (the drafts' heartbeats report their load, see DraftRegistry.pick); a draft that reports
+itself saturated gets no new sequences and sheds one a round to a draft that is not. One Session stream per
 (this speculator, lease) carries, per round, the outcomes of that endpoint's sequences; all
 endpoints are asked in parallel and waited for with a bounded deadline (the timeout, plus
 PREFILL_S_PER_TOKEN per history token on rounds that add sequences). Any draft failure
@@ -170,11 +172,14 @@ class PooledSpeculator:
         for lease_id in [x for x in self._sessions if x not in live or not self._sessions[x].alive]:
             self._kill(lease_id, self._sessions[lease_id].error or "lease gone")
         groups: dict[str, list[tuple[_Track, RoundOutcome]]] = {}
+        moved = False
         for track, o in zip(tracks, outcomes):
             if not track.tokens:
                 continue
             if track.lease_id not in live:
                 self._assign(track, live)
+            elif not moved and len(live) > 1 and self._registry.saturated(track.lease_id):
+                moved = self._move(track, live)  # one a round: a full draft sheds load without a stampede
             if track.lease_id is not None:
                 groups.setdefault(track.lease_id, []).append((track, o))
         sent = {lease_id: self._send(live[lease_id], group) for lease_id, group in groups.items()}
@@ -250,6 +255,21 @@ class PooledSpeculator:
         if track.lease_id is not None:
             self._registry.assign(track.lease_id, -1)
         track.lease_id, track.synced = self._registry.pick(list(live)), False
+
+    def _move(self, track: _Track, live: dict[str, Lease]) -> bool:
+        """Move a sequence off its saturated draft to the one with the shortest expected answer
+        latency (if any is not saturated); it is re-added there from its history."""
+        old = track.lease_id
+        new = self._registry.pick([x for x in live if x != old])
+        if new is None:
+            return False
+        self._registry.assign(old, -1)
+        session = self._sessions.get(old)
+        if session is not None and track.held == old:
+            session.remove([track.start.seq_id])
+        log.info("sequence %s moves off saturated draft %s", track.start.seq_id, live[old].endpoint)
+        track.lease_id, track.synced, track.held = new, False, None
+        return True
 
     def _fits(self, lease: Lease) -> bool:
         k_ok = lease.max_lookahead == 0 or lease.max_lookahead >= self.lookahead

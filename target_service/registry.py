@@ -66,6 +66,41 @@ class Lease:
     step_cost: tuple[float, float] = (0.0, 0.0)
 
 
+@dataclass(frozen=True, slots=True)
+class DraftLoadReport:
+    """A draft's self-reported load (heartbeats), clamped: untrusted, it only steers routing."""
+
+    sequences: int = 0  # rows it holds, all targets
+    rows_per_step: float = 0.0
+    step_ms: float = 0.0
+    answer_p50_ms: float = 0.0
+    answer_p99_ms: float = 0.0
+    utilization: float = 0.0
+    saturated: bool = False
+
+    @classmethod
+    def from_pb(cls, load: spb.DraftLoad) -> "DraftLoadReport":
+        def ms(x: float) -> float:
+            return min(max(float(x), 0.0), 1e5) if math.isfinite(x) else 0.0
+
+        util = float(load.utilization)
+        return cls(min(int(load.active_sequences), 1 << 20), ms(load.rows_per_step), ms(load.step_ms),
+                   ms(load.answer_p50_ms), ms(load.answer_p99_ms),
+                   min(max(util, 0.0), 1.0) if math.isfinite(util) else 0.0, bool(load.saturated))
+
+
+def expected_answer_ms(report: DraftLoadReport | None, step_cost: tuple[float, float], unreported: int) -> float:
+    """What one more sequence on this draft should expect per round: its reported answer latency
+    (p50), plus the share of a step that the sequences assigned here since its last report add
+    (a step's time over its rows, or the draft's announced forward cost when it reported none)."""
+    base = report.answer_p50_ms if report is not None else 0.0
+    if report is not None and report.rows_per_step > 0 and report.step_ms > 0:
+        per_row = report.step_ms / report.rows_per_step
+    else:
+        per_row = step_cost[0] + step_cost[1] or 1.0
+    return base + per_row * (unreported + 1)
+
+
 def _step_cost(info: spb.DraftInfo) -> tuple[float, float]:
     """A draft's self-reported forward cost, clamped to sane values (untrusted: it only steers
     the target's choice of K, never its output)."""
@@ -94,6 +129,7 @@ class DraftRegistry:
         self.session_metadata: tuple[tuple[str, str], ...] = ()  # this target's credential, sent on Sessions
         self._leases: dict[str, Lease] = {}
         self._load: dict[str, int] = {}
+        self._reports: dict[str, tuple[DraftLoadReport, int]] = {}  # lease -> (last report, our count then)
         self._turn = 0
         self._lock = threading.Lock()
 
@@ -126,9 +162,10 @@ class DraftRegistry:
                  lease.draft_id, lease.identity, info.model_id, lease.lease_id[:8])
         return lease
 
-    def heartbeat(self, lease_id: str, principal: Principal | None = None) -> bool:
-        """Renew a lease; False when it is unknown or expired (the draft must register again);
-        PERMISSION_DENIED when it belongs to another identity."""
+    def heartbeat(self, lease_id: str, principal: Principal | None = None,
+                  load: spb.DraftLoad | None = None) -> bool:
+        """Renew a lease (and record the draft's reported load); False when it is unknown or
+        expired (the draft must register again); PERMISSION_DENIED when it belongs to another identity."""
         with self._lock:
             self._sweep()
             lease = self._leases.get(lease_id)
@@ -136,6 +173,8 @@ class DraftRegistry:
                 return False
             self._owned(lease, principal, "heartbeat")
             self._leases[lease_id] = replace(lease, expires_at=self._clock() + self.ttl_s)
+            if load is not None:
+                self._reports[lease_id] = (DraftLoadReport.from_pb(load), self._load.get(lease_id, 0))
             return True
 
     def deregister(self, lease_id: str, reason: str = "", principal: Principal | None = None) -> None:
@@ -172,16 +211,48 @@ class DraftRegistry:
             if lease_id in self._load:
                 self._load[lease_id] = max(0, self._load[lease_id] + delta)
 
-    def pick(self, lease_ids: list[str]) -> str | None:
-        """The least loaded of `lease_ids` (ties in rotating order, so all get used); counts it."""
+    def report(self, lease_id: str) -> DraftLoadReport | None:
         with self._lock:
-            known = [x for x in lease_ids if x in self._load]
+            entry = self._reports.get(lease_id)
+            return entry[0] if entry else None
+
+    def expected_ms(self, lease_id: str) -> float:
+        """expected_answer_ms of one more sequence on this lease (inf: unknown lease)."""
+        with self._lock:
+            return self._expected(lease_id)
+
+    def saturated(self, lease_id: str) -> bool:
+        with self._lock:
+            entry = self._reports.get(lease_id)
+            return bool(entry and entry[0].saturated)
+
+    def pick(self, lease_ids: list[str]) -> str | None:
+        """The lease where one more sequence expects the shortest answer latency, among those not
+        saturated (None when all are: the sequence then runs on the engine's fast backup rather
+        than queue on a full draft); ties in rotating order, so all get used. Counts it."""
+        with self._lock:
+            known = [x for x in lease_ids if x in self._load and not self._is_saturated(x)]
             if not known:
                 return None
             self._turn += 1
-            best = min(range(len(known)), key=lambda i: (self._load[known[i]], (i - self._turn) % len(known)))
+            best = min(range(len(known)),
+                       key=lambda i: (round(self._expected(known[i]), 3), (i - self._turn) % len(known)))
             self._load[known[best]] += 1
             return known[best]
+
+    def _is_saturated(self, lease_id: str) -> bool:
+        entry = self._reports.get(lease_id)
+        return bool(entry and entry[0].saturated)
+
+    def _expected(self, lease_id: str) -> float:
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return math.inf
+        report, ours_then = self._reports.get(lease_id, (None, 0))
+        ours = self._load.get(lease_id, 0)
+        # unreported: what we assigned since its report (before any report: all of ours)
+        unreported = max(0, ours - ours_then) if report is not None else ours
+        return expected_answer_ms(report, lease.step_cost, unreported)
 
     def draft_model_ids(self) -> list[str]:
         return sorted({lease.model_id for lease in self.live()})
@@ -232,6 +303,7 @@ class DraftRegistry:
     def _remove(self, lease_id: str, why: str) -> None:
         lease = self._leases.pop(lease_id, None)
         self._load.pop(lease_id, None)
+        self._reports.pop(lease_id, None)
         if lease is not None:
             log.warning("draft lease dropped: endpoint=%s lease=%s: %s", lease.endpoint, lease_id[:8], why)
 
@@ -253,7 +325,8 @@ class TargetRegistryServicer(spb_grpc.TargetRegistryServicer):
     @mapped
     def Heartbeat(self, request: spb.HeartbeatRequest, context: grpc.ServicerContext) -> spb.HeartbeatResponse:
         registry = self._holder.get()
-        ok = registry.heartbeat(request.lease_id, _caller(registry, context))
+        ok = registry.heartbeat(request.lease_id, _caller(registry, context),
+                                request.load if request.HasField("load") else None)
         return spb.HeartbeatResponse(ok=ok, lease_ttl_ms=int(registry.ttl_s * 1000))
 
     @mapped

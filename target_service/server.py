@@ -109,7 +109,8 @@ def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple
     registry.session_metadata = bearer_metadata(cfg.auth_token)  # our credential, on Sessions to drafts
     scheduler = Scheduler(lane_factory(target, registry, cfg, replica_id), cfg.max_batch, cfg.max_queue)
     scheduler.start()
-    metrics.bind_state(pool=lambda: _pool_state(registry), queue=scheduler.counts)
+    metrics.bind_state(pool=lambda: _pool_state(registry), queue=scheduler.counts,
+                       reported=lambda: _reported_state(registry))
     app = TargetApp(cfg, target, scheduler, registry, replica_id)
     apps.app, registries.registry = app, registry
     skeleton.set_serving(True)
@@ -141,6 +142,15 @@ def _pool_state(registry: DraftRegistry) -> tuple[int, int, int]:
     """(live leases, sequences this replica assigned to them, their announced capacity) for /metrics."""
     leases = registry.live()
     return len(leases), sum(registry.load(x.lease_id) for x in leases), sum(x.max_sequences for x in leases)
+
+
+def _reported_state(registry: DraftRegistry) -> tuple[float, float, int]:
+    """(mean reported utilization, max reported answer p99 in s, saturated drafts) of the live leases."""
+    reports = [r for r in (registry.report(x.lease_id) for x in registry.live()) if r is not None]
+    if not reports:
+        return 0.0, 0.0, 0
+    return (sum(r.utilization for r in reports) / len(reports), max(r.answer_p99_ms for r in reports) / 1e3,
+            sum(r.saturated for r in reports))
 
 
 def lane_factory(target: LoadedModel, registry: DraftRegistry, cfg: TargetConfig, replica_id: str) -> LaneFactory:
