@@ -1,0 +1,175 @@
+"""Shared draft pools (issue 17): the draft-side scheduler batching every session's rows into one
+step, per-session isolation, the branch cap, eviction of a late session; the load the draft
+reports and the targets' routing by it; the load generator. Greedy exactness of two real targets
+over one draft (and a draft kill) is in test_exactness_pool.py."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from conftest import make_pair
+from draft_service.config import SchedulerConfig
+from draft_service.scheduler import DraftScheduler, LoadMeter, SessionPlan
+from ssd_bench.draft_capacity import Stream, greedy_outcome, record_streams, run_cell
+from ssd_core.config import BackupKind, SamplingParams
+from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource
+
+TARGET, DRAFT = make_pair()
+PROMPTS = [(3, 1, 4, 1, 5), (2, 7, 1, 8), (9, 2, 6), (5, 3, 5, 8, 9, 7)]
+STREAMS = record_streams(TARGET, PROMPTS, 24)
+PLAN = SessionPlan((2, 2, 1), 1.0, BackupKind.JIT)
+
+
+def _drive(sched: DraftScheduler, sid: str, stream: Stream, rounds: int, seq_id: str = "a",
+           hold: threading.Event | None = None) -> list[tuple[int, tuple[int, ...], SpecSource]]:
+    """One simulated greedy target with one sequence: (round, tokens, source) of every answer."""
+    sched.open(sid, PLAN)
+    sched.add(sid, [SeqStart(seq_id, stream.prompt, SamplingParams(), draft_seed=7)])
+    out, outcome, pos = [], RoundOutcome.first(seq_id), 0
+    for i in range(rounds):
+        if hold is not None and i == 3:
+            hold.wait(10)
+        res = sched.round(sid, [outcome], argmax=True)
+        (spec,) = res.specs
+        out.append((spec.round, spec.tokens, spec.source))
+        k, bonus = greedy_outcome(spec.tokens, stream.continuation, pos)
+        pos += k + 1
+        outcome = RoundOutcome(seq_id, spec.round, k, bonus)
+    sched.close(sid)
+    return out
+
+
+def _run(sched: DraftScheduler, n: int, rounds: int = 10, holds=None) -> list[list]:
+    results: list = [None] * n
+    holds = holds or [None] * n
+
+    def one(i: int) -> None:
+        results[i] = _drive(sched, f"s{i}", STREAMS[i], rounds, hold=holds[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_sessions_share_batched_steps_with_their_own_ids_rounds_and_drafts():
+    """Three sessions, all with sequence id 'a': batched, each gets what it gets alone."""
+    batched = DraftScheduler(DRAFT, SchedulerConfig(window_ms=200))
+    together = _run(batched, 3)
+    alone = [_run(DraftScheduler(DRAFT, SchedulerConfig(batched=False)), 1)[0] for _ in range(1)]
+    per_session = _run(DraftScheduler(DRAFT, SchedulerConfig(batched=False)), 3)
+    assert batched.load().rows_per_step > 1.5  # rows of several sessions in one step
+    assert batched.evictions == 0
+    for i, res in enumerate(together):
+        assert [r for r, _, _ in res] == list(range(10))  # each sequence's own round numbers
+        assert [t for _, t, _ in res] == [t for _, t, _ in per_session[i]]  # same drafts as stepped alone
+        assert sum(s is SpecSource.CACHE_HIT for _, _, s in res) > 0
+    assert [t for _, t, _ in alone[0]] == [t for _, t, _ in together[0]]
+
+
+def test_branch_cap_splits_a_group_into_shards_and_answers_all():
+    sched = DraftScheduler(DRAFT, SchedulerConfig(window_ms=200, max_branches_per_step=5))  # 1 row per shard
+    seen_shards = []
+    orig = sched._run_step
+
+    def spy(g, tickets, work, doomed, t0):
+        seen_shards.append(len(work))
+        return orig(g, tickets, work, doomed, t0)
+
+    sched._run_step = spy
+    results = _run(sched, 3, rounds=6)
+    assert max(seen_shards) == 3  # 3 rows of 5 branches each: one shard each
+    assert all(len(r) == 6 for r in results)
+
+
+def test_a_late_session_is_evicted_then_served_alone_without_losing_its_place():
+    sched = DraftScheduler(DRAFT, SchedulerConfig(window_ms=1))
+    hold = threading.Event()
+    timer = threading.Timer(0.5, hold.set)
+    timer.start()
+    results = _run(sched, 2, rounds=8, holds=[None, hold])  # session 1 stalls before its 4th round
+    alone = _run(DraftScheduler(DRAFT, SchedulerConfig(batched=False)), 2, rounds=8)
+    assert sched.evictions >= 1
+    for got, ref in zip(results, alone):  # rows re-added from the tracked history: same drafts, same rounds
+        assert [(r, t) for r, t, _ in got] == [(r, t) for r, t, _ in ref]
+
+
+def test_load_meter_percentiles_utilization_and_saturation():
+    now = [0.0]
+    meter = LoadMeter(window_s=10, clock=lambda: now[0])
+    now[0] = 10.0
+    for ms in range(1, 101):
+        meter.answer(ms / 1e3)
+    meter.step(rows=4, seconds=0.02, busy_s=0.02)
+    meter.build(seconds=4.0, branches=24)
+    s = meter.snapshot(sequences=4, max_utilization=0.9, max_answer_ms=0)
+    assert s.answer_p50_ms == pytest.approx(50, abs=1) and s.answer_p99_ms == pytest.approx(99, abs=1)
+    assert s.rows_per_step == 4 and s.branches_per_step == 24 and s.step_ms == pytest.approx(20)
+    assert s.utilization == pytest.approx(0.402) and not s.saturated
+    assert meter.snapshot(4, 0.9, max_answer_ms=50).saturated  # the latency bound
+    meter.build(seconds=6.0, branches=24)
+    assert meter.snapshot(4, 0.9, 0).saturated  # busy over the limit
+    now[0] = 30.0  # the window moved on: nothing recent
+    assert meter.snapshot(0, 0.9, 0).utilization == 0 and meter.snapshot(0, 0.9, 0).answer_p99_ms == 0
+
+
+def test_greedy_outcome_is_what_greedy_verification_gives():
+    cont = (5, 6, 7, 8)
+    assert greedy_outcome((5, 6, 9), cont, 0) == (2, 7)
+    assert greedy_outcome((1,), cont, 1) == (0, 6)
+    assert greedy_outcome((7, 8), cont, 2) == (1, 8)  # the recording's last token is never speculated past
+    assert len(STREAMS[0].continuation) == 24
+
+
+def test_registry_routes_by_expected_answer_latency_and_skips_saturated_drafts(target_identity_info):
+    from ssd_protos.ssd.v1 import speculation_pb2 as spb
+    from target_service.registry import DraftRegistry
+
+    identity, info = target_identity_info
+    reg = DraftRegistry(identity, ttl_s=60)
+    fast = reg.register("127.0.0.1:1", "fast", info)
+    slow = reg.register("127.0.0.1:2", "slow", info)
+    reg.heartbeat(fast.lease_id, load=spb.DraftLoad(answer_p50_ms=5, step_ms=4, rows_per_step=4, active_sequences=4))
+    reg.heartbeat(slow.lease_id, load=spb.DraftLoad(answer_p50_ms=40, step_ms=30, rows_per_step=1))
+    ids = [fast.lease_id, slow.lease_id]
+    picks = [reg.pick(ids) for _ in range(3)]
+    assert picks == [fast.lease_id] * 3  # 5 + 1..3 ms beats 40 + 30 ms, whatever the counts
+    assert reg.expected_ms(fast.lease_id) == pytest.approx(5 + 1 * 4)  # 3 unreported + 1 at 1 ms a row
+    reg.heartbeat(fast.lease_id, load=spb.DraftLoad(answer_p50_ms=5, saturated=True, utilization=float("nan")))
+    assert reg.report(fast.lease_id).utilization == 0.0  # untrusted numbers are clamped
+    assert reg.pick(ids) == slow.lease_id  # a saturated draft gets no new sequences
+    reg.heartbeat(slow.lease_id, load=spb.DraftLoad(saturated=True))
+    assert reg.pick(ids) is None  # all full: the fast backup instead of a queue
+
+
+@pytest.fixture()
+def target_identity_info():
+    from ssd_core.models import tokenizer_fingerprint
+    from ssd_protos.ssd.v1 import speculation_pb2 as spb
+    from target_service.registry import TargetIdentity
+
+    fp = tokenizer_fingerprint(TARGET.tokenizer, TARGET.vocab_size)
+    return (TargetIdentity("r0", "t", TARGET.vocab_size, fp),
+            spb.DraftInfo(vocab_size=TARGET.vocab_size, tokenizer_fingerprint=fp, proto_version=1))
+
+
+def test_load_generator_over_grpc_and_the_heartbeat_load():
+    """R simulated targets against a real draft server; its DraftLoad reports what they did."""
+    from draft_service.config import DraftServerConfig
+    from draft_service.server import create_server
+
+    server, port = create_server(DraftServerConfig(port=0, scheduler=SchedulerConfig(window_ms=100)), model=DRAFT)
+    server.start()
+    try:
+        res = run_cell(f"127.0.0.1:{port}", STREAMS, 3, seconds=2.0, fan_out=(2, 2, 1), warmup_s=0.3)
+        load = server.servicer.load()
+    finally:
+        server.stop(0)
+    assert res.errors == 0 and res.speculations > 10 and 0 < res.answer_p50_ms <= res.answer_p99_ms
+    assert res.hit_rate > 0
+    assert load.rows_per_step > 1 and load.step_ms > 0 and load.answer_p99_ms > 0 and 0 < load.utilization <= 1
+    assert load.branches_per_step > 0
