@@ -322,3 +322,44 @@ def capacity_at(rep: dict, mode: str, max_p99_ms: float) -> int:
 
 __all__ = ["CapacityConfig", "CellResult", "Stream", "capacity_at", "format_capacity", "greedy_outcome",
            "measure_draft_capacity", "record_streams", "run_capacity", "run_cell"]
+
+
+# -- the model's prediction for a scenario (ssd_bench/scenarios) ----------------------------------
+def _extrapolated(table: dict) -> Callable[[int], float]:
+    """Piecewise-linear in a {"n": ms} table, continued linearly past its last point (a step over
+    more tokens than the table knows costs more, never the same)."""
+    pts = sorted((float(n), float(v)) for n, v in table.items())
+
+    def f(x: int) -> float:
+        if x <= pts[0][0] or len(pts) == 1:
+            return pts[0][1] if x <= pts[0][0] else pts[0][1]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if x <= x1:
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        (x0, y0), (x1, y1) = pts[-2], pts[-1]
+        return y1 + max(0.0, (y1 - y0) / (x1 - x0)) * (x - x1)
+
+    return f
+
+
+def pool_table(scn: dict, k: int, targets: tuple[int, ...] = (1, 2, 4, 8, 16), drafts: int = 1,
+               batch: int = 1) -> list[dict]:
+    """Predicted tokens/s per target and draft utilization, batched vs per-session, for R targets on D drafts."""
+    from ssd_bench.simulate import times_for
+    from ssd_core.perfmodel import expected_tokens_per_round, pool_prediction
+
+    t = times_for(scn, k)
+    step = _extrapolated(scn["step_times"]["tree_step_by_branches"])
+    e = expected_tokens_per_round(scn["acceptance"], k)
+    p_hit = scn["hit_rate"]
+    out = []
+    for r in targets:
+        row = {"targets": r, "drafts": drafts}
+        for batched in (True, False):
+            p = pool_prediction(t, step, r, drafts, batch, scn.get("budget_per_k", 2) * (k + 1), e_hit=e, p_hit=p_hit,
+                                batched=batched)
+            row["batched" if batched else "per_session"] = {
+                "tokens_per_s_per_target": p.tokens_per_s_per_target, "draft_utilization": p.draft_utilization,
+                "round_ms": p.round_ms, "answer_ms": p.answer_ms}
+        out.append(row)
+    return out

@@ -24,6 +24,7 @@ backup on the critical path of the whole batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 
@@ -156,3 +157,67 @@ def paper_speedup_sd(a: float, k: int, t_sd: float) -> float:
 
 def relative_error(predicted: float, measured: float) -> float:
     return math.inf if measured <= 0 else abs(predicted - measured) / measured
+
+
+# -- a shared draft pool (issue 17): R targets on D drafts ------------------------------------
+@dataclass(frozen=True, slots=True)
+class PoolPrediction:
+    """Predicted steady state of R targets sharing D drafts (each target at batch b)."""
+
+    targets: int
+    drafts: int
+    batched: bool  # one draft step across all the draft's targets (draft_service/scheduler.py)
+    rows_per_step: int  # sequences one draft step carries (batched), or one target's b
+    round_ms: float  # one target's round
+    tokens_per_s_per_target: float
+    draft_utilization: float  # the draft's busy fraction (0..1)
+    answer_ms: float  # the draft's expected answer time per round (lookup or JIT, queueing included)
+
+
+def pool_prediction(t: ComponentTimes, draft_step: Callable[[int], float], targets: int, drafts: int = 1,
+                    batch: int = 1, branches_per_row: int = 2, e_hit: float = 1.0, e_miss: float | None = None,
+                    p_hit: float = 0.0, batched: bool = True) -> PoolPrediction:
+    """SSD speed per target and draft utilization with R = `targets` sharing D = `drafts` drafts.
+
+    t: the target side (verify, commit, transport, answer per row) at lookahead K = t.lookahead;
+    draft_step(tokens): one draft forward over that many query tokens, ms (measured, by rows x
+    width). Per draft, n = ceil(R / D) * b rows.
+    - batched: one step answers all n rows (answer n * t.answer, JIT K steps over n rows on any
+      miss: the whole group waits for it, so a step is all-hit with p_hit^n), then one cache build
+      (glue over n * (K+1) tokens + K tree steps over n * branches_per_row branches) overlaps the
+      targets' verification, as in ssd_round_ms.
+    - per-session: each target's rows are stepped on their own, one after the other on the draft
+      device; a target's round is its own SSD round plus the wait behind half the others' steps,
+      unless the draft's work for all R/D targets takes longer, which then paces every target.
+    Batching trades R/D separate steps for one bigger one, but a miss of any row delays every
+    row of the step: with a fast draft and few targets per draft it can lose (the table shows it).
+    """
+    if targets < 1 or drafts < 1 or batch < 1:
+        raise ValueError("targets, drafts and batch must be >= 1")
+    k = t.lookahead
+    per_draft = math.ceil(targets / drafts)
+    miss_e = e_hit if e_miss is None else e_miss
+
+    def costs(rows: int) -> tuple[float, float, float]:
+        answer = t.answer * rows
+        jit = k * draft_step(rows)
+        tree = draft_step(rows * (k + 1)) + k * draft_step(rows * max(1, branches_per_row))
+        return answer, jit, tree
+
+    verify_side = t.transport + (t.verify + t.commit) * t.verify_slowdown
+    rows = per_draft * batch if batched else batch
+    answer, jit, tree = costs(rows)
+    all_hit = p_hit ** rows
+    front = answer + (1 - all_hit) * jit
+    own_round = front + max(verify_side, tree * t.tree_slowdown)
+    busy = front + tree  # the draft's work for one step
+    if batched:
+        round_ms, queue = max(own_round, busy), 0.0
+    else:
+        cycle = per_draft * busy  # every session's step, one after the other
+        queue = (per_draft - 1) * busy / 2  # on average a round waits behind half the others' steps
+        round_ms = max(own_round + queue, cycle)
+    util = min(1.0, (busy if batched else per_draft * busy) / round_ms)
+    e = p_hit * e_hit + (1 - p_hit) * miss_e  # tokens per sequence-round (as expected_tokens_per_s)
+    return PoolPrediction(targets, drafts, batched, rows, round_ms, batch * e / (round_ms / 1000), util,
+                          front + queue)

@@ -142,3 +142,29 @@ def test_simulate_exits_1_when_a_prediction_is_off(tmp_path, monkeypatch, capsys
     rc = main(["simulate", "--target", str(target), "--draft", str(draft), "--prompts", str(prompts),
                "--num-prompts", "2", "--calib-prompts", "1"])
     assert rc == 1 and seen == {"tolerance": 0.15}
+
+
+def test_pool_prediction_reduces_to_one_pair_and_batching_beats_per_session():
+    from ssd_core.perfmodel import ComponentTimes, expected_round_ms, pool_prediction
+
+    def step(tokens: int) -> float:  # a draft forward: 1 ms fixed + 0.01 ms per query token
+        return 1.0 + 0.01 * tokens
+
+    k, branches = 3, 8
+    t = ComponentTimes(lookahead=k, ar_step=10, verify=10, commit=0.2, jit=k * step(1) + 0.1, answer=0.1,
+                       tree_build=step(k + 1) + k * step(branches), transport=0.3)
+    one = pool_prediction(t, step, targets=1, branches_per_row=branches, e_hit=3.0, p_hit=0.8)
+    assert one.round_ms == pytest.approx(expected_round_ms(t, "ssd", p_hit=0.8))  # R = 1: the pair's own round
+    assert one.tokens_per_s_per_target == pytest.approx(3.0 / (one.round_ms / 1000))
+    for r in (4, 8):  # at R = 2 a fast draft keeps up either way (and a miss delays both rows when batched)
+        b = pool_prediction(t, step, targets=r, branches_per_row=branches, e_hit=3.0, p_hit=0.8)
+        s = pool_prediction(t, step, targets=r, branches_per_row=branches, e_hit=3.0, p_hit=0.8, batched=False)
+        assert b.rows_per_step == r and s.rows_per_step == 1
+        assert b.tokens_per_s_per_target > s.tokens_per_s_per_target
+        assert 0 < b.draft_utilization <= 1 and s.draft_utilization <= 1
+    eight = pool_prediction(t, step, targets=8, branches_per_row=branches, e_hit=3.0, p_hit=0.8, batched=False)
+    assert eight.draft_utilization == 1.0  # 8 sessions stepped one by one: the draft paces them
+    assert pool_prediction(t, step, targets=8, drafts=4, branches_per_row=branches, e_hit=3.0,
+                           p_hit=0.8).rows_per_step == 2  # R:D = 2
+    with pytest.raises(ValueError):
+        pool_prediction(t, step, targets=0)
