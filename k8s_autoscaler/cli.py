@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--down-wait-s", type=float, default=d.down_wait_s)
     parser.add_argument("--up-utilization", type=float, default=d.up_utilization)
     parser.add_argument("--down-utilization", type=float, default=d.down_utilization)
+    parser.add_argument("--up-busy", type=float, default=d.up_busy, help="drafts' measured busy fraction (heartbeats)")
+    parser.add_argument("--down-busy", type=float, default=d.down_busy)
+    parser.add_argument("--up-answer-p99-s", type=float, default=d.up_answer_p99_s, help="drafts' answer-latency p99")
+    parser.add_argument("--down-answer-p99-s", type=float, default=d.down_answer_p99_s)
     parser.add_argument("--min-lookups", type=int, default=d.min_lookups)
     parser.add_argument("--step-up", type=int, default=d.step_up)
     parser.add_argument("--step-down", type=int, default=d.step_down)
@@ -48,7 +52,8 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     return Policy(min_replicas=args.min_replicas, max_replicas=args.max_replicas, up_miss_rate=args.up_miss_rate,
                   down_miss_rate=args.down_miss_rate, up_wait_s=args.up_wait_s, down_wait_s=args.down_wait_s,
                   up_utilization=args.up_utilization, down_utilization=args.down_utilization,
-                  min_lookups=args.min_lookups, step_up=args.step_up, step_down=args.step_down,
+                  up_busy=args.up_busy, down_busy=args.down_busy, up_answer_p99_s=args.up_answer_p99_s,
+                  down_answer_p99_s=args.down_answer_p99_s, min_lookups=args.min_lookups, step_up=args.step_up, step_down=args.step_down,
                   cooldown_up_s=args.cooldown_up_s, cooldown_down_s=args.cooldown_down_s)
 
 

@@ -15,6 +15,9 @@ class MetricsSnapshot:
     lookups: int = 0  # cache lookups behind miss_rate (0 when it came from the gauge)
     spec_wait_s: float | None = None  # mean seconds a round waited for the drafts ('speculate' phase)
     draft_utilization: float | None = None  # sequences assigned to drafts / drafts' capacity, summed over targets
+    draft_busy: float | None = None  # the drafts' own measured busy fraction (heartbeats), mean over targets
+    draft_answer_p99_s: float | None = None  # the highest answer-latency p99 a draft reports
+    saturated_drafts: int = 0  # drafts that report themselves past capacity (max over targets)
     queue_depth: float = 0.0  # requests waiting on all targets
     warm: bool = True  # False: first scrape of every replica, no interval to judge yet (hold)
 
@@ -31,6 +34,10 @@ class Policy:
     down_wait_s: float = 0.010
     up_utilization: float = 0.85
     down_utilization: float = 0.40
+    up_busy: float = 0.85  # the drafts' measured busy fraction
+    down_busy: float = 0.40
+    up_answer_p99_s: float = 0.050  # the drafts' answer-latency p99
+    down_answer_p99_s: float = 0.015
     min_lookups: int = 50  # fewer lookups in the interval: the miss rate is noise and is not acted on
     step_up: int = 2  # at most this many replicas added per decision
     step_down: int = 1  # at most this many removed per decision
@@ -41,7 +48,8 @@ class Policy:
         if not 0 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"need 0 <= min_replicas ({self.min_replicas}) <= max_replicas ({self.max_replicas})")
         for low, high in (("down_miss_rate", "up_miss_rate"), ("down_wait_s", "up_wait_s"),
-                          ("down_utilization", "up_utilization")):
+                          ("down_utilization", "up_utilization"), ("down_busy", "up_busy"),
+                          ("down_answer_p99_s", "up_answer_p99_s")):
             if getattr(self, low) >= getattr(self, high):
                 raise ValueError(f"{low}={getattr(self, low)} must be below {high}={getattr(self, high)} "
                                  "(the gap is the hysteresis band)")
@@ -105,6 +113,12 @@ def _up_reasons(snap: MetricsSnapshot, p: Policy) -> list[str]:
         out.append(f"speculation wait {snap.spec_wait_s * 1e3:.1f}ms >= {p.up_wait_s * 1e3:.1f}ms")
     if snap.draft_utilization is not None and snap.draft_utilization >= p.up_utilization:
         out.append(f"draft utilization {snap.draft_utilization:.2f} >= {p.up_utilization:.2f}")
+    if snap.draft_busy is not None and snap.draft_busy >= p.up_busy:
+        out.append(f"drafts busy {snap.draft_busy:.2f} >= {p.up_busy:.2f}")
+    if snap.draft_answer_p99_s is not None and snap.draft_answer_p99_s >= p.up_answer_p99_s:
+        out.append(f"draft answer p99 {snap.draft_answer_p99_s * 1e3:.1f}ms >= {p.up_answer_p99_s * 1e3:.1f}ms")
+    if snap.saturated_drafts > 0:
+        out.append(f"{snap.saturated_drafts} draft(s) saturated")
     return out
 
 
@@ -119,12 +133,21 @@ def _down_blockers(snap: MetricsSnapshot, p: Policy) -> list[str]:
         out.append(f"miss rate {snap.miss_rate:.2f} > {p.down_miss_rate:.2f}")
     if snap.spec_wait_s is not None and snap.spec_wait_s > p.down_wait_s:
         out.append(f"wait {snap.spec_wait_s * 1e3:.1f}ms > {p.down_wait_s * 1e3:.1f}ms")
+    if snap.draft_busy is not None and snap.draft_busy > p.down_busy:
+        out.append(f"drafts busy {snap.draft_busy:.2f} > {p.down_busy:.2f}")
+    if snap.draft_answer_p99_s is not None and snap.draft_answer_p99_s > p.down_answer_p99_s:
+        out.append(f"answer p99 {snap.draft_answer_p99_s * 1e3:.1f}ms > {p.down_answer_p99_s * 1e3:.1f}ms")
     return out
 
 
 def _proportional(snap: MetricsSnapshot, current: int, p: Policy) -> int:
     """Replicas that would bring utilization back to the middle of the band (HPA-style ratio)."""
-    if not snap.draft_utilization or current == 0:
+    if current == 0:
         return current + 1
-    target = (p.up_utilization + p.down_utilization) / 2
-    return math.ceil(current * snap.draft_utilization / target)
+    # the larger of the two utilization signals, each against the middle of its band (HPA-style)
+    ratios = [snap.draft_utilization / ((p.up_utilization + p.down_utilization) / 2)] if snap.draft_utilization else []
+    if snap.draft_busy:
+        ratios.append(snap.draft_busy / ((p.up_busy + p.down_busy) / 2))
+    if not ratios:
+        return current + 1
+    return math.ceil(current * max(ratios))

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 WAIT_PHASE = "speculate"
 SUMMED = ("ssd_cache_hits_total", "ssd_cache_misses_total", "ssd_draft_cache_miss_rate", "ssd_draft_utilization",
-          "ssd_queue_depth")
+          "ssd_queue_depth", "ssd_draft_reported_utilization", "ssd_draft_reported_answer_p99_seconds",
+          "ssd_draft_reported_saturated")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,9 @@ class TargetSample:
     miss_rate_gauge: float | None = None  # ssd_draft_cache_miss_rate (the replica's own EWMA)
     utilization: float | None = None  # ssd_draft_utilization
     queue_depth: float = 0.0
+    draft_busy: float | None = None  # ssd_draft_reported_utilization (mean over this replica's drafts)
+    draft_answer_p99_s: float | None = None  # ssd_draft_reported_answer_p99_seconds
+    saturated_drafts: float = 0.0  # ssd_draft_reported_saturated
 
 
 def parse_metrics(text: str) -> TargetSample:
@@ -44,7 +48,9 @@ def parse_metrics(text: str) -> TargetSample:
         hits=v.get("ssd_cache_hits_total", 0.0), misses=v.get("ssd_cache_misses_total", 0.0),
         wait_sum_s=v.get("ssd_round_seconds_sum", 0.0), wait_count=v.get("ssd_round_seconds_count", 0.0),
         miss_rate_gauge=v.get("ssd_draft_cache_miss_rate"), utilization=v.get("ssd_draft_utilization"),
-        queue_depth=v.get("ssd_queue_depth", 0.0),
+        queue_depth=v.get("ssd_queue_depth", 0.0), draft_busy=v.get("ssd_draft_reported_utilization"),
+        draft_answer_p99_s=v.get("ssd_draft_reported_answer_p99_seconds"),
+        saturated_drafts=v.get("ssd_draft_reported_saturated", 0.0),
     )
 
 
@@ -89,7 +95,12 @@ def aggregate(current: dict[str, TargetSample], previous: dict[str, TargetSample
         miss_rate, lookups = sum(gauges) / len(gauges), 0.0
     else:
         miss_rate = None
+    # the drafts are shared: every target sees the same ones, so these are means / maxima, not sums
+    busy = [s.draft_busy for s in current.values() if s.draft_busy is not None]
+    p99 = [s.draft_answer_p99_s for s in current.values() if s.draft_answer_p99_s is not None]
     return MetricsSnapshot(
+        draft_busy=sum(busy) / len(busy) if busy else None, draft_answer_p99_s=max(p99) if p99 else None,
+        saturated_drafts=int(max((s.saturated_drafts for s in current.values()), default=0)),
         targets=len(current), miss_rate=miss_rate, lookups=int(lookups),
         spec_wait_s=wait_sum / wait_count if wait_count > 0 else None, draft_utilization=utilization,
         queue_depth=sum(s.queue_depth for s in current.values()), warm=bool(fresh),

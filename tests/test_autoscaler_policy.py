@@ -87,3 +87,31 @@ def test_no_metrics_or_first_scrape_holds() -> None:
 def test_policy_rejects_bad_settings(kw) -> None:
     with pytest.raises(ValueError):
         Policy(**kw)
+
+
+def test_the_drafts_own_signals_busy_answer_latency_and_saturation() -> None:
+    """The pool's own load, as the drafts report it in heartbeats (targets export it)."""
+    d = decide(_replace(CALM, draft_busy=0.95), 2, LONG_AGO, 0.0, P)
+    assert d.replicas == 4 and "drafts busy" in d.reason  # proportional: ceil(2 * 0.95 / 0.625) = 4
+    d = decide(_replace(CALM, draft_answer_p99_s=0.2), 2, LONG_AGO, 0.0, P)
+    assert d.replicas == 3 and "answer p99" in d.reason
+    d = decide(_replace(CALM, saturated_drafts=1), 2, LONG_AGO, 0.0, P)
+    assert d.replicas == 3 and "saturated" in d.reason
+    low = _replace(CALM, draft_utilization=0.1, miss_rate=0.05)
+    assert decide(low, 4, LONG_AGO, 0.0, P).reason.startswith("down")
+    held = decide(_replace(low, draft_busy=0.6), 4, LONG_AGO, 0.0, P)  # busy within its band: no scale-down
+    assert not held.changed and "drafts busy" in held.reason
+    held = decide(_replace(low, draft_answer_p99_s=0.03), 4, LONG_AGO, 0.0, P)
+    assert not held.changed and "answer p99" in held.reason
+
+
+def test_scrape_reads_the_reported_draft_load_as_means_and_maxima() -> None:
+    from k8s_autoscaler.scrape import aggregate, parse_metrics
+
+    page = ("ssd_draft_reported_utilization {u}\nssd_draft_reported_answer_p99_seconds {p}\n"
+            "ssd_draft_reported_saturated {s}\n")
+    a = parse_metrics(page.format(u=0.5, p=0.02, s=0))
+    b = parse_metrics(page.format(u=0.9, p=0.08, s=1))
+    assert (a.draft_busy, a.draft_answer_p99_s, a.saturated_drafts) == (0.5, 0.02, 0.0)
+    snap = aggregate({"a": a, "b": b}, {"a": a, "b": b})
+    assert snap.draft_busy == pytest.approx(0.7) and snap.draft_answer_p99_s == 0.08 and snap.saturated_drafts == 1
