@@ -225,7 +225,7 @@ class CapacityConfig:
     cpus: str = ""  # the draft processes' core(s), e.g. "1" (default: the last core)
     num_streams: int = 8
     new_tokens: int = 64
-    window_ms: float = 5.0
+    window_ms: float = 10.0  # the drafts' --batch-window-ms
 
 
 def _free_port() -> int:
