@@ -58,7 +58,7 @@ def _run(sched: DraftScheduler, n: int, rounds: int = 10, holds=None) -> list[li
 
 def test_sessions_share_batched_steps_with_their_own_ids_rounds_and_drafts():
     """Three sessions, all with sequence id 'a': batched, each gets what it gets alone."""
-    batched = DraftScheduler(DRAFT, SchedulerConfig(window_ms=200))
+    batched = DraftScheduler(DRAFT, SchedulerConfig(window_ms=1000))
     together = _run(batched, 3)
     rows_per_step = batched.load().rows_per_step  # now: the load window is the last 10 s
     alone = [_run(DraftScheduler(DRAFT, SchedulerConfig(batched=False)), 1)[0] for _ in range(1)]
@@ -73,7 +73,7 @@ def test_sessions_share_batched_steps_with_their_own_ids_rounds_and_drafts():
 
 
 def test_branch_cap_splits_a_group_into_shards_and_answers_all():
-    sched = DraftScheduler(DRAFT, SchedulerConfig(window_ms=200, max_branches_per_step=5))  # 1 row per shard
+    sched = DraftScheduler(DRAFT, SchedulerConfig(window_ms=1000, max_branches_per_step=5))  # 1 row per shard
     seen_shards = []
     orig = sched._run_step
 
@@ -163,7 +163,7 @@ def test_load_generator_over_grpc_and_the_heartbeat_load():
     from draft_service.config import DraftServerConfig
     from draft_service.server import create_server
 
-    server, port = create_server(DraftServerConfig(port=0, scheduler=SchedulerConfig(window_ms=100)), model=DRAFT)
+    server, port = create_server(DraftServerConfig(port=0, scheduler=SchedulerConfig(window_ms=1000)), model=DRAFT)
     server.start()
     try:
         res = run_cell(f"127.0.0.1:{port}", STREAMS, 3, seconds=2.0, fan_out=(2, 2, 1), warmup_s=0.3)
