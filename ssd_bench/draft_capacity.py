@@ -1,7 +1,8 @@
 """Draft capacity: R simulated targets against one draft endpoint, batched vs per-session steps.
 
-The load generator speaks the Session protocol exactly as a target replica does (it uses the
-target's own client, target_service/session.py): one Session per simulated target, b sequences
+The load generator speaks the Session protocol exactly as a target replica does (the caller
+passes the target's own client, target_service/session.DraftSessionClient: the bench imports no
+service, ssd_cli composes them): one Session per simulated target, b sequences
 each, a RoundRequest per round. What a target would verify is replayed from recorded target
 streams: each prompt's greedy continuation by the target model, recorded once (Engine, AR). A
 speculation's outcome is then what greedy verification gives: k = the speculated tokens that
@@ -102,13 +103,12 @@ class SimulatedTarget:
     """One target replica with `batch` sequences at a time over one Session, replaying streams."""
 
     def __init__(self, index: int, endpoint: str, streams: list[Stream], fan_out: tuple[int, ...],
-                 metadata: tuple[tuple[str, str], ...] = (), batch: int = 1, verify_ms: float = 0.0) -> None:
-        from target_service.session import DraftSessionClient
-
+                 session_client: Callable, metadata: tuple[tuple[str, str], ...] = (), batch: int = 1,
+                 verify_ms: float = 0.0) -> None:
         self.index, self.streams, self.batch, self.verify_s = index, streams, batch, verify_ms / 1e3
         self.fan_out = tuple(fan_out)
         config = config_to_pb(self.fan_out, 1.0, BackupKind.JIT, len(self.fan_out) - 1)
-        self.client = DraftSessionClient(f"gen{index}", endpoint, f"sim-target-{index}", config, None, metadata)
+        self.client = session_client(f"gen{index}", endpoint, f"sim-target-{index}", config, None, metadata)
         self._next = index  # which recorded stream the next sequence replays
         self._serial = 0
 
@@ -172,11 +172,12 @@ class SimulatedTarget:
 
 
 def run_cell(endpoint: str, streams: list[Stream], sessions: int, seconds: float, fan_out: tuple[int, ...],
-             metadata: tuple[tuple[str, str], ...] = (), batch: int = 1, verify_ms: float = 0.0,
+             session_client: Callable, metadata: tuple[tuple[str, str], ...] = (), batch: int = 1, verify_ms: float = 0.0,
              warmup_s: float | None = None) -> CellResult:
     """R = `sessions` simulated targets for `seconds` (the first `warmup_s` not measured)."""
     warmup_s = min(1.0, seconds / 5) if warmup_s is None else warmup_s
-    targets = [SimulatedTarget(i, endpoint, streams, fan_out, metadata, batch, verify_ms) for i in range(sessions)]
+    targets = [SimulatedTarget(i, endpoint, streams, fan_out, session_client, metadata, batch, verify_ms)
+               for i in range(sessions)]
     stop, lock, tally = threading.Event(), threading.Lock(), _Tally()
     start = time.monotonic()
     threads = [threading.Thread(target=t.run, args=(stop, start + warmup_s, tally, lock), daemon=True)
@@ -194,7 +195,7 @@ def run_cell(endpoint: str, streams: list[Stream], sessions: int, seconds: float
 
 
 def run_capacity(endpoints: dict[str, str], streams: list[Stream], sessions: tuple[int, ...], seconds: float,
-                 fan_out: tuple[int, ...], metadata: tuple[tuple[str, str], ...] = (), batch: int = 1,
+                 fan_out: tuple[int, ...], session_client: Callable, metadata: tuple[tuple[str, str], ...] = (), batch: int = 1,
                  verify_ms: float = 0.0,
                  progress: Callable[[str], None] | None = None) -> list[dict]:
     """Every R, each mode of `endpoints` back to back (the first mode alternating): one entry per R."""
@@ -203,7 +204,7 @@ def run_capacity(endpoints: dict[str, str], streams: list[Stream], sessions: tup
         modes = list(endpoints) if n % 2 == 0 else list(endpoints)[::-1]
         entry: dict = {"sessions": r}
         for mode in modes:
-            res = run_cell(endpoints[mode], streams, r, seconds, fan_out, metadata, batch, verify_ms)
+            res = run_cell(endpoints[mode], streams, r, seconds, fan_out, session_client, metadata, batch, verify_ms)
             entry[mode] = asdict(res)
             if progress:
                 progress(f"R={r} {mode}: {res.speculations_per_s:.1f} spec/s, answer p50 {res.answer_p50_ms:.1f} ms "
@@ -256,7 +257,7 @@ def _wait_serving(addr: str, proc: subprocess.Popen, log_path: Path, timeout_s: 
 
 
 def measure_draft_capacity(target: LoadedModel, draft_dir: Path, prompts: list[tuple[int, ...]], cfg: CapacityConfig,
-                           command: str, log_dir: Path, extra_args: tuple[str, ...] = (),
+                           command: str, log_dir: Path, session_client: Callable, extra_args: tuple[str, ...] = (),
                            progress: Callable[[str], None] | None = None) -> dict:
     """Start a batched and a per-session draft on the same core(s), run the cells, return the report."""
     from ssd_bench.provenance import provenance
@@ -284,7 +285,8 @@ def measure_draft_capacity(target: LoadedModel, draft_dir: Path, prompts: list[t
         if others:  # the simulated targets never run on the drafts' core(s)
             os.sched_setaffinity(0, others)
         t0 = time.monotonic()
-        entries = run_capacity(endpoints, streams, cfg.sessions, cfg.seconds, cfg.fan_out, bearer_metadata(token),
+        entries = run_capacity(endpoints, streams, cfg.sessions, cfg.seconds, cfg.fan_out, session_client,
+                               bearer_metadata(token),
                                cfg.batch, cfg.verify_ms, progress)
         wall = time.monotonic() - t0
         if others:

@@ -168,7 +168,9 @@ def run_draft_capacity(args: argparse.Namespace) -> int:
     extra = ("--device", args.device, "--dtype", args.dtype) + (("--backend", backend) if backend else ())
     command = "ssd " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     log_dir = Path(os.environ.get("SSD_BENCH_LOG_DIR", "runs/bench-logs"))
-    rep = measure_draft_capacity(target, Path(args.draft), prompts, cfg, command, log_dir, extra,
+    from target_service.session import DraftSessionClient  # the simulated targets speak as real ones
+
+    rep = measure_draft_capacity(target, Path(args.draft), prompts, cfg, command, log_dir, DraftSessionClient, extra,
                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_capacity(rep))
     if args.json:

@@ -162,11 +162,13 @@ def test_load_generator_over_grpc_and_the_heartbeat_load():
     """R simulated targets against a real draft server; its DraftLoad reports what they did."""
     from draft_service.config import DraftServerConfig
     from draft_service.server import create_server
+    from target_service.session import DraftSessionClient
 
     server, port = create_server(DraftServerConfig(port=0, scheduler=SchedulerConfig(window_ms=1000)), model=DRAFT)
     server.start()
     try:
-        res = run_cell(f"127.0.0.1:{port}", STREAMS, 3, seconds=2.0, fan_out=(2, 2, 1), warmup_s=0.3)
+        res = run_cell(f"127.0.0.1:{port}", STREAMS, 3, seconds=2.0, fan_out=(2, 2, 1),
+                       session_client=DraftSessionClient, warmup_s=0.3)
         load = server.servicer.load()
     finally:
         server.stop(0)
