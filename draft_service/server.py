@@ -109,7 +109,7 @@ def serve(cfg: DraftServerConfig, stop: threading.Event | None = None) -> int:
         return 2
     server.start()
     try:
-        model = load_model(cfg.model_dir, cfg.device, cfg.dtype, cfg.backend)
+        model = load_model(cfg.model_dir, cfg.device, cfg.dtype, cfg.backend, cfg.tensor_parallel)
     except Exception as exc:  # any failure to load is fatal and must say why
         log.error("draft server: cannot load the draft model from %r: %s", cfg.model_dir, exc)
         server.stop(0)

@@ -88,24 +88,38 @@ def check_shardable(config, world: int) -> None:
 
 # -- the collectives one rank's forward needs ---------------------------------------------------
 class Group:
-    """This rank's view of the tensor-parallel group (the default torch.distributed group)."""
+    """This rank's view of the tensor-parallel group: the default torch.distributed group, or a
+    ProcessGroup object `pg` (tests run two ranks as threads of one process that way)."""
 
-    def __init__(self, rank: int, world: int, device: torch.device) -> None:
-        self.rank, self.world, self.device = rank, world, device
+    def __init__(self, rank: int, world: int, device: torch.device, pg=None) -> None:
+        self.rank, self.world, self.device, self.pg = rank, world, device, pg
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(x)
+        if self.pg is None:
+            dist.all_reduce(x)
+        else:
+            self.pg.allreduce([x]).wait()
         return x
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
-        dist.broadcast(x, src=0)
+        if self.pg is None:
+            dist.broadcast(x, src=0)
+        else:
+            opts = dist.BroadcastOptions()
+            opts.rootRank = 0
+            self.pg.broadcast([x], opts).wait()
         return x
 
     def gather0(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's x at rank 0 (None elsewhere)."""
         x = x.contiguous()
         out = [torch.empty_like(x) for _ in range(self.world)] if self.rank == 0 else None
-        dist.gather(x, out, dst=0)
+        if self.pg is None:
+            dist.gather(x, out, dst=0)
+        else:
+            opts = dist.GatherOptions()
+            opts.rootRank = 0
+            self.pg.gather([out] if out is not None else [], [x], opts).wait()
         return out
 
 
@@ -367,6 +381,9 @@ class Follower:
     def __init__(self, lean, group: Group) -> None:
         self.lean, self.group = lean, group
         self.mirrors: dict[int, _Mirror] = {}
+        # Freed caches whose slots may have moved into live ones (kv.extend copies rows, then the
+        # source is dropped): kept until every cache live at the free has had a forward since.
+        self.graveyard: list[tuple[_Mirror, set[int]]] = []
         self.forwards = 0
 
     def run(self) -> None:
@@ -387,7 +404,7 @@ class Follower:
         tokens, pos = payload[:n].view(batch, length), payload[n : 2 * n].view(batch, length)
         layout = payload[2 * n : 2 * n + batch * past].view(batch, past) if has_layout else None
         for f in payload[size - n_freed :].tolist() if n_freed else []:
-            self.mirrors.pop(f, None)
+            self._free(f)
         mask = self.group.broadcast(torch.empty(batch, 1, length, past + length, dtype=_dtype(self.lean), device=dev))
         mirror = None
         if cid != NO_CACHE:
@@ -404,14 +421,24 @@ class Follower:
         if mirror is not None:
             new = torch.arange(first, first + n, device=dev).view(batch, length)
             mirror.ids = torch.cat([mirror.ids, new], dim=1)
+        for _, pending in self.graveyard:
+            pending.difference_update((cid, NO_CACHE))
+        self.graveyard = [(m, pending) for m, pending in self.graveyard if pending]
         self.forwards += 1
+
+    def _free(self, cid: int) -> None:
+        for _, pending in self.graveyard:
+            pending.discard(cid)
+        mirror = self.mirrors.pop(cid, None)
+        if mirror is not None:
+            self.graveyard.append((mirror, set(self.mirrors) or {NO_CACHE}))  # NO_CACHE: until any next forward
 
     def _relayout(self, cid: int, mirror: _Mirror, want: torch.Tensor) -> None:
         """Rebuild this cache's K/V so slot (b, t) holds the slot whose id is want[b, t]."""
         from transformers import DynamicCache
 
         flat = want.reshape(-1)
-        sources = [mirror] + [m for c, m in self.mirrors.items() if c != cid]
+        sources = [mirror] + [m for c, m in self.mirrors.items() if c != cid] + [m for m, _ in self.graveyard]
         for count in range(1, len(sources) + 1):  # this cache alone first; others only for joined rows
             picked = [m for m in sources[:count] if m.ids.numel() and m.kv()]
             ids = torch.cat([m.ids.reshape(-1) for m in picked]) if picked else flat.new_zeros(0)

@@ -97,7 +97,7 @@ def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple
         bind(server, local_address)
     server.start()
     try:
-        target = target or load_model(cfg.model, cfg.device, cfg.dtype, cfg.backend)
+        target = target or load_model(cfg.model, cfg.device, cfg.dtype, cfg.backend, cfg.tensor_parallel)
     except Exception as exc:
         server.stop(None)
         raise ModelLoadError(f"cannot load the target model from {cfg.model!r}: {exc}") from exc
