@@ -92,6 +92,7 @@ def create_server(cfg: DraftServerConfig, model: LoadedModel | None = None) -> t
         options=[("grpc.max_receive_message_length", cfg.max_request_bytes)],
         credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) if cfg.tls_cert else None)
     server = DraftServer(cfg, skeleton, servicer)
+    servicer.channel_host = server.endpoint.rpartition(":")[0].strip("[]")  # sessions' tensor channels
     metrics.bind_state(sessions=lambda: servicer.tracker.sessions, sequences=lambda: servicer.tracker.sequences,
                        capacity=cfg.limits.max_sequences)
     if model is not None:

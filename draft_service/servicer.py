@@ -50,6 +50,7 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
         self._prefix = f"{os.getpid()}-"
         # (registered, known) targets, for GetInfo; bound by the server once registration starts
         self.registration: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        self.channel_host = "127.0.0.1"  # the advertised host: sessions' tensor channels listen there
 
     def set_model(self, model: LoadedModel) -> None:
         self.info = draft_info(model, self.limits)
@@ -82,7 +83,8 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
         if not self.tracker.open_session(self.limits.max_sessions):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"draft has {self.limits.max_sessions} open sessions (its limit)")
-        session = DraftSession(self.model, self.limits, self.tracker, f"{self._prefix}{next(self._ids)}")
+        session = DraftSession(self.model, self.limits, self.tracker, f"{self._prefix}{next(self._ids)}",
+                               self.channel_host)
         try:
             for request in request_iterator:
                 yield from session.handle(request)

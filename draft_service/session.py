@@ -12,12 +12,14 @@ import threading
 import time
 
 import grpc
+import torch
 
 from ssd_core.config import BackupKind
 from ssd_core.models import LoadedModel
 from ssd_core.speculator import DraftSpeculator
 from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart
 from ssd_core.wire import codec
+from ssd_core.wire.channel import serve_channel
 from ssd_protos.ssd.v1 import speculation_pb2 as pb
 
 from draft_service import metrics
@@ -73,8 +75,11 @@ def _error(code: int, message: str, seq_ids: list[str] | None = None) -> pb.Sess
 class DraftSession:
     """State of one Session stream; `done` turns true when the stream must end."""
 
-    def __init__(self, model: LoadedModel, limits: DraftLimits, tracker: LoadTracker, session_id: str) -> None:
+    def __init__(self, model: LoadedModel, limits: DraftLimits, tracker: LoadTracker, session_id: str,
+                 channel_host: str = "127.0.0.1") -> None:
         self.model, self.limits, self.tracker, self.session_id = model, limits, tracker, session_id
+        self.channel_host = channel_host  # where this session's tensor channel listens (the advertised host)
+        self.channel = None  # ssd_core.wire.channel, when the target offered one and it could be set up
         self.speculator: DraftSpeculator | None = None
         self.handed: dict[str, tuple[int, int] | None] = {}  # seq_id -> (round, K) handed out last
         self.done = False
@@ -109,6 +114,9 @@ class DraftSession:
         if self._closed:
             return
         self._closed = self.done = True
+        if self.channel is not None:  # torn down with its session; the next session sets up a fresh one
+            self.channel.close()
+            self.channel = None
         if self.speculator is not None:
             self.speculator.close()
             self.speculator = None
@@ -138,7 +146,11 @@ class DraftSession:
         log.info("session %s opened by %s: K=%d fan_out=%s C=%s backup=%s", self.session_id,
                  m.target_replica_id or "?", lookahead, fan_out, saguaro_c, backup.value)
         accepted = codec.config_to_pb(fan_out, saguaro_c, backup, lookahead)
-        return [pb.SessionResponse(opened=pb.SessionOpened(session_id=self.session_id, config=accepted))]
+        opened = pb.SessionOpened(session_id=self.session_id, config=accepted)
+        if m.HasField("channel"):
+            self.channel, setup = serve_channel(m.channel, self.model.device, self.channel_host, self.model.vocab_size)
+            opened.channel.CopyFrom(setup)
+        return [pb.SessionResponse(opened=opened)]
 
     def _reconfigure(self, m: pb.SessionConfig) -> list[pb.SessionResponse]:
         """New K / fan-out / backup for the next rounds; sequences, KV and streams are kept."""
@@ -212,7 +224,9 @@ class DraftSession:
         t_enc = time.perf_counter_ns()
         for s in specs:
             self.handed[s.seq_id] = (s.round, len(s.tokens))
-        seqs = [codec.speculation_to_pb(s, m.want_draft_probs) for s in specs]
+        over = m.want_draft_probs and m.probs_over_channel and self.channel is not None and self.channel.ready(5.0)
+        seqs = [codec.speculation_to_pb(s, m.want_draft_probs and not over) for s in specs]
+        channel_probs = self._send_probs(specs, seqs) if over else None
         t_end = time.perf_counter_ns()
         wait, jit = int((stats.wait_s - wait0) * 1e9), int((stats.jit_s - jit0) * 1e9)
         timings = pb.SpeculationTimings(queue_ns=wait, jit_ns=jit, lookup_ns=max(0, t_enc - t_start - wait - jit),
@@ -220,8 +234,34 @@ class DraftSession:
                                         prefetch_ns=int((stats.tree_s - tree0) * 1e9))
         metrics.observe_request((t_end - t_start) / 1e9, wait / 1e9, jit / 1e9, stats.hits - hits0,
                                 stats.jit - njit0, stats.fast - fast0)
-        return errors + [pb.SessionResponse(speculations=pb.Speculations(step=m.step, sequences=seqs,
-                                                                          timings=timings))]
+        answer = pb.Speculations(step=m.step, sequences=seqs, timings=timings)
+        if channel_probs is not None:
+            answer.channel_probs.CopyFrom(channel_probs)
+        return errors + [pb.SessionResponse(speculations=answer)]
+
+    def _send_probs(self, specs, seqs: list[pb.SequenceSpeculation]) -> pb.Tensor | None:
+        """This step's q' as one [rows, V] tensor over the channel; each message names its first row.
+        A channel that cannot take it (a full CUDA IPC buffer) leaves the probs inline."""
+        rows, offsets, n = [], [], 0
+        for s in specs:
+            offsets.append(n if s.draft_probs is not None else None)
+            if s.draft_probs is not None:
+                rows.append(s.draft_probs)
+                n += s.draft_probs.shape[0]
+        try:
+            header = self.channel.send(torch.cat(rows)) if rows else None
+        except Exception as exc:  # noqa: BLE001 - the target went away or the channel broke: inline from now on
+            log.warning("session %s: tensor channel failed (%s); inline from now on", self.session_id, exc)
+            self.channel.close()
+            self.channel, header = None, None
+        for s, msg, off in zip(specs, seqs, offsets):
+            if off is None:
+                continue
+            if header is not None:
+                msg.probs_handle = off
+            else:
+                msg.CopyFrom(codec.speculation_to_pb(s, True))
+        return header
 
     def _check_outcomes(self, m: pb.RoundRequest) -> tuple[list[pb.SessionResponse], list[RoundOutcome]]:
         """Validate every outcome against what was handed out; the speculator needs one per sequence."""

@@ -20,6 +20,9 @@ class TargetConfig:
     dtype: str = "float32"
     backend: str | None = None  # hf | lean; None: $SSD_BACKEND, else ssd_core.models.DEFAULT_BACKEND
     tensor_parallel: int = 1  # ranks the model is sharded over (ssd_core.tp); this process is rank 0
+    # "auto": offer each draft Session a tensor channel for sampled rounds' q' (gloo / NCCL / CUDA IPC,
+    # ssd_core/wire/channel.py; inline when none can be set up); "inline": q' as protobuf bytes
+    tensor_channel: str = "inline"
     mode_default: Mode = Mode.SSD
     lookahead: int | None = None  # None: by batch size (BatchPolicy)
     fan_out: tuple[int, ...] = ()
@@ -73,6 +76,7 @@ class TargetConfig:
             ("health_port", self.health_port, 0 <= self.health_port < 65536, "must be in [0, 65536)"),
             ("max_batch", self.max_batch, self.max_batch >= 1, "must be >= 1"),
             ("tensor_parallel", self.tensor_parallel, self.tensor_parallel >= 1, "must be >= 1"),
+            ("tensor_channel", self.tensor_channel, self.tensor_channel in ("auto", "inline"), "auto | inline"),
             ("max_queue", self.max_queue, self.max_queue >= 0, "must be >= 0"),
             ("max_tokens", self.max_tokens, self.max_tokens >= 1, "must be >= 1"),
             ("default_max_tokens", self.default_max_tokens, 1 <= self.default_max_tokens <= self.max_tokens,
