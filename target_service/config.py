@@ -77,6 +77,8 @@ class TargetConfig:
             ("max_batch", self.max_batch, self.max_batch >= 1, "must be >= 1"),
             ("tensor_parallel", self.tensor_parallel, self.tensor_parallel >= 1, "must be >= 1"),
             ("tensor_channel", self.tensor_channel, self.tensor_channel in ("auto", "inline"), "auto | inline"),
+            ("tensor_channel", self.tensor_channel, not (self.tensor_channel == "auto" and (self.tls_ca or self.tls_cert)),
+             "the tensor channel is plain TCP: not with TLS (use inline)"),
             ("max_queue", self.max_queue, self.max_queue >= 0, "must be >= 0"),
             ("max_tokens", self.max_tokens, self.max_tokens >= 1, "must be >= 1"),
             ("default_max_tokens", self.default_max_tokens, 1 <= self.default_max_tokens <= self.max_tokens,

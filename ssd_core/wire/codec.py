@@ -177,7 +177,8 @@ def speculation_from_pb(m: speculation_pb2.SequenceSpeculation, channel: torch.T
     which = m.WhichOneof("draft_probs")
     if which == "probs_handle":
         if channel is None:
-            raise InvalidParameter("draft_probs", m.probs_handle, "an out-of-band handle needs a tensor transport (the session's channel)")
+            raise InvalidParameter("draft_probs", m.probs_handle,
+                                   "an out-of-band handle needs a tensor transport (the session's channel)")
         if m.probs_handle + len(m.tokens) > channel.shape[0]:
             raise InvalidParameter("probs_handle", m.probs_handle,
                                    f"rows [handle, handle+{len(m.tokens)}) outside the {channel.shape[0]} sent")
