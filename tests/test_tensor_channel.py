@@ -142,6 +142,7 @@ def test_offer_and_choice_on_cpu():
     assert kind == "inline" and "cuda_ipc" in why  # a CPU draft cannot share a GPU buffer
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU")
 def test_cuda_ipc_buffer_round_trip():
     dev = torch.device("cuda")
