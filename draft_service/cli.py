@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     parser.add_argument("--backend", choices=BACKENDS, default=None, help=BACKEND_HELP)
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help="shard the draft over N ranks (tensor parallelism, ssd_core/tp.py): one per GPU from --device on, "
+                             "or N CPU processes (gloo); this process is rank 0 and starts the others")
     parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     parser.add_argument("--cpus", default="", metavar="LIST", help=CPUS_HELP)
     parser.add_argument("--auth-token-file", default="", metavar="FILE",
@@ -75,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> DraftServerConfig:
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     return DraftServerConfig(model_dir=args.model, host=args.host, port=args.port, advertise=args.advertise,
                              targets=targets, device=args.device, dtype=args.dtype, backend=args.backend,
+                             tensor_parallel=args.tensor_parallel,
                              auth_token=token, peers=read_peers(args.peers_file),
                              draft_id=args.draft_id,
                              limits=DraftLimits(max_sequences=args.max_sequences,

@@ -63,6 +63,7 @@ class DraftServerConfig:
     device: str = "cpu"
     dtype: str = "float32"
     backend: str | None = None  # hf | lean; None: $SSD_BACKEND, else ssd_core.models.DEFAULT_BACKEND
+    tensor_parallel: int = 1  # ranks the draft model is sharded over (ssd_core.tp); this process is rank 0
     # This draft's own credential, presented to the targets (registration); without `peers` also the
     # one shared token targets must present to open Sessions (legacy; see ssd_core.auth).
     auth_token: str = field(default="", repr=False)
@@ -87,6 +88,8 @@ class DraftServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise InvalidParameter("port", self.port, "must be in 0..65535 (0 = any free port)")
+        if self.tensor_parallel < 1:
+            raise InvalidParameter("tensor_parallel", self.tensor_parallel, "must be >= 1")
         if not 0 <= self.health_port < 65536:
             raise InvalidParameter("health_port", self.health_port, "must be in 0..65535")
         for t in self.targets:

@@ -93,6 +93,7 @@ def create_server(cfg: DraftServerConfig, model: LoadedModel | None = None) -> t
         options=[("grpc.max_receive_message_length", cfg.max_request_bytes)],
         credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) if cfg.tls_cert else None)
     server = DraftServer(cfg, skeleton, servicer)
+    servicer.channel_host = server.endpoint.rpartition(":")[0].strip("[]")  # sessions' tensor channels
     metrics.bind_state(sessions=lambda: servicer.tracker.sessions, sequences=lambda: servicer.tracker.sequences,
                        capacity=cfg.limits.max_sequences)
     if model is not None:
@@ -110,7 +111,7 @@ def serve(cfg: DraftServerConfig, stop: threading.Event | None = None) -> int:
         return 2
     server.start()
     try:
-        model = load_model(cfg.model_dir, cfg.device, cfg.dtype, cfg.backend)
+        model = load_model(cfg.model_dir, cfg.device, cfg.dtype, cfg.backend, cfg.tensor_parallel)
     except Exception as exc:  # any failure to load is fatal and must say why
         log.error("draft server: cannot load the draft model from %r: %s", cfg.model_dir, exc)
         server.stop(0)

@@ -55,6 +55,7 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
         self._prefix = f"{os.getpid()}-"
         # (registered, known) targets, for GetInfo; bound by the server once registration starts
         self.registration: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        self.channel_host = "127.0.0.1"  # the advertised host: sessions' tensor channels listen there
 
     def set_model(self, model: LoadedModel) -> None:
         self.info = draft_info(model, self.limits)
@@ -96,7 +97,7 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"draft has {self.limits.max_sessions} open sessions (its limit)")
         session = DraftSession(self.model, self.limits, self.tracker, f"{self._prefix}{next(self._ids)}",
-                               self.scheduler)
+                               self.scheduler, self.channel_host)
         try:
             for request in request_iterator:
                 yield from session.handle(request)

@@ -14,11 +14,13 @@ import threading
 import time
 
 import grpc
+import torch
 
 from ssd_core.config import BackupKind
 from ssd_core.models import LoadedModel
 from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart
 from ssd_core.wire import codec
+from ssd_core.wire.channel import serve_channel
 from ssd_protos.ssd.v1 import speculation_pb2 as pb
 
 from draft_service import metrics
@@ -76,10 +78,12 @@ class DraftSession:
     """State of one Session stream; `done` turns true when the stream must end."""
 
     def __init__(self, model: LoadedModel, limits: DraftLimits, tracker: LoadTracker, session_id: str,
-                 scheduler: DraftScheduler) -> None:
+                 scheduler: DraftScheduler, channel_host: str = "127.0.0.1") -> None:
         self.model, self.limits, self.tracker, self.session_id = model, limits, tracker, session_id
         self.scheduler = scheduler
         self.plan: SessionPlan | None = None  # set by open
+        self.channel_host = channel_host  # where this session's tensor channel listens (the advertised host)
+        self.channel = None  # ssd_core.wire.channel, when the target offered one and it could be set up
         self.handed: dict[str, tuple[int, int] | None] = {}  # seq_id -> (round, K) handed out last
         self.done = False
         self._closed = False
@@ -113,6 +117,9 @@ class DraftSession:
         if self._closed:
             return
         self._closed = self.done = True
+        if self.channel is not None:  # torn down with its session; the next session sets up a fresh one
+            self.channel.close()
+            self.channel = None
         if self.plan is not None:
             self.scheduler.close(self.session_id)
         self.tracker.release(len(self.handed))
@@ -140,7 +147,11 @@ class DraftSession:
         log.info("session %s opened by %s: K=%d fan_out=%s C=%s backup=%s", self.session_id,
                  m.target_replica_id or "?", lookahead, fan_out, saguaro_c, backup.value)
         accepted = codec.config_to_pb(fan_out, saguaro_c, backup, lookahead)
-        return [pb.SessionResponse(opened=pb.SessionOpened(session_id=self.session_id, config=accepted))]
+        opened = pb.SessionOpened(session_id=self.session_id, config=accepted)
+        if m.HasField("channel"):
+            self.channel, setup = serve_channel(m.channel, self.model.device, self.channel_host, self.model.vocab_size)
+            opened.channel.CopyFrom(setup)
+        return [pb.SessionResponse(opened=opened)]
 
     def _reconfigure(self, m: pb.SessionConfig) -> list[pb.SessionResponse]:
         """New K / fan-out / backup for the next rounds; sequences, KV and streams are kept."""
@@ -212,15 +223,43 @@ class DraftSession:
         t_enc = time.perf_counter_ns()
         for s in res.specs:
             self.handed[s.seq_id] = (s.round, len(s.tokens))
-        seqs = [codec.speculation_to_pb(s, m.want_draft_probs) for s in res.specs]
+        over = m.want_draft_probs and m.probs_over_channel and self.channel is not None and self.channel.ready(5.0)
+        seqs = [codec.speculation_to_pb(s, m.want_draft_probs and not over) for s in res.specs]
+        channel_probs = self._send_probs(res.specs, seqs) if over else None
         t_end = time.perf_counter_ns()
         wait, jit = int(res.wait_s * 1e9), int(res.jit_s * 1e9)
         timings = pb.SpeculationTimings(queue_ns=wait, jit_ns=jit, lookup_ns=max(0, t_enc - t_start - wait - jit),
                                         encode_ns=t_end - t_enc, total_ns=t_end - t_start,
                                         prefetch_ns=int(res.tree_s * 1e9))
         metrics.observe_request((t_end - t_start) / 1e9, res.wait_s, res.jit_s, res.hits, res.jit, res.fast)
-        return errors + [pb.SessionResponse(speculations=pb.Speculations(step=m.step, sequences=seqs,
-                                                                          timings=timings))]
+        answer = pb.Speculations(step=m.step, sequences=seqs, timings=timings)
+        if channel_probs is not None:
+            answer.channel_probs.CopyFrom(channel_probs)
+        return errors + [pb.SessionResponse(speculations=answer)]
+
+    def _send_probs(self, specs, seqs: list[pb.SequenceSpeculation]) -> pb.Tensor | None:
+        """This step's q' as one [rows, V] tensor over the channel; each message names its first row.
+        A channel that cannot take it (a full CUDA IPC buffer) leaves the probs inline."""
+        rows, offsets, n = [], [], 0
+        for s in specs:
+            offsets.append(n if s.draft_probs is not None else None)
+            if s.draft_probs is not None:
+                rows.append(s.draft_probs)
+                n += s.draft_probs.shape[0]
+        try:
+            header = self.channel.send(torch.cat(rows)) if rows else None
+        except Exception as exc:  # noqa: BLE001 - the target went away or the channel broke: inline from now on
+            log.warning("session %s: tensor channel failed (%s); inline from now on", self.session_id, exc)
+            self.channel.close()
+            self.channel, header = None, None
+        for s, msg, off in zip(specs, seqs, offsets):
+            if off is None:
+                continue
+            if header is not None:
+                msg.probs_handle = off
+            else:
+                msg.CopyFrom(codec.speculation_to_pb(s, True))
+        return header
 
     def _check_outcomes(self, m: pb.RoundRequest) -> tuple[list[pb.SessionResponse], list[RoundOutcome]]:
         """Validate every outcome against what was handed out; the speculator needs one per sequence."""

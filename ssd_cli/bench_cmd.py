@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--backend", choices=BACKENDS, default=None, help=BACKEND_HELP)
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard the in-process target over N ranks (tensor parallelism, ssd_core/tp.py): one per GPU from --device on, "
+                        "or N CPU processes (gloo); this process is rank 0 and starts the others")
     p.add_argument("--prompts", default="humaneval", help="humaneval | FILE.jsonl (one {\"prompt\": ...} a line)")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -78,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     from ssd_core.models import BACKEND_ENV, load_model
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if args.tensor_parallel != 1 and "hf-assisted" in modes:  # HF generate needs the whole HF model
+        print("ssd bench: hf-assisted skipped under --tensor-parallel", file=sys.stderr)
+        modes = tuple(m for m in modes if m != "hf-assisted")
     unknown = [m for m in modes if m not in ALL_MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(ALL_MODES)}")
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         args.target, args.draft = args.target or t, args.draft or d
     cfg.draft_dir = str(args.draft)
     cfg.backend = args.backend or os.environ.get(BACKEND_ENV)  # read once; passed to the draft process and services
-    target = load_model(args.target, args.device, args.dtype, cfg.backend)
+    target = load_model(args.target, args.device, args.dtype, cfg.backend, args.tensor_parallel)
     draft = load_model(args.draft, args.device, args.dtype, cfg.backend)
     if target.tokenizer is None:
         raise ValueError(f"{args.target} has no tokenizer: the bench encodes text prompts")

@@ -47,6 +47,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per model side (default: half the cores, so target and draft "
                         "each own one half, as on the paper's distinct hardware)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard the target over N ranks (tensor parallelism, ssd_core/tp.py): one per GPU from --device on, "
+                        "or N CPU processes (gloo); this process is rank 0 and starts the others")
 
 
 def add_spec_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,7 +114,7 @@ def load_pair(args: argparse.Namespace, need_draft: bool = True):
         default_target, default_draft = default_pair_dirs()
         target_dir, draft_dir = target_dir or default_target, draft_dir or default_draft
     args.target, args.draft = target_dir, draft_dir  # resolved, for callers that start a draft process
-    target = load_model(target_dir, args.device, args.dtype, args.backend)
+    target = load_model(target_dir, args.device, args.dtype, args.backend, getattr(args, "tensor_parallel", 1))
     draft = load_model(draft_dir, args.device, args.dtype, args.backend) if need_draft else None
     return target, draft
 

@@ -36,7 +36,7 @@ from ssd_core.speculator import DraftSpeculator
 from ssd_core.stats import EngineTimings, RequestStats
 from ssd_core.types import RoundOutcome, SeqStart, SpecSource, Speculation, Speculator
 from ssd_core.validate import speculation_problem
-from ssd_core.verify import draw_noise, point_mass, verify
+from ssd_core.verify import draw_noise, point_mass, verify, verify_greedy
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,17 @@ class _Seq:
     stop_at: int | None = None  # where in the text a stop string starts, once one completed
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the new tokens, when asked
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _ArgmaxOnly:
+    """A greedy batch's verify forward: the target's argmax [B, K+1] instead of distributions."""
+
+    argmax: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.argmax.device
 
 
 SpeculatorFactory = Callable[[RoundPlan, float], Speculator]  # (plan, saguaro_c) -> speculator
@@ -191,6 +202,8 @@ class Engine:
             seq.stats.target_forward_s += t1 - t0
             seq.stats.speculate_s += t0 - ts
         num_accepted, bonus = self._verify(specs, target_probs)
+        # the round's one device-to-host copy: accepted counts and bonus tokens (a no-op on the CPU)
+        num_accepted, bonus = torch.stack([num_accepted, bonus]).cpu().unbind(0)
         deltas, lookups = self._commit(specs, num_accepted, bonus, logprobs)
         t2 = time.perf_counter()
         if self.planner is not None:
@@ -257,10 +270,15 @@ class Engine:
         tokens = torch.tensor([[s.tokens[-1], *sp.tokens] for s, sp in zip(self.seqs, specs)], dtype=torch.long)
         start = torch.tensor([len(s.tokens) - 1 for s in self.seqs])[:, None]
         pos = start + torch.arange(lookahead + 1)[None, :]
-        # sampling and verification run on the CPU (a no-op there); keeping them on the GPU is
-        # part of the GPU fast path, which needs a GPU to measure (issue 8)
-        logits = self.kv.forward(self.target.model, tokens, pos).cpu()
-        if any(seq.req.params.penalized for seq in self.seqs):
+        # sampling and verification stay where the logits are (the GPU: no [B, K+1, V] copy to the
+        # host); penalties and logprobs are computed on the CPU
+        logits = self.kv.forward(self.target.model, tokens, pos)
+        params = [s.req.params for s in self.seqs]
+        if all(x.greedy and not x.penalized and x.logprobs is None for x in params):
+            return _ArgmaxOnly(logits.float().argmax(dim=-1)), {}  # greedy batch: no probability tensors
+        if any(x.penalized or x.logprobs is not None for x in params):
+            logits = logits.cpu()
+        if any(x.penalized for x in params):
             logits = logits.clone()  # a plain tensor (the forward's may be an inference-mode one)
         for i, (seq, sp) in enumerate(zip(self.seqs, specs)):
             if seq.req.params.penalized:  # position j sees the history plus d_1..d_j, as AR step j would
@@ -274,15 +292,20 @@ class Engine:
                     for i, seq in enumerate(self.seqs) if seq.req.params.logprobs is not None}
         return probs, logprobs
 
-    def _verify(self, specs: list[Speculation], target_probs: torch.Tensor):
+    def _verify(self, specs: list[Speculation], target_probs: "torch.Tensor | _ArgmaxOnly"):
+        dev = target_probs.device
+        if isinstance(target_probs, _ArgmaxOnly):  # every row greedy: the argmax decides (verify_greedy)
+            batch, k_plus_1 = target_probs.argmax.shape
+            draft_tokens = torch.tensor([sp.tokens for sp in specs], dtype=torch.long).view(batch, k_plus_1 - 1)
+            return verify_greedy(draft_tokens.to(dev), target_probs.argmax)
         batch, k_plus_1, vocab = target_probs.shape
         draft_tokens = torch.tensor([sp.tokens for sp in specs], dtype=torch.long).view(batch, k_plus_1 - 1)
         draft_probs = point_mass(draft_tokens, vocab)
         for i, sp in enumerate(specs):
             if sp.draft_probs is not None and sp.q_trusted:  # else: verified against the point mass
                 draft_probs[i] = sp.draft_probs
-        uniforms, race = draw_noise([s.gen for s in self.seqs], k_plus_1 - 1, vocab)
-        return verify(draft_tokens, draft_probs, target_probs, uniforms, race)
+        uniforms, race = draw_noise([s.gen for s in self.seqs], k_plus_1 - 1, vocab)  # per-request CPU streams
+        return verify(draft_tokens.to(dev), draft_probs.to(dev), target_probs, uniforms.to(dev), race.to(dev))
 
     def _commit(self, specs: list[Speculation], num_accepted: torch.Tensor, bonus: torch.Tensor,
                 logprobs: dict[int, torch.Tensor]) -> tuple[list[Delta], list[SpecSource]]:

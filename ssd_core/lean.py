@@ -112,6 +112,7 @@ class LeanCausalLM(nn.Module):
         self.scaling = float(first.scaling)
         self.eps = float(config.rms_norm_eps)
         self.hidden = config.hidden_size
+        self.tp_reduce = None  # tensor parallelism (ssd_core.tp): the all-reduce after o_proj / down_proj
 
         self.embed_tokens = base.embed_tokens  # modules, so parameters()/to() see the weights
         self.norm_weight = base.norm.weight
@@ -207,7 +208,8 @@ class LeanCausalLM(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """.to()/.cuda()/.half() move the HF model too, so generate() keeps working (the HF
         projections that were views of the fused matrices then get their own copies)."""
-        self.hf._apply(fn, recurse)
+        if self.hf is not None:  # None: a tensor-parallel shard (ssd_core.tp) dropped the HF model
+            self.hf._apply(fn, recurse)
         return super()._apply(fn, recurse)
 
     # -- what wrap_model / generate read -------------------------------------------------------
@@ -222,6 +224,8 @@ class LeanCausalLM(nn.Module):
         assistant = kwargs.get("assistant_model")
         if isinstance(assistant, LeanCausalLM):
             kwargs["assistant_model"] = assistant.hf
+        if self.hf is None:
+            raise NotImplementedError("HF generate is not available on a tensor-parallel shard")
         return self.hf.generate(*args, **kwargs)
 
     def _plain_call(self, input_ids, position_ids, attention_mask, cache):
@@ -263,6 +267,7 @@ class LeanCausalLM(nn.Module):
         shape_heads = (batch, length, nq + 2 * nkv, d)
         hidden = self.hidden
         eps = self.eps
+        reduce = self.tp_reduce
         half = d // 2
         h = F.embedding(input_ids, self.embed_tokens.weight)
         for lyr in self._layers:
@@ -281,10 +286,12 @@ class LeanCausalLM(nn.Module):
                 k, v = _repeat_kv(k, self.groups), _repeat_kv(v, self.groups)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scaling)
             a = a.transpose(1, 2).reshape(batch, length, nq * d)
-            h = h + F.linear(a, lyr.wo, lyr.bo)
+            o = F.linear(a, lyr.wo, lyr.bo)
+            h = h + (o if reduce is None else reduce(o))  # a shard's partial sum: all-reduced
             x = _rms_norm(h, lyr.ln2, eps, hidden)
             gate, up = F.linear(x, lyr.wgu, lyr.bgu).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, lyr.wd, lyr.bd)
+            m = F.linear(F.silu(gate) * up, lyr.wd, lyr.bd)
+            h = h + (m if reduce is None else reduce(m))
         h = _rms_norm(h, self.norm_weight, eps, hidden)
         return LeanOutput(self.lm_head(h), past_key_values)
 

@@ -88,19 +88,29 @@ def apply_backend(model: torch.nn.Module, backend: str | None = None) -> torch.n
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-               backend: str | None = None) -> LoadedModel:
+               backend: str | None = None, tensor_parallel: int = 1) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local HF directory; never touches the network.
 
     backend: "hf" runs the transformers modules, "lean" the ssd_core.lean model built from the
     same weights (Llama / Qwen2 / Qwen3); None: DEFAULT_BACKEND, which runs HF (with a log line)
-    for a model lean does not implement."""
+    for a model lean does not implement.
+
+    tensor_parallel > 1: the lean model sharded over that many ranks (ssd_core.tp); this process is
+    rank 0 and starts the others as processes (one per GPU from `device` on, or CPU processes)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no HF model at {path} (config.json missing)")
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     resolve_backend(backend)  # refuse an unknown name before loading anything
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True).to(dev).eval()
-    model = apply_backend(model, backend)
+    if tensor_parallel != 1:
+        if resolve_backend(backend) != "lean":
+            raise InvalidParameter("tensor_parallel", tensor_parallel, "tensor parallelism needs the lean backend")
+        from ssd_core.tp import launch
+
+        model = launch(path, tensor_parallel, device, dt, torch.get_num_threads())
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True).to(dev).eval()
+        model = apply_backend(model, backend)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:  # a model dir without tokenizer files: token ids only

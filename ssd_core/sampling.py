@@ -23,6 +23,8 @@ def process_logits(
 
     Penalties and logit_bias (history-dependent) are applied before, by `penalize`."""
     logits = logits.float()
+    dev = logits.device  # the parameters follow the logits (a GPU round stays on the GPU)
+    temperature, top_k, top_p = temperature.to(dev), top_k.to(dev), top_p.to(dev)
     greedy = temperature <= 0
     probs = torch.empty_like(logits)
     if bool(greedy.any()):

@@ -46,7 +46,7 @@ def verify(
     accepted = uniforms * q_tok < p_tok  # u < p/q without dividing by q
     num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)  # [B]
 
-    rows = torch.arange(batch)
+    rows = torch.arange(batch, device=draft_tokens.device)  # any device: the GPU round stays on the GPU
     p_at = target_probs[rows, num_accepted]  # [B, V]: p_{k+1}
     q_pad = torch.cat([draft_probs, draft_probs.new_zeros(batch, 1, target_probs.shape[-1])], dim=1)  # q_{K+1} := 0
     residual = (p_at - q_pad[rows, num_accepted]).clamp(min=0.0)  # [B, V]
@@ -55,3 +55,14 @@ def verify(
     residual = torch.where(empty, p_at, residual)
     bonus_token = (residual / race).argmax(dim=-1)
     return num_accepted, bonus_token
+
+
+def verify_greedy(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`verify` for a batch whose every row is greedy, without any [B, K+1, V] tensor: p is the
+    one-hot of target_argmax [B, K+1] (the first maximal logit, as process_logits takes it), so
+    d_i is accepted iff it is the argmax (u * q(d_i) < 1 = p(d_i) for any q that gave d_i mass,
+    0 otherwise) and the bonus is the argmax at the first rejection (the residual's only mass)."""
+    k = draft_tokens.shape[1]
+    num_accepted = (draft_tokens == target_argmax[:, :k]).long().cumprod(dim=-1).sum(dim=-1)
+    bonus = target_argmax.gather(1, num_accepted[:, None]).squeeze(1)
+    return num_accepted, bonus

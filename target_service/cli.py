@@ -41,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--backend", choices=BACKENDS, default=None, help=BACKEND_HELP)
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help="shard the target over N ranks (tensor parallelism, ssd_core/tp.py): one per GPU from --device on, "
+                             "or N CPU processes (gloo); this process is rank 0 and starts the others")
+    parser.add_argument("--tensor-channel", choices=["inline", "auto"], default="inline",
+                        help="how sampled rounds' draft probabilities travel: inline protobuf bytes (default) or "
+                             "auto: a per-Session channel (gloo on CPU, NCCL between GPUs, CUDA IPC on one GPU; "
+                             "plain TCP, so not under TLS), inline when none can be set up")
     parser.add_argument("--lookahead", type=int, default=None, help="K (default: by batch size)")
     parser.add_argument("--fan-out", type=_int_list, default=(), help="F_0..F_K, e.g. 4,2,1,1,1")
     parser.add_argument("--saguaro-c", type=float, default=1.0)
@@ -97,7 +104,8 @@ def config_from_args(args: argparse.Namespace, gateway: Gateway | None = None) -
     policy = BatchPolicy.parse(args.policy) if args.policy else BatchPolicy()
     return TargetConfig(
         model=args.model, host=args.host, port=args.port, replica_id=args.replica_id, device=args.device,
-        dtype=args.dtype, backend=args.backend, mode_default=Mode(args.mode_default), lookahead=args.lookahead,
+        dtype=args.dtype, backend=args.backend, tensor_parallel=args.tensor_parallel, tensor_channel=args.tensor_channel,
+        mode_default=Mode(args.mode_default), lookahead=args.lookahead,
         fan_out=tuple(args.fan_out), saguaro_c=args.saguaro_c, backup=BackupKind(args.backup), policy=policy,
         max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         default_max_tokens=min(128, args.max_tokens), draft_timeout_s=args.draft_timeout_s,

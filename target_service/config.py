@@ -19,6 +19,10 @@ class TargetConfig:
     device: str = "cpu"
     dtype: str = "float32"
     backend: str | None = None  # hf | lean; None: $SSD_BACKEND, else ssd_core.models.DEFAULT_BACKEND
+    tensor_parallel: int = 1  # ranks the model is sharded over (ssd_core.tp); this process is rank 0
+    # "auto": offer each draft Session a tensor channel for sampled rounds' q' (gloo / NCCL / CUDA IPC,
+    # ssd_core/wire/channel.py; inline when none can be set up); "inline": q' as protobuf bytes
+    tensor_channel: str = "inline"
     mode_default: Mode = Mode.SSD
     lookahead: int | None = None  # None: by batch size (BatchPolicy)
     fan_out: tuple[int, ...] = ()
@@ -71,6 +75,10 @@ class TargetConfig:
             ("port", self.port, 0 <= self.port < 65536, "must be in [0, 65536)"),
             ("health_port", self.health_port, 0 <= self.health_port < 65536, "must be in [0, 65536)"),
             ("max_batch", self.max_batch, self.max_batch >= 1, "must be >= 1"),
+            ("tensor_parallel", self.tensor_parallel, self.tensor_parallel >= 1, "must be >= 1"),
+            ("tensor_channel", self.tensor_channel, self.tensor_channel in ("auto", "inline"), "auto | inline"),
+            ("tensor_channel", self.tensor_channel, not (self.tensor_channel == "auto" and (self.tls_ca or self.tls_cert)),
+             "the tensor channel is plain TCP: not with TLS (use inline)"),
             ("max_queue", self.max_queue, self.max_queue >= 0, "must be >= 0"),
             ("max_tokens", self.max_tokens, self.max_tokens >= 1, "must be >= 1"),
             ("default_max_tokens", self.default_max_tokens, 1 <= self.default_max_tokens <= self.max_tokens,

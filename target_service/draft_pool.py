@@ -70,13 +70,14 @@ class PooledSpeculator:
 
     def __init__(self, registry: DraftRegistry, plan: RoundPlan, saguaro_c: float, *, replica_id: str,
                  vocab_size: int, timeout_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None,
-                 trusted: tuple[str, ...] = ()) -> None:
+                 trusted: tuple[str, ...] = (), channel_device=None) -> None:
         self.fan_out, self.tree, self._backup = plan.fan_out, plan.tree, plan.backup
         self.lookahead = plan.lookahead
         self.saguaro_c = saguaro_c
         self._registry, self._replica, self._vocab, self._timeout_s = registry, replica_id, vocab_size, timeout_s
         self._credentials = credentials
         self._trusted = frozenset(trusted)  # Lease.identity values whose q is used (TargetConfig.trusted_drafts)
+        self._channel_device = channel_device  # offer sessions a tensor channel for q' (None: inline only)
         self._tracks: dict[str, _Track] = {}
         self._sessions: dict[str, DraftSessionClient] = {}
 
@@ -197,7 +198,8 @@ class PooledSpeculator:
                 if track.start.seq_id in failed:
                     track.synced, track.held = False, None
             trusted = live[lease_id].identity in self._trusted
-            answers.update(self._decode(reply.sequences, groups[lease_id], failed, session.endpoint, trusted))
+            answers.update(self._decode(reply.sequences, groups[lease_id], failed, session.endpoint, trusted,
+                                        session.take_channel_probs(step)))
         return answers
 
     def _send(self, lease: Lease, group: list[tuple[_Track, RoundOutcome]]) -> tuple[int, int]:
@@ -206,7 +208,7 @@ class PooledSpeculator:
         if session is None:
             config = config_to_pb(self.fan_out, self.saguaro_c, self.backup, self.lookahead)
             session = DraftSessionClient(lease.lease_id, lease.endpoint, self._replica, config, self._credentials,
-                                   self._registry.session_metadata)
+                                   self._registry.session_metadata, self._channel_device, self._vocab)
             self._sessions[lease.lease_id] = session
         stale = [t.start.seq_id for t, _ in group if not t.synced and t.held == lease.lease_id]
         session.remove(stale)  # a resync on the same endpoint: drop the old state first
@@ -226,7 +228,7 @@ class PooledSpeculator:
         return session.send_round(wire, want_probs), sum(len(x.token_ids) for x in starts)
 
     def _decode(self, sequences, group: list[tuple[_Track, RoundOutcome]], failed: set[str],
-                endpoint: str, trusted: bool) -> dict[str, Speculation]:
+                endpoint: str, trusted: bool, channel_probs=None) -> dict[str, Speculation]:
         by_id = {m.seq_id: m for m in sequences}
         out: dict[str, Speculation] = {}
         for track, o in group:
@@ -235,7 +237,7 @@ class PooledSpeculator:
                 track.synced = False
                 continue
             try:
-                spec = speculation_from_pb(m)
+                spec = speculation_from_pb(m, channel_probs)
                 # trust is ours to grant (never read from the wire); an untrusted q is dropped unread
                 spec = replace(spec, q_trusted=True) if trusted else replace(spec, draft_probs=None)
             except ValueError as exc:

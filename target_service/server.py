@@ -97,7 +97,7 @@ def create_server(cfg: TargetConfig, target: LoadedModel | None = None) -> tuple
         bind(server, local_address)
     server.start()
     try:
-        target = target or load_model(cfg.model, cfg.device, cfg.dtype, cfg.backend)
+        target = target or load_model(cfg.model, cfg.device, cfg.dtype, cfg.backend, cfg.tensor_parallel)
     except Exception as exc:
         server.stop(None)
         raise ModelLoadError(f"cannot load the target model from {cfg.model!r}: {exc}") from exc
@@ -161,7 +161,8 @@ def lane_factory(target: LoadedModel, registry: DraftRegistry, cfg: TargetConfig
 
     def speculator(plan: RoundPlan, saguaro_c: float) -> PooledSpeculator:
         return PooledSpeculator(registry, plan, saguaro_c, replica_id=replica_id, vocab_size=target.vocab_size,
-                                timeout_s=cfg.draft_timeout_s, credentials=creds, trusted=cfg.trusted_drafts)
+                                timeout_s=cfg.draft_timeout_s, credentials=creds, trusted=cfg.trusted_drafts,
+                                channel_device=target.device if cfg.tensor_channel == "auto" else None)
 
     # secret per process: drafts get seeds they cannot trace back to the request seed (and so to the
     # target's own noise); a seeded request is reproducible for the life of this replica

@@ -21,6 +21,7 @@ import grpc
 
 from ssd_tls import open_channel
 from ssd_core.types import RoundOutcome, SeqStart
+from ssd_core.wire.channel import join_channel, make_offer
 from ssd_core.wire.codec import outcome_to_pb, start_to_pb
 from ssd_protos.ssd.v1 import speculation_pb2 as spb
 from ssd_protos.ssd.v1 import speculation_pb2_grpc as spb_grpc
@@ -36,8 +37,13 @@ class DraftSessionClient:
 
     def __init__(self, lease_id: str, endpoint: str, replica_id: str, config: spb.SessionConfig,
                  credentials: grpc.ChannelCredentials | None = None,
-                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+                 metadata: tuple[tuple[str, str], ...] = (), channel_device=None, vocab_size: int = 0) -> None:
+        """channel_device: offer a tensor channel for q' (ssd_core.wire.channel) for a target on that
+        device; None: inline only."""
         self.lease_id, self.endpoint = lease_id, endpoint
+        self.channel = None  # set when the draft answers the open with a channel we can join
+        self._channel_device, self._vocab = channel_device, vocab_size
+        self._channel_probs: dict[int, object] = {}  # step -> the q' rows received over the channel
         self.error: str | None = None
         self.rounds_served = 0
         self._channel = open_channel(endpoint, credentials, CHANNEL_OPTIONS)
@@ -50,6 +56,8 @@ class DraftSessionClient:
         self._closed = False
         opening = spb.SessionOpen(target_replica_id=replica_id, lease_id=lease_id, config=config,
                                   transport=spb.TRANSPORT_INLINE)
+        if channel_device is not None:
+            opening.channel.CopyFrom(make_offer(channel_device))
         self._requests.put(spb.SessionRequest(open=opening))
         # metadata: this target's credential (the draft's Session endpoint requires the `target` role)
         self._call = spb_grpc.SpeculatorStub(self._channel).Session(self._outgoing(), metadata=metadata or None)
@@ -81,8 +89,9 @@ class DraftSessionClient:
         """Send one RoundRequest; returns its session step number (echoed by the answer)."""
         with self._cond:
             self._step += 1
+        over = want_draft_probs and self.channel is not None and self.channel.ready()
         request = spb.RoundRequest(step=self._step, outcomes=[outcome_to_pb(o) for o in outcomes],
-                                   want_draft_probs=want_draft_probs)
+                                   want_draft_probs=want_draft_probs, probs_over_channel=over)
         self._requests.put(spb.SessionRequest(round=request))
         return self._step
 
@@ -103,6 +112,11 @@ class DraftSessionClient:
                 log.info("draft session in use: endpoint=%s lease=%s", self.endpoint, self.lease_id[:8])
         return answer
 
+    def take_channel_probs(self, step: int):
+        """The q' rows [rows, V] that came over the channel with step's answer (None: none did)."""
+        with self._cond:
+            return self._channel_probs.pop(step, None)
+
     def take_failed(self) -> set[str]:
         """Sequences the draft reported as failed and dropped since the last call."""
         with self._cond:
@@ -117,6 +131,8 @@ class DraftSessionClient:
         self._requests.put(None)
         self._call.cancel()
         self._channel.close()
+        if self.channel is not None:  # torn down with the session
+            self.channel.close()
         log.info("draft session closed: endpoint=%s rounds_served=%d reason=%s", self.endpoint,
                  self.rounds_served, reason or "-")
 
@@ -140,6 +156,19 @@ class DraftSessionClient:
 
     def _file(self, response: spb.SessionResponse) -> None:
         kind = response.WhichOneof("response")
+        probs = None
+        if kind == "speculations" and response.speculations.HasField("channel_probs"):
+            # the tensor follows its message on the channel, in order: take it now, on this thread
+            if self.channel is None or not self.channel.ready():
+                self._fail("the draft sent q' over a channel this session has not set up")
+                self._call.cancel()
+                return
+            try:
+                probs = self.channel.recv(response.speculations.channel_probs, self._vocab)
+            except Exception as exc:  # noqa: BLE001 - a bad header or a broken channel ends the session
+                self._fail(f"tensor channel failed: {type(exc).__name__}: {exc}")
+                self._call.cancel()
+                return
         with self._cond:
             if kind == "speculations":
                 step = response.speculations.step
@@ -148,6 +177,7 @@ class DraftSessionClient:
                     self._call.cancel()
                 elif step == self._step:  # one step is in flight at a time; older answers are late: dropped
                     self._answers = {step: response.speculations}
+                    self._channel_probs = {step: probs} if probs is not None else {}
             elif kind == "error" and response.error.seq_ids:
                 held = [s for s in response.error.seq_ids if s in self._held]
                 if held:
@@ -158,6 +188,8 @@ class DraftSessionClient:
                 self._fail_locked(f"session error {response.error.code}: {response.error.message[:200]}")
             elif kind == "opened":
                 log.info("draft session opened: endpoint=%s session=%s", self.endpoint, response.opened.session_id)
+                if self._channel_device is not None and self.channel is None and not self._closed:
+                    self.channel = join_channel(response.opened.channel, self._channel_device, self._vocab)
             self._cond.notify_all()
 
     def _fail(self, why: str) -> None:

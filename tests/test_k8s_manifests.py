@@ -216,10 +216,17 @@ def test_gpu_overlay_requests_gpus_and_sets_transport_knobs() -> None:
     docs = render("gpu")
     for kind, name in (("StatefulSet", "ssd-target"), ("Deployment", "ssd-draft")):
         c = find(docs, kind, name)["spec"]["template"]["spec"]["containers"][0]
-        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert "--device=cuda" in c["args"]
         env = {e["name"] for e in c["env"]}
-        assert {"NCCL_IB_DISABLE", "NCCL_SOCKET_IFNAME", "NCCL_P2P_DISABLE", "UCX_TLS"} <= env
+        assert {"NCCL_IB_DISABLE", "NCCL_SOCKET_IFNAME", "UCX_TLS"} <= env
+        # a target pod holds one tensor-parallel group: one GPU per rank; a draft pod one GPU
+        tp = [int(a.split("=", 1)[1]) for a in c["args"] if a.startswith("--tensor-parallel=")]
+        gpus = c["resources"]["limits"]["nvidia.com/gpu"]
+        if name == "ssd-target":
+            assert tp == [gpus] and gpus >= 2 and c["resources"]["requests"]["nvidia.com/gpu"] == gpus
+            assert "NCCL_P2P_DISABLE" not in env and "NCCL_SHM_DISABLE" not in env  # the ranks share the pod
+        else:
+            assert gpus == 1 and tp == [] and "NCCL_P2P_DISABLE" in env
 
 
 def _parse(build: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -43,7 +43,7 @@ _BACKUP_TO_PB = {
 _BACKUP_FROM_PB = {v: k for k, v in _BACKUP_TO_PB.items()}
 
 _TRANSPORT_TO_PB = {"inline": speculation_pb2.TRANSPORT_INLINE, "nccl": speculation_pb2.TRANSPORT_NCCL,
-                    "cuda_ipc": speculation_pb2.TRANSPORT_CUDA_IPC}
+                    "cuda_ipc": speculation_pb2.TRANSPORT_CUDA_IPC, "gloo": speculation_pb2.TRANSPORT_GLOO}
 
 
 def _f32(x: float) -> float:
@@ -167,18 +167,25 @@ def speculation_to_pb(s: Speculation, want_probs: bool) -> speculation_pb2.Seque
     return m
 
 
-def speculation_from_pb(m: speculation_pb2.SequenceSpeculation) -> Speculation:
-    """A Speculation with inline probs (None when absent); an out-of-band handle raises ValueError
-    here: resolve it through the session's TensorTransport instead."""
+def speculation_from_pb(m: speculation_pb2.SequenceSpeculation, channel: torch.Tensor | None = None) -> Speculation:
+    """A Speculation with its probs (None when absent): inline, or rows [probs_handle, +K) of the
+    step's tensor received over the session's channel (`channel`; a handle without one raises)."""
     source = _SOURCE_FROM_PB.get(m.source)
     if source is None:
         raise InvalidParameter("source", m.source, f"unknown speculation source for sequence {m.seq_id!r}")
     probs = None
     which = m.WhichOneof("draft_probs")
     if which == "probs_handle":
-        raise InvalidParameter("draft_probs", m.probs_handle, "an out-of-band handle needs a tensor transport")
+        if channel is None:
+            raise InvalidParameter("draft_probs", m.probs_handle,
+                                   "an out-of-band handle needs a tensor transport (the session's channel)")
+        if m.probs_handle + len(m.tokens) > channel.shape[0]:
+            raise InvalidParameter("probs_handle", m.probs_handle,
+                                   f"rows [handle, handle+{len(m.tokens)}) outside the {channel.shape[0]} sent")
+        probs = channel[m.probs_handle : m.probs_handle + len(m.tokens)]
     if which == "probs":
         probs = tensor_from_pb(m.probs)
+    if probs is not None:
         if probs.dim() != 2 or probs.shape[0] != len(m.tokens) or not probs.is_floating_point():
             raise InvalidParameter("draft_probs", list(probs.shape), f"want float [K={len(m.tokens)}, V]")
         probs = probs.float()

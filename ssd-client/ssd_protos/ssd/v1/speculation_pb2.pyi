@@ -14,6 +14,7 @@ class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSPORT_INLINE: _ClassVar[Transport]
     TRANSPORT_NCCL: _ClassVar[Transport]
     TRANSPORT_CUDA_IPC: _ClassVar[Transport]
+    TRANSPORT_GLOO: _ClassVar[Transport]
 
 class SpeculationSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,11 +27,36 @@ TRANSPORT_UNSPECIFIED: Transport
 TRANSPORT_INLINE: Transport
 TRANSPORT_NCCL: Transport
 TRANSPORT_CUDA_IPC: Transport
+TRANSPORT_GLOO: Transport
 SPECULATION_SOURCE_UNSPECIFIED: SpeculationSource
 SPECULATION_SOURCE_CACHE_HIT: SpeculationSource
 SPECULATION_SOURCE_JIT: SpeculationSource
 SPECULATION_SOURCE_FAST: SpeculationSource
 SPECULATION_SOURCE_NONE: SpeculationSource
+
+class ChannelOffer(_message.Message):
+    __slots__ = ("transports", "host_id", "gpu_uuid")
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUID_FIELD_NUMBER: _ClassVar[int]
+    transports: _containers.RepeatedScalarFieldContainer[Transport]
+    host_id: str
+    gpu_uuid: str
+    def __init__(self, transports: _Optional[_Iterable[_Union[Transport, str]]] = ..., host_id: _Optional[str] = ..., gpu_uuid: _Optional[str] = ...) -> None: ...
+
+class ChannelSetup(_message.Message):
+    __slots__ = ("transport", "address", "token", "ipc_handle", "reason")
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    transport: Transport
+    address: str
+    token: str
+    ipc_handle: bytes
+    reason: str
+    def __init__(self, transport: _Optional[_Union[Transport, str]] = ..., address: _Optional[str] = ..., token: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class DraftInfo(_message.Message):
     __slots__ = ("model_id", "vocab_size", "tokenizer_fingerprint", "dtype", "proto_version", "max_lookahead", "max_fan_out_budget", "max_sequences", "transports", "backups", "step_fixed_ms", "step_ms_per_token")
@@ -171,16 +197,18 @@ class SessionConfig(_message.Message):
     def __init__(self, lookahead: _Optional[int] = ..., fan_out: _Optional[_Iterable[int]] = ..., saguaro_c: _Optional[float] = ..., backup: _Optional[_Union[_generation_pb2.BackupKind, str]] = ...) -> None: ...
 
 class SessionOpen(_message.Message):
-    __slots__ = ("target_replica_id", "lease_id", "config", "transport")
+    __slots__ = ("target_replica_id", "lease_id", "config", "transport", "channel")
     TARGET_REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
     target_replica_id: str
     lease_id: str
     config: SessionConfig
     transport: Transport
-    def __init__(self, target_replica_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ...) -> None: ...
+    channel: ChannelOffer
+    def __init__(self, target_replica_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., channel: _Optional[_Union[ChannelOffer, _Mapping]] = ...) -> None: ...
 
 class DraftSamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -225,14 +253,16 @@ class SequenceOutcome(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., bonus_token: _Optional[int] = ...) -> None: ...
 
 class RoundRequest(_message.Message):
-    __slots__ = ("step", "outcomes", "want_draft_probs")
+    __slots__ = ("step", "outcomes", "want_draft_probs", "probs_over_channel")
     STEP_FIELD_NUMBER: _ClassVar[int]
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     WANT_DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
+    PROBS_OVER_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     step: int
     outcomes: _containers.RepeatedCompositeFieldContainer[SequenceOutcome]
     want_draft_probs: bool
-    def __init__(self, step: _Optional[int] = ..., outcomes: _Optional[_Iterable[_Union[SequenceOutcome, _Mapping]]] = ..., want_draft_probs: _Optional[bool] = ...) -> None: ...
+    probs_over_channel: bool
+    def __init__(self, step: _Optional[int] = ..., outcomes: _Optional[_Iterable[_Union[SequenceOutcome, _Mapping]]] = ..., want_draft_probs: _Optional[bool] = ..., probs_over_channel: _Optional[bool] = ...) -> None: ...
 
 class RemoveSequences(_message.Message):
     __slots__ = ("seq_ids",)
@@ -295,22 +325,26 @@ class SpeculationTimings(_message.Message):
     def __init__(self, queue_ns: _Optional[int] = ..., lookup_ns: _Optional[int] = ..., jit_ns: _Optional[int] = ..., encode_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., prefetch_ns: _Optional[int] = ...) -> None: ...
 
 class Speculations(_message.Message):
-    __slots__ = ("step", "sequences", "timings")
+    __slots__ = ("step", "sequences", "timings", "channel_probs")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_PROBS_FIELD_NUMBER: _ClassVar[int]
     step: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceSpeculation]
     timings: SpeculationTimings
-    def __init__(self, step: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSpeculation, _Mapping]]] = ..., timings: _Optional[_Union[SpeculationTimings, _Mapping]] = ...) -> None: ...
+    channel_probs: Tensor
+    def __init__(self, step: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSpeculation, _Mapping]]] = ..., timings: _Optional[_Union[SpeculationTimings, _Mapping]] = ..., channel_probs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "config")
+    __slots__ = ("session_id", "config", "channel")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     config: SessionConfig
-    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ...) -> None: ...
+    channel: ChannelSetup
+    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., channel: _Optional[_Union[ChannelSetup, _Mapping]] = ...) -> None: ...
 
 class SessionError(_message.Message):
     __slots__ = ("code", "message", "seq_ids")
