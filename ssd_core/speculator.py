@@ -281,16 +281,19 @@ class DraftSpeculator:
     def _draw(self, logits: torch.Tensor, rows: _DrawRows, fan_out: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens [N] for logits [N, V]: greedy rows their argmax; sampled rows a draw from q' (processed,
         Saguaro-reshaped), returned [S, V] in the order of rows.idx (None when no row samples)."""
-        tokens = logits.argmax(dim=-1)  # greedy rows: what sampling a one-hot would give, without it
-        if not rows.gens:
-            return tokens, None
-        q = process_logits(logits[rows.idx], rows.temp, rows.top_k, rows.top_p)
+        if not rows.gens:  # greedy rows: the argmax, what sampling their one-hot would give, without it
+            return logits.argmax(dim=-1), None
+        every = len(rows.gens) == logits.shape[0]
+        q = process_logits(logits if every else logits[rows.idx], rows.temp, rows.top_k, rows.top_p)
         if self.saguaro_c < 1.0:
             q = saguaro_reshape(q, torch.full((q.shape[0],), fan_out), self.saguaro_c)
         # a target that will not use q verifies against a point mass (accepts d with probability
         # p(d)): then the draft's most likely token beats a sample from q, and stays exact
-        argmax = torch.full((q.shape[0],), self.propose_argmax, dtype=torch.bool)
-        tokens[rows.idx] = sample(q, rows.gens, argmax)
+        drawn = sample(q, rows.gens, torch.full((q.shape[0],), self.propose_argmax, dtype=torch.bool))
+        if every:
+            return drawn, q
+        tokens = logits.argmax(dim=-1)
+        tokens[rows.idx] = drawn
         return tokens, q
 
     def _jit(self, idx: list[int], k_next: int) -> list[tuple[tuple[int, ...], torch.Tensor | None]]:
@@ -341,7 +344,10 @@ class DraftSpeculator:
     def _glue(self) -> None:
         """Feed each row's unfed tail of (tokens + spec); fills the missing candidate rows."""
         streams = [r.tokens + r.spec for r in self.rows]
-        logits = self.runner.feed([s[r.fed :] for s, r in zip(streams, self.rows)], [r.fed for r in self.rows])
+        runs = [s[r.fed :] for s, r in zip(streams, self.rows)]
+        if not any(runs):
+            return
+        logits = self.runner.feed(runs, [r.fed for r in self.rows])
         k_max = self.lookahead
         for i, r in enumerate(self.rows):
             n = len(r.tokens)

@@ -55,9 +55,11 @@ class StaticKV:
         self._cap_b = self._cap_t = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._pos = self._branch = self._fill = torch.empty(0, dtype=torch.long)
+        self._pos = self._branch = torch.empty(0, dtype=torch.long)
+        self._fill: list[int] = []  # per live row: slots in use (a Python list: B small ints, read every forward)
         self._reserve(batch, max(slots, MIN_SLOTS))
         self._b = batch
+        self._fill = [0] * batch
         self._write: tuple | None = None  # (rows, slots, uniform start | None, window) during a forward
 
     # -- what BatchKV exposes ------------------------------------------------------------------
@@ -68,7 +70,7 @@ class StaticKV:
     @property
     def num_slots(self) -> int:
         """Slots in use (the widest row's fill; every valid slot lies below it)."""
-        return int(self._fill[: self._b].max()) if self._b else 0
+        return max(self._fill, default=0)
 
     @property
     def pos(self) -> torch.Tensor:  # [B, T] logical positions, -1 = invalid (a copy)
@@ -95,15 +97,13 @@ class StaticKV:
         values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         pos = torch.full((need_b, need_t), -1, dtype=torch.long, device=self.device)
         branch = torch.full((need_b, need_t), -1, dtype=torch.long, device=self.device)
-        fill = torch.zeros(need_b, dtype=torch.long, device=self.device)
         b = self._b
         if b:
             for new, old in zip(keys + values, self.keys + self.values):
                 new[:b, :, :used_t] = old[:b, :, :used_t]
             pos[:b, :used_t] = self._pos[:b, :used_t]
             branch[:b, :used_t] = self._branch[:b, :used_t]
-            fill[:b] = self._fill[:b]
-        self.keys, self.values, self._pos, self._branch, self._fill = keys, values, pos, branch, fill
+        self.keys, self.values, self._pos, self._branch = keys, values, pos, branch
         self._cap_b, self._cap_t = need_b, need_t
 
     # -- forward -------------------------------------------------------------------------------
@@ -122,41 +122,51 @@ class StaticKV:
             raise ValueError(f"forward over {rows} rows, the cache has {r1 - r0}")
         branch = torch.full_like(pos, -1) if branch is None else branch.to(dev)
         limit = pos if limit is None else limit.to(dev)
-        valid = pos >= 0
         fill = self._fill[r0:r1]
-        all_valid = bool(valid.all())
-        if all_valid:
-            rank = torch.arange(length, device=dev).expand(rows, length)
-            n_valid = torch.full((rows,), length, dtype=torch.long, device=dev)
-        else:  # valid tokens first (in order), padding after them: the row's valid slots stay a prefix
-            n_valid = valid.sum(dim=1)
-            rank = torch.where(valid, valid.cumsum(dim=1) - 1, n_valid[:, None] + (~valid).cumsum(dim=1) - 1)
-        slots = fill[:, None] + rank  # [R, L]
-        window = int(fill.max()) + length
+        start = fill[0]
+        window = max(fill) + length
         if window > self._cap_t:
             self._reserve(self._b, window)
-        start = int(fill[0])
-        uniform = all_valid and bool((fill == start).all())
-        row_idx = torch.arange(r0, r1, device=dev)[:, None]
-        self._pos[row_idx, slots] = torch.where(valid, pos, torch.full_like(pos, -1))
-        self._branch[row_idx, slots] = torch.where(valid, branch, torch.full_like(branch, -1))
+        valid = pos >= 0
+        if bool(valid.all()):
+            n_valid = [length] * rows
+            if all(f == start for f in fill):  # every row writes slots start..start+L-1: slices
+                self._pos[r0:r1, start : start + length] = pos
+                self._branch[r0:r1, start : start + length] = branch
+                self._write = (slice(r0, r1), None, None, start, window)
+            else:
+                slots = torch.tensor(fill, device=dev)[:, None] + torch.arange(length, device=dev)
+                self._write = self._index_meta(r0, r1, slots, pos, branch, window)
+        else:  # valid tokens first (in order), padding after them: the row's valid slots stay a prefix
+            nv = valid.sum(dim=1)
+            n_valid = nv.tolist()
+            rank = torch.where(valid, valid.cumsum(dim=1) - 1, nv[:, None] + (~valid).cumsum(dim=1) - 1)
+            slots = torch.tensor(fill, device=dev)[:, None] + rank
+            self._write = self._index_meta(r0, r1, slots, pos.masked_fill(~valid, -1),
+                                           branch.masked_fill(~valid, -1), window)
         all_pos = self._pos[r0:r1, :window]  # [R, W]
         all_branch = self._branch[r0:r1, :window]
         # the one visibility rule (ssd_core.kv): trunk up to the query's limit, plus its own branch
-        trunk = (all_branch == -1)[:, None, :] & (all_pos[:, None, :] <= limit[:, :, None])
+        visible = (all_branch == -1)[:, None, :] & (all_pos[:, None, :] <= limit[:, :, None])
         own = (all_branch[:, None, :] == branch[:, :, None]) & (branch[:, :, None] >= 0)
         own &= all_pos[:, None, :] <= pos[:, :, None]
-        visible = (all_pos >= 0)[:, None, :] & (trunk | own)  # [R, L, W]
+        visible |= own
+        visible &= (all_pos >= 0)[:, None, :]  # [R, L, W]
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        self._write = (slice(r0, r1), row_idx, slots, start if uniform else None, window)
         try:
             out = model(input_ids=tokens.to(dev), position_ids=pos.clamp(min=0), attention_mask=mask[:, None],
                         past_key_values=self, use_cache=True)
         finally:
             self._write = None
-        self._fill[r0:r1] = fill + n_valid
+        self._fill[r0:r1] = [f + n for f, n in zip(fill, n_valid)]
         return out.logits
+
+    def _index_meta(self, r0: int, r1: int, slots: torch.Tensor, pos, branch, window: int) -> tuple:
+        row_idx = torch.arange(r0, r1, device=self.device)[:, None]
+        self._pos[row_idx, slots] = pos
+        self._branch[row_idx, slots] = branch
+        return (slice(r0, r1), row_idx, slots, None, window)
 
     def write_layer(self, idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Called by the model per layer with the new k, v [R, H, L, D]: writes them at this
@@ -183,7 +193,7 @@ class StaticKV:
         r0 = self._b
         width = max(len(h) - 1 for h in histories)
         self._reserve(r0 + n, max(width, 1))
-        self._fill[r0 : r0 + n] = 0
+        self._fill[r0:] = [0] * n
         self._pos[r0 : r0 + n] = -1
         self._branch[r0 : r0 + n] = -1
         self._b = r0 + n
@@ -223,7 +233,7 @@ class StaticKV:
         self._branch[r0 : r0 + n] = -1
         self._pos[r0 : r0 + n, :used] = other._pos[:n, :used]
         self._branch[r0 : r0 + n, :used] = other._branch[:n, :used]
-        self._fill[r0 : r0 + n] = other._fill[:n]
+        self._fill[r0:] = list(other._fill[:n])
         self._b = r0 + n
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -271,7 +281,7 @@ class StaticKV:
         beyond = torch.arange(w, device=self.device)[None, :] >= count[:, None]
         self._pos[:b, :w].masked_fill_(beyond, -1)
         self._branch[:b, :w].masked_fill_(beyond, -1)
-        self._fill[:b] = count
+        self._fill = count.tolist()
 
     @torch.inference_mode()
     def select_rows(self, rows: torch.Tensor) -> None:
@@ -290,9 +300,8 @@ class StaticKV:
                 buf[first:n, :, :w] = buf[moving, :, :w]  # the index_select copies first
             self._pos[first:n, :w] = self._pos[moving, :w]
             self._branch[first:n, :w] = self._branch[moving, :w]
-        self._fill[:n] = self._fill[rows]
+        self._fill = [self._fill[i] for i in rows.tolist()]
         self._pos[n : self._b] = -1
         self._branch[n : self._b] = -1
-        self._fill[n : self._b] = 0
         self._b = n
         self.compact()
