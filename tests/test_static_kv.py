@@ -189,3 +189,43 @@ def test_static_sampled_ssd_matches_target_distribution():
         engine.close()
     p = chi_square_pvalue(samples, EXACT[1.0])
     assert p > 1e-3, f"chi-square p={p:.2e}"
+
+
+def test_draft_speculations_equal_with_either_kv():
+    """Draft-side KV errors cannot change the output (the verifier decides), only acceptance, so
+    they are checked here: the same rounds (hits that promote a branch, misses, a row leaving and
+    one joining) give the same greedy speculations over StaticKV as over BatchKV."""
+    from ssd_core.types import RoundOutcome, SeqStart
+
+    draft = LEAN[1]
+    fan_out = (2, 1, 1, 2)
+    specs = [DraftSpeculator(draft, fan_out, static_kv=s) for s in (True, False)]
+    assert isinstance(specs[0].kv, StaticKV) and isinstance(specs[1].kv, BatchKV)
+    params = SamplingParams(max_new_tokens=1)
+    starts = [SeqStart(f"s{i}", tuple(p), params, i) for i, p in enumerate(PROMPTS[:3])]
+    try:
+        outs = [sp.add(starts) or sp.propose([RoundOutcome.first(s.seq_id) for s in starts]) for sp in specs]
+        hits = 0
+        for rnd in range(8):
+            if rnd == 3:
+                for sp in specs:
+                    sp.remove(["s1"])
+                    sp.add([SeqStart("s9", tuple(PROMPTS[4]), params, 9)])
+            got = []
+            for sp in specs:
+                sp._wait()
+                outcomes = []
+                for b, row in enumerate(sp.rows):
+                    if row.round < row.start.first_round:  # joined since the last round
+                        outcomes.append(RoundOutcome.first(row.seq_id))
+                    elif (rnd + b) % 3:  # a hit: the longest length, its top candidate
+                        outcomes.append(RoundOutcome(row.seq_id, row.round, 3, int(row.cand_logits[3].argmax())))
+                    else:  # a miss: nothing accepted, the least likely bonus
+                        outcomes.append(RoundOutcome(row.seq_id, row.round, 0, int(row.cand_logits[0].argmin())))
+                got.append([(s.tokens, s.source) for s in sp.propose(outcomes)])
+            assert got[0] == got[1], rnd
+            hits += sum(src.value == "cache_hit" for _, src in got[0])
+        assert hits > 0
+    finally:
+        for sp in specs:
+            sp.close()
