@@ -190,6 +190,7 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    header = provenance(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))  # the code that runs, taken first
     draft, target = load_model(args.draft), load_model(args.target)
     # real text, so the draft's logits (hence candidates and hits) look like serving
     text = "".join(p.read_text() for p in sorted((REPO / "ssd_core").glob("*.py")))
@@ -199,7 +200,7 @@ def main() -> int:
     t0 = time.time()
     tree = tree_cells(draft, prompts, args, old_cls)  # outside inference mode, as the services run it
     verify = [] if args.skip_verify else verify_cells(target, prompts, args)
-    report = {**provenance(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])), "hardware": hardware(),
+    report = {**header, "hardware": hardware(),
               "torch_threads": torch.get_num_threads(), "baseline": args.baseline,
               "models": {"draft": args.draft, "target": args.target,
                          "backend": {"draft": type(draft.model).__name__, "target": type(target.model).__name__}},
