@@ -123,8 +123,8 @@ class StaticKV:
         branch = torch.full_like(pos, -1) if branch is None else branch.to(dev)
         limit = pos if limit is None else limit.to(dev)
         fill = self._fill[r0:r1]
-        start = fill[0]
-        window = max(fill) + length
+        start = fill[0] if fill else 0
+        window = max(fill, default=0) + length
         if window > self._cap_t:
             self._reserve(self._b, window)
         valid = pos >= 0
