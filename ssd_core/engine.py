@@ -25,7 +25,7 @@ from ssd_core import metrics
 from ssd_core.backup import ngram_guess
 from ssd_core.config import BatchPolicy, Mode, SamplingParams, SpecConfig
 from ssd_core.errors import InvalidParameter
-from ssd_core.kv import BatchKV
+from ssd_core.kv import BatchKV, make_kv
 from ssd_core.logprobs import TokenLogprob, position_logprobs, records
 from ssd_core.models import LoadedModel, check_pair
 from ssd_core.detok import TextStream
@@ -126,7 +126,7 @@ class Engine:
         # K / fan-out / backup from measured costs (ssd_core.planner) unless the spec fixes K or the
         # fan-out; without a planner, from the BatchPolicy table
         self.planner = planner if spec.lookahead is None and not spec.fan_out and spec.mode is not Mode.AR else None
-        self.kv = BatchKV(0, target.device)
+        self.kv = make_kv(target.model, 0, target.device)  # preallocated for the lean backend
         self.seqs: list[_Seq] = []
         self.timings = EngineTimings()
         self._plan: RoundPlan | None = None
@@ -413,15 +413,17 @@ class Engine:
         the prompt's log-probabilities for the requests that ask (the same forward's logits);
         keep=False: scoring only, the KV is dropped."""
         t0 = time.perf_counter()
-        kv, logits = BatchKV.prefill_logits(self.target.model, [s.tokens for s in new], self.target.device)
+        histories = [s.tokens for s in new]
+        if keep:  # straight into the batch's KV (free rows of a static cache)
+            logits = self.kv.prefill_rows(self.target.model, histories)
+        else:
+            logits = BatchKV.prefill_logits(self.target.model, histories, self.target.device)[1]
         for i, s in enumerate(new):
             n = s.req.params.prompt_logprobs
             if n is not None and logits is not None:
                 prompt = s.req.prompt_ids
                 lp = torch.log_softmax(logits[i, : len(prompt) - 1].float().cpu(), dim=-1)
                 s.prompt_logprobs = records(lp, prompt[1:], n)
-        if keep:
-            self.kv.extend(kv)
         dt = time.perf_counter() - t0
         self.timings.add(prefill_s=dt)
         for s in new:

@@ -11,7 +11,9 @@ Rollback to an accepted prefix and dropping the losing branches are just invalid
 RoPE is applied when a slot is written (position_ids = logical positions), so a slot's index in
 the cache never matters, only the mask.
 
-Works with any HF causal LM that accepts a 4D float attention mask and a DynamicCache.
+Works with any HF causal LM that accepts a 4D float attention mask and a DynamicCache. The lean
+backend's models get `ssd_core.static_kv.StaticKV` instead (same contract, preallocated and
+written in place); `make_kv` chooses.
 """
 
 from __future__ import annotations
@@ -96,6 +98,13 @@ class BatchKV:
             logits = kv.forward(model, tokens, pos)
         return kv, logits
 
+    def prefill_rows(self, model: torch.nn.Module, histories: list[list[int]]) -> torch.Tensor | None:
+        """Append rows prefilled with each history except its last token (`prefill_logits` then
+        `extend`); returns the prefill's logits as prefill_logits does."""
+        other, logits = self.prefill_logits(model, histories, self.device)
+        self.extend(other)
+        return logits
+
     # -- bookkeeping ---------------------------------------------------------------------------
     def keep(self, trunk_limit: torch.Tensor, keep_branch: torch.Tensor | None = None) -> None:
         """Keep trunk slots with pos <= trunk_limit[b] and promote branch keep_branch[b] (-1: none)
@@ -159,6 +168,17 @@ class BatchKV:
             layer.keys = layer.keys.gather(2, idx)
             idx = order[:, None, :, None].expand(-1, layer.values.shape[1], -1, layer.values.shape[-1])
             layer.values = layer.values.gather(2, idx)
+
+
+def make_kv(model: torch.nn.Module, batch: int = 0, device: torch.device | str = "cpu", static: bool | None = None):
+    """The batched KV for this model: the preallocated StaticKV (ssd_core.static_kv) where the model
+    writes K/V through it (the lean backend), else BatchKV over an HF DynamicCache. static=False
+    forces BatchKV; static=True refuses a model that cannot use StaticKV."""
+    from ssd_core.static_kv import StaticKV, supports_static
+
+    if static is None:
+        static = supports_static(model)
+    return StaticKV(model, batch, device) if static else BatchKV(batch, device)
 
 
 def _layers(cache: DynamicCache):

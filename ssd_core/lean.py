@@ -10,7 +10,8 @@ ops per layer and nothing else, and is a drop-in for how `BatchKV.forward` calls
 
 K/V are appended to the DynamicCache exactly as HF does (`cache.layers[i].keys/values` are
 [B, H_kv, T, D], RoPE applied before caching), so BatchKV's keep / compact / select_rows /
-extend work unchanged. It is also the base for a static-KV, CUDA-graph path (issue 8).
+extend work unchanged. A cache with a `write_layer(idx, k, v)` method (ssd_core.static_kv.StaticKV)
+instead gets each layer's new k / v to write in place and returns the K / V to attend over.
 
 What it computes, layer by layer, as HF does: RMSNorm (fp32 statistics, weight * normed),
 one fused q|k|v GEMM (+ biases: Qwen2), Qwen3's per-head q_norm / k_norm, RoPE from
@@ -88,6 +89,8 @@ class _Layer:
 class LeanCausalLM(nn.Module):
     """See the module docstring. Build with `LeanCausalLM.from_hf(hf_model)`."""
 
+    supports_static_kv = True  # writes K/V through a cache's write_layer (ssd_core.static_kv)
+
     def __init__(self, hf_model: nn.Module, share: bool = True) -> None:
         super().__init__()
         config = hf_model.config
@@ -113,6 +116,7 @@ class LeanCausalLM(nn.Module):
         self.eps = float(config.rms_norm_eps)
         self.hidden = config.hidden_size
         self.tp_reduce = None  # tensor parallelism (ssd_core.tp): the all-reduce after o_proj / down_proj
+        self.num_layers = len(base.layers)
 
         self.embed_tokens = base.embed_tokens  # modules, so parameters()/to() see the weights
         self.norm_weight = base.norm.weight
@@ -263,7 +267,9 @@ class LeanCausalLM(nn.Module):
             self._build_rope(int(position_ids.max()) * 2 + 1)
             cos = F.embedding(position_ids, self.cos)[:, :, None]
             sin = F.embedding(position_ids, self.sin)[:, :, None]
-        cache_layers = past_key_values.layers if past_key_values is not None else None
+        # a static cache (ssd_core.static_kv) writes K/V in place and hands back what to attend over
+        write = getattr(past_key_values, "write_layer", None)
+        cache_layers = past_key_values.layers if past_key_values is not None and write is None else None
         shape_heads = (batch, length, nq + 2 * nkv, d)
         hidden = self.hidden
         eps = self.eps
@@ -280,7 +286,9 @@ class LeanCausalLM(nn.Module):
             q = qk[:, :, :nq].transpose(1, 2)
             k = qk[:, :, nq:].transpose(1, 2)
             v = v.transpose(1, 2)
-            if cache_layers is not None:
+            if write is not None:
+                k, v = write(lyr.idx, k, v)
+            elif cache_layers is not None:
                 k, v = _cache_update(past_key_values, cache_layers, lyr.idx, k, v)
             if self.groups > 1:
                 k, v = _repeat_kv(k, self.groups), _repeat_kv(v, self.groups)

@@ -9,6 +9,11 @@ speculation cache for the outcomes of the round just handed out: a glue pass ove
 speculation, then one batched tree forward per depth over all predicted outcomes. That work
 overlaps the target's verification; the next `propose` waits for it (T_p > T_v shows as wait).
 With `tree=False` this is plain SD's drafter.
+
+The draft's tensors are built and run by its model runner (ssd_core/draft_runner.py), over a
+preallocated KV for the lean backend. Greedy rows take the argmax of the logits (no one-hot
+distributions are built for them), and a tree build keeps each depth's logits and q' as the
+forward produced them: a branch's [K, V] rows are stacked only when it is hit.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 
 from ssd_core.backup import ngram_guess
 from ssd_core.config import BackupKind
-from ssd_core.kv import BatchKV
+from ssd_core.draft_runner import DraftRunner
 from ssd_core.models import LoadedModel
 from ssd_core.sampling import derive_seed, process_logits, sample, saguaro_reshape
 from ssd_core.spec_cache import OutcomeKey, SpeculationCache
@@ -33,13 +38,42 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
+class _TreeOut:
+    """One cache build's outputs per depth, shared by all its branches (flat row b * N + n)."""
+
+    logits: list[torch.Tensor]  # K x [B*N, V] raw draft logits, bonus candidates of the next round
+    probs: list[torch.Tensor]  # K x [S, V] q' the sampled branches drew from (S of them)
+    q_row: list[int]  # [B*N] a branch's row in probs, -1 for greedy rows
+
+
+@dataclass(slots=True)
 class _Branch:
     """One pre-drafted outcome: its tree branch id and the speculation it leads to."""
 
     branch: int
     tokens: list[int]
-    probs: torch.Tensor | None  # [K, V] q' sampled from, None for greedy rows
-    logits: torch.Tensor  # [K, V] raw draft logits, bonus candidates of the next round
+    out: _TreeOut
+    flat: int  # its row in out
+
+    def logits(self) -> torch.Tensor:  # [K, V]
+        return torch.stack([x[self.flat] for x in self.out.logits])
+
+    def probs(self) -> torch.Tensor | None:  # [K, V] q' sampled from, None for greedy rows
+        j = self.out.q_row[self.flat]
+        return None if j < 0 else torch.stack([q[j] for q in self.out.probs])
+
+
+@dataclass(slots=True)
+class _DrawRows:
+    """What drawing needs about a set of rows, built once per JIT call or tree build: the
+    sampling parameters and generators of its sampled (temperature > 0) rows."""
+
+    sampled: torch.Tensor  # [N] bool
+    idx: torch.Tensor  # [S] long, the sampled rows
+    temp: torch.Tensor  # [S]
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    gens: list[torch.Generator]  # [S]
 
 
 @dataclass(slots=True)
@@ -76,7 +110,8 @@ class DraftSpeculator:
     """In-process speculator over one draft model (see module docstring)."""
 
     def __init__(self, draft: LoadedModel, fan_out: tuple[int, ...], saguaro_c: float = 1.0,
-                 backup: BackupKind = BackupKind.JIT, tree: bool = True, replica: str = "") -> None:
+                 backup: BackupKind = BackupKind.JIT, tree: bool = True, replica: str = "",
+                 static_kv: bool | None = None) -> None:
         self.draft = draft
         self.fan_out = tuple(fan_out)
         self.saguaro_c = saguaro_c
@@ -84,7 +119,7 @@ class DraftSpeculator:
         self.tree = tree and sum(self.fan_out) > 0
         self.replica = replica
         self.rows: list[_Row] = []
-        self.kv = BatchKV(0, draft.device)
+        self.runner = DraftRunner(draft, static_kv)
         self.cache: SpeculationCache[_Branch] = SpeculationCache()
         self.stats = SpeculatorStats()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # the tree worker, made when a tree is on
@@ -96,6 +131,11 @@ class DraftSpeculator:
         # Set when the target ignores q (it does not trust this draft, or the rows are greedy):
         # propose argmax tokens instead of samples (see _draw).
         self.propose_argmax = False
+
+    @property
+    def kv(self):
+        """The draft's batched KV (the runner's)."""
+        return self.runner.kv
 
     @property
     def lookahead(self) -> int:
@@ -114,7 +154,7 @@ class DraftSpeculator:
         for r in new:
             r.fed = len(r.tokens) - 1
             r.round = r.start.first_round - 1  # rounds are numbered as the target numbers them
-        self.kv.extend(BatchKV.prefill(self.draft.model, [r.tokens for r in new], self.draft.device))
+        self.runner.add([r.tokens for r in new])
         self.rows.extend(new)
 
     def remove(self, seq_ids: list[str]) -> None:
@@ -125,7 +165,7 @@ class DraftSpeculator:
             if r.seq_id in gone:
                 self.cache.drop_sequence(r.seq_id, self.replica)
         self.rows = [self.rows[i] for i in keep]
-        self.kv.select_rows(torch.tensor(keep, dtype=torch.long))
+        self.runner.remove(keep)
 
     def close(self) -> None:
         self._wait()
@@ -195,8 +235,7 @@ class DraftSpeculator:
                     hit = None  # K changed with the batch size: cached drafts have the wrong length
             keep_branch.append(hit.branch if hit is not None else -1)
             hits.append(hit)
-        self.kv.keep(torch.tensor(limits), torch.tensor(keep_branch))
-        self.kv.compact()
+        self.runner.rollback(limits, keep_branch)
         return hits
 
     def _answer(self, hits: list[_Branch | None], k_next: int) -> list[Speculation]:
@@ -211,9 +250,10 @@ class DraftSpeculator:
             elif hit is not None:
                 self.stats.hits += 1
                 row.spec, row.fed = list(hit.tokens), len(row.tokens) + k_next - 1
-                row.cand_logits = torch.cat([hit.logits, hit.logits[:1]])  # last row filled by glue
+                logits = hit.logits()
+                row.cand_logits = torch.cat([logits, logits[:1]])  # last row filled by glue
                 row.cand_known = k_next
-                specs[i] = Speculation(row.seq_id, row.round, tuple(hit.tokens), hit.probs, SpecSource.CACHE_HIT, True)
+                specs[i] = Speculation(row.seq_id, row.round, tuple(hit.tokens), hit.probs(), SpecSource.CACHE_HIT, True)
             elif backup is BackupKind.FAST and row.past_first_round:
                 self.stats.fast += 1
                 row.spec = list(ngram_guess(row.tokens, k_next))
@@ -229,54 +269,64 @@ class DraftSpeculator:
         return specs  # type: ignore[return-value]
 
     # -- drafting ----------------------------------------------------------------------------
-    def _row_params(self, rows: list[_Row], repeat: int = 1):
+    def _draw_rows(self, rows: list[_Row], repeat: int = 1) -> _DrawRows:
         p = [r.start.params for r in rows for _ in range(repeat)]
-        return (torch.tensor([x.temperature for x in p]), torch.tensor([x.top_k for x in p]),
-                torch.tensor([x.top_p for x in p]))
-
-    def _draw(self, logits: torch.Tensor, rows: list[_Row], fan_out: int, repeat: int = 1):
-        """Process, Saguaro-reshape and sample logits [len(rows)*repeat, V]; returns tokens, q'."""
-        temp, top_k, top_p = self._row_params(rows, repeat)
-        q = process_logits(logits, temp, top_k, top_p)
-        sampled = temp > 0
-        if bool(sampled.any()) and self.saguaro_c < 1.0:
-            q[sampled] = saguaro_reshape(q[sampled], torch.full((int(sampled.sum()),), fan_out), self.saguaro_c)
+        sampled = torch.tensor([x.temperature > 0 for x in p], dtype=torch.bool)
+        s = [x for x, on in zip(p, sampled.tolist()) if on]
         gens = [r.gen for r in rows for _ in range(repeat)]
+        return _DrawRows(sampled, sampled.nonzero()[:, 0], torch.tensor([x.temperature for x in s]),
+                         torch.tensor([x.top_k for x in s], dtype=torch.long), torch.tensor([x.top_p for x in s]),
+                         [g for g, on in zip(gens, sampled.tolist()) if on])
+
+    def _draw(self, logits: torch.Tensor, rows: _DrawRows, fan_out: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens [N] for logits [N, V]: greedy rows their argmax; sampled rows a draw from q' (processed,
+        Saguaro-reshaped), returned [S, V] in the order of rows.idx (None when no row samples)."""
+        if not rows.gens:  # greedy rows: the argmax, what sampling their one-hot would give, without it
+            return logits.argmax(dim=-1), None
+        every = len(rows.gens) == logits.shape[0]
+        q = process_logits(logits if every else logits[rows.idx], rows.temp, rows.top_k, rows.top_p)
+        if self.saguaro_c < 1.0:
+            q = saguaro_reshape(q, torch.full((q.shape[0],), fan_out), self.saguaro_c)
         # a target that will not use q verifies against a point mass (accepts d with probability
         # p(d)): then the draft's most likely token beats a sample from q, and stays exact
-        return sample(q, gens, ~sampled | self.propose_argmax), q
+        drawn = sample(q, rows.gens, torch.full((q.shape[0],), self.propose_argmax, dtype=torch.bool))
+        if every:
+            return drawn, q
+        tokens = logits.argmax(dim=-1)
+        tokens[rows.idx] = drawn
+        return tokens, q
 
     def _jit(self, idx: list[int], k_next: int) -> list[tuple[tuple[int, ...], torch.Tensor | None]]:
         """Draft k_next tokens autoregressively for rows idx (other rows ride along as padding)."""
         rows = [self.rows[i] for i in idx]
-        pending = [r.tokens[r.fed :] for r in rows]
-        width = max(len(p) for p in pending)
-        tokens = torch.zeros(len(self.rows), width, dtype=torch.long)
-        pos = torch.full((len(self.rows), width), -1, dtype=torch.long)
-        for i, r, p in zip(idx, rows, pending):
-            tokens[i, width - len(p) :] = torch.tensor(p)  # right-aligned: last column = last token
-            pos[i, width - len(p) :] = torch.arange(r.fed, r.fed + len(p))
-        vocab = self.draft.vocab_size
+        runs: list[list[int]] = [[] for _ in self.rows]
+        starts = [0] * len(self.rows)
+        for i, r in zip(idx, rows):
+            runs[i], starts[i] = r.tokens[r.fed :], r.fed
+        draw = self._draw_rows(rows)
+        q_of = (draw.sampled.long().cumsum(0) - 1).tolist()  # row n's place among the sampled rows
         drafted = torch.zeros(len(rows), k_next, dtype=torch.long)
-        q_rows = torch.zeros(len(rows), k_next, vocab)
-        raw = torch.zeros(len(rows), k_next + 1, vocab)
+        q_rows = torch.zeros(len(draw.gens), k_next, self.draft.vocab_size) if draw.gens else None
+        raw = torch.zeros(len(rows), k_next + 1, self.draft.vocab_size)
         sel = torch.tensor(idx)
+        last = torch.tensor([len(runs[i]) - 1 for i in idx])
         for j in range(k_next):
-            logits = self.kv.forward(self.draft.model, tokens, pos)[sel.to(self.kv.device), -1].float().cpu()  # [R, V]
+            logits = self.runner.feed(runs, starts)[sel, last]  # [R, V]
             raw[:, j] = logits
-            drafted[:, j], q_rows[:, j] = self._draw(logits, rows, self.fan_out[j])
-            tokens = torch.zeros(len(self.rows), 1, dtype=torch.long)
-            pos = torch.full((len(self.rows), 1), -1, dtype=torch.long)
+            drafted[:, j], q = self._draw(logits, draw, self.fan_out[j])
+            if q is not None:
+                q_rows[:, j] = q
             if j + 1 < k_next:
-                for i, r in zip(idx, rows):
-                    pos[i, 0] = len(r.tokens) + j
-                tokens[sel, 0] = drafted[:, j]
+                runs = [[] for _ in self.rows]
+                for i, r, t in zip(idx, rows, drafted[:, j].tolist()):
+                    runs[i], starts[i] = [t], len(r.tokens) + j
+                last = torch.zeros(len(idx), dtype=torch.long)
         out = []
         for n, r in enumerate(rows):
             r.spec, r.fed = drafted[n].tolist(), len(r.tokens) + k_next - 1
             r.cand_logits, r.cand_known = raw[n], k_next
             greedy = r.start.params.greedy
-            out.append((tuple(r.spec), None if greedy else q_rows[n]))
+            out.append((tuple(r.spec), None if greedy else q_rows[q_of[n]]))
         return out
 
     # -- SSD: the speculation cache for the round in flight -----------------------------------
@@ -294,14 +344,10 @@ class DraftSpeculator:
     def _glue(self) -> None:
         """Feed each row's unfed tail of (tokens + spec); fills the missing candidate rows."""
         streams = [r.tokens + r.spec for r in self.rows]
-        width = max(len(s) - r.fed for s, r in zip(streams, self.rows))
-        tokens = torch.zeros(len(self.rows), width, dtype=torch.long)
-        pos = torch.full((len(self.rows), width), -1, dtype=torch.long)
-        for i, (s, r) in enumerate(zip(streams, self.rows)):
-            tail = s[r.fed :]
-            tokens[i, : len(tail)] = torch.tensor(tail, dtype=torch.long)
-            pos[i, : len(tail)] = torch.arange(r.fed, len(s))
-        logits = self.kv.forward(self.draft.model, tokens, pos).float().cpu()  # [B, W, V]
+        runs = [s[r.fed :] for s, r in zip(streams, self.rows)]
+        if not any(runs):
+            return
+        logits = self.runner.feed(runs, [r.fed for r in self.rows])
         k_max = self.lookahead
         for i, r in enumerate(self.rows):
             n = len(r.tokens)
@@ -322,36 +368,41 @@ class DraftSpeculator:
         n = torch.tensor([len(r.tokens) for r in rows])[:, None]
         branch = torch.arange(width).expand(batch, width)
         limit = n - 1 + ks
+        draw = self._draw_rows(rows, repeat=width)
+        q_row = torch.where(draw.sampled, draw.sampled.long().cumsum(0) - 1, -1).tolist()
+        out = _TreeOut([], [], q_row)
+        drawn = []
         tokens = ts
-        out_tokens = torch.zeros(batch, width, k_max, dtype=torch.long)
-        out_probs = torch.zeros(batch, width, k_max, self.draft.vocab_size)
-        out_logits = torch.zeros(batch, width, k_max, self.draft.vocab_size)
         for depth in range(k_max):
-            logits = self.kv.forward(self.draft.model, tokens, n + ks + depth, branch, limit).float().cpu()
-            flat = logits.reshape(batch * width, -1)
-            drawn, q = self._draw(flat, rows, self.fan_out[depth], repeat=width)
-            out_tokens[:, :, depth] = drawn.view(batch, width)
-            out_probs[:, :, depth] = q.view(batch, width, -1)
-            out_logits[:, :, depth] = logits
-            tokens = out_tokens[:, :, depth]
+            logits = self.runner.tree_step(tokens, n + ks + depth, branch, limit)
+            flat = logits.view(batch * width, -1)
+            d, q = self._draw(flat, draw, self.fan_out[depth])
+            out.logits.append(flat)
+            if q is not None:
+                out.probs.append(q)
+            drawn.append(d)
+            tokens = d.view(batch, width)
+        branch_tokens = torch.stack(drawn, dim=1).tolist()  # [B*N, K]
+        ks_l, ts_l = ks.tolist(), ts.tolist()
         for b, r in enumerate(rows):
-            greedy = r.start.params.greedy
             for i in range(width):
-                key = OutcomeKey(r.seq_id, r.round, int(ks[b, i]), int(ts[b, i]), self.replica)
-                self.cache.put(key, _Branch(i, out_tokens[b, i].tolist(), None if greedy else out_probs[b, i],
-                                            out_logits[b, i]))
+                f = b * width + i
+                key = OutcomeKey(r.seq_id, r.round, ks_l[b][i], ts_l[b][i], self.replica)
+                self.cache.put(key, _Branch(i, branch_tokens[f], out, f))
         return batch * width
 
     def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Bonus candidates per acceptance length: the draft's top tokens at position k+1,
         excluding the drafted token d_{k+1} itself (a rejection means t* != d_{k+1})."""
         ks, ts = [], []
-        for r in self.rows:
+        width = min(max(self.fan_out) + 1, self.draft.vocab_size)
+        tops = torch.stack([r.cand_logits for r in self.rows]).topk(width, dim=-1).indices.tolist()  # [B, K+1, F+1]
+        for r, row_top in zip(self.rows, tops):
             row_k, row_t = [], []
             for k, f in enumerate(self.fan_out):
                 if f == 0:
                     continue
-                top = r.cand_logits[k].topk(min(f + 1, self.draft.vocab_size)).indices.tolist()
+                top = row_top[k][: min(f + 1, self.draft.vocab_size)]
                 if k < len(r.spec):
                     top = [t for t in top if t != r.spec[k]]
                 top = top[:f]
