@@ -35,7 +35,7 @@ import torch
 from ssd_core import metrics
 from ssd_core.config import BackupKind, Mode
 from ssd_core.fanout import plan_fanout
-from ssd_core.kv import BatchKV
+from ssd_core.kv import make_kv
 from ssd_core.models import LoadedModel
 from ssd_core.perfmodel import ComponentTimes, expected_tokens_per_round, expected_tokens_per_s, hit_rate_from_fanout
 from ssd_core.plan import RoundPlan
@@ -84,7 +84,8 @@ def calibrate(model: LoadedModel, shapes: tuple[tuple[int, int], ...], context: 
 def _time_forward(model: LoadedModel, rows: int, length: int, context: int, repeats: int) -> float:
     """Milliseconds of one forward over [rows, length] new tokens after `context` cached ones."""
     vocab = model.vocab_size
-    kv = BatchKV.prefill(model.model, [[(1 + i % 7) % vocab for i in range(context + 1)]] * rows, model.device)
+    kv = make_kv(model.model, 0, model.device)  # the cache the engine and the draft use for this model
+    kv.prefill_rows(model.model, [[(1 + i % 7) % vocab for i in range(context + 1)]] * rows)
     tokens = torch.full((rows, length), 1 % vocab, dtype=torch.long)
     times = []
     for _ in range(repeats + 1):
