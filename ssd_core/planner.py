@@ -390,6 +390,12 @@ class Planner:
         at its best K only); the hill-climb later adds the neighbours of whatever measures fastest
         (the model's K can be far off)."""
         picks = [pick] + [c for c in scored.values() if c.mode is Mode.AR]
+        if pick.mode is Mode.AR:
+            # the model expects speculation to lose here (big batches on a compute-bound CPU): a
+            # full first pass would cost more than it can find, so only the best of each kind
+            return _unique(picks + [max(by_k.values(), key=lambda c: c.tokens_per_s)
+                                    for by_k in (_best_by_k(scored, m) for m in (Mode.SD, Mode.SSD) if m in allowed)
+                                    if by_k])
         for m in (Mode.SD, Mode.SSD):
             if m not in allowed:
                 continue

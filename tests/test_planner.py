@@ -160,16 +160,16 @@ def test_a_lane_planned_as_ar_still_probes_its_draft_and_recovers_from_a_bad_cal
     assert p.choose(Mode.SSD, 1).mode is not Mode.AR  # speculation, once the draft is seen to be cheap
 
 
-def _drive(p: Planner, mode: Mode, rounds: int, true_tokens_per_s) -> Counter:
+def _drive(p: Planner, mode: Mode, rounds: int, true_tokens_per_s, batch: int = 1) -> Counter:
     """Run `rounds` rounds of a lane whose plans really commit at true_tokens_per_s(plan) (every
     round: K accepted tokens + 1, timed to match): which plans ran how often."""
     ran: Counter = Counter()
     for _ in range(rounds):
-        choice = p.choose(mode, 1)
+        choice = p.choose(mode, batch)
         plan = choice.plan
         ran[(choice.mode, plan.lookahead)] += 1
-        tokens = plan.lookahead + 1
-        p.observe([plan.lookahead], plan, 5.0, round_ms=1e3 * tokens / true_tokens_per_s(choice))
+        tokens = (plan.lookahead + 1) * batch
+        p.observe([plan.lookahead] * batch, plan, 5.0, round_ms=1e3 * tokens / true_tokens_per_s(choice))
     return ran
 
 
@@ -221,3 +221,10 @@ def test_live_trials_are_per_mode_and_batch_bucket():
     p = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.9, trials=True)
     # an SD lane never runs SSD rounds, an AR lane never speculates
     assert {m for m, _ in _drive(p, Mode.SD, 200, lambda c: 100.0)} <= {Mode.SD, Mode.AR}
+
+
+def test_live_trials_try_little_where_the_model_expects_speculation_to_lose():
+    p = _planner(5.0, 0.2, 1.0, 0.3, acceptance_prior=0.7, trials=True)  # a compute-bound CPU
+    assert p.choose(Mode.SSD, 32).mode is Mode.AR
+    ran = _drive(p, Mode.SSD, 400, lambda c: 400.0 if c.mode is Mode.AR else 200.0, batch=32)
+    assert len(ran) <= 3 and ran[(Mode.AR, 0)] >= 0.9 * 400, ran  # AR, the best SD and the best SSD plan
