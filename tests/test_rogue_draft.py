@@ -30,6 +30,7 @@ from target_service.server import create_server
 PROMPTS = [[3, 1, 4, 1, 5, 9], [2, 7, 1, 8]]
 TOKEN = "rogue-test-token"
 TIMEOUT_S = 0.3
+PATIENT_TIMEOUT_S = 3.0
 MAX_TOKENS = 12
 
 
@@ -42,6 +43,17 @@ def target():
 def served(target):
     cfg = TargetConfig(model="in-process", port=0, max_tokens=256, draft_timeout_s=TIMEOUT_S, auth_token=TOKEN,
                        lease_ttl_s=60.0)
+    server, port = create_server(cfg, target=target)
+    yield server, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def patient(target):
+    """A target whose draft timeout is far above any answer time, so that a loaded CI machine never
+    drops a garbage-sending rogue before its first round (its garbage is what is under test)."""
+    cfg = TargetConfig(model="in-process", port=0, max_tokens=256, draft_timeout_s=PATIENT_TIMEOUT_S,
+                       auth_token=TOKEN, lease_ttl_s=60.0)
     server, port = create_server(cfg, target=target)
     yield server, f"127.0.0.1:{port}"
     server.stop(0)
@@ -249,13 +261,13 @@ def _generate_all(addr: str, max_tokens: int = MAX_TOKENS, **kw) -> list:
 
 
 @pytest.mark.parametrize("behavior", GARBAGE)
-def test_garbage_from_a_registered_draft_never_changes_greedy_output(served, target, reference, behavior):
-    rogue = _Rogue(served, target, behavior)
+def test_garbage_from_a_registered_draft_never_changes_greedy_output(patient, target, reference, behavior):
+    rogue = _Rogue(patient, target, behavior)
     try:
         for mode in ("ssd", "sd"):
-            results = _generate_all(served[1], mode=mode)
+            results = _generate_all(patient[1], mode=mode)
             assert [list(r.token_ids) for r in results] == reference, (behavior, mode)
-        sampled = _generate_all(served[1], mode="ssd", temperature=0.9, top_p=0.95, seed=5)
+        sampled = _generate_all(patient[1], mode="ssd", temperature=0.9, top_p=0.95, seed=5)
         for r in sampled:
             assert len(r.token_ids) == MAX_TOKENS and all(0 <= t < target.vocab_size for t in r.token_ids)
             assert r.finish_reason == "length"
