@@ -35,6 +35,22 @@ class DraftRunner:
         """New rows holding each history except its last token (fed by the row's next step)."""
         self.kv.prefill_rows(self.model, histories)
 
+    def prefill_detached(self, history: list[int]):
+        """A KV of its own holding `history` except its last token, for `add_prefilled` later: the
+        draft service prefills a sequence when it arrives, beside the target's own prefill, instead
+        of inside the first round (this model's weights are only read, so it may run on another
+        thread than the one stepping this runner)."""
+        with torch.inference_mode():
+            kv = make_kv(self.model, 0, self.device)
+            kv.prefill_rows(self.model, [history])
+        return kv
+
+    def add_prefilled(self, kvs: list) -> None:
+        """New rows from `prefill_detached` KVs (copies of their slots), in this order."""
+        with torch.inference_mode():
+            for kv in kvs:
+                self.kv.extend(kv)
+
     def remove(self, keep: list[int]) -> None:
         """Keep only these rows, in this order."""
         self.kv.select_rows(torch.tensor(keep, dtype=torch.long))

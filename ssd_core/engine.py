@@ -169,9 +169,14 @@ class Engine:
         new = [s for s in admitted if s.limit > 0]
         if not new:
             return [s.req.seq_id for s in admitted]
-        self._prefill(new)
-        if self._speculator is not None:
+        if self._speculator is not None:  # first: a draft in another process prefills beside ours
             self._speculator.add([self._start(s) for s in new])
+        try:
+            self._prefill(new)
+        except BaseException:
+            if self._speculator is not None:  # they never joined: the speculator must not keep them
+                self._speculator.remove([s.req.seq_id for s in new])
+            raise
         for s in new:
             self._outcomes[s.req.seq_id] = RoundOutcome.first(s.req.seq_id)
         self.seqs.extend(new)

@@ -41,6 +41,7 @@ class ProcessSpeculator:
                                  daemon=True)
         self._proc.start()
         child.close()
+        self._unanswered = 0  # replies of add() calls not read yet
         self.fan_out, self.tree, self._backup = tuple(fan_out), tree and sum(fan_out) > 0, backup
         self._call("ping")
 
@@ -55,7 +56,10 @@ class ProcessSpeculator:
             self._backup = kind
 
     def add(self, starts: list[SeqStart]) -> None:
-        self._call("add", starts)
+        """Sent without waiting: the child prefills while the caller goes on (the engine prefills
+        the target meanwhile); its reply, or its error, is taken with the next call."""
+        send_message(self._conn, ("add", (starts,)))
+        self._unanswered += 1
 
     def propose(self, outcomes: list[RoundOutcome], lookahead: int | None = None) -> list[Speculation]:
         return self._call("propose", outcomes, lookahead)
@@ -84,6 +88,11 @@ class ProcessSpeculator:
         self._conn.close()
 
     def _call(self, name: str, *args: Any) -> Any:
+        while self._unanswered:  # replies come in order: first those of the adds sent without waiting
+            self._unanswered -= 1
+            status, value = recv_message(self._conn)
+            if status != "ok":
+                raise RuntimeError(f"draft process failed in add: {value}")
         return request(self._conn, "draft process", name, *args)
 
 

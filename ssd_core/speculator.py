@@ -142,19 +142,34 @@ class DraftSpeculator:
         return len(self.fan_out) - 1
 
     # -- sequence lifecycle ------------------------------------------------------------------
-    def add(self, starts: list[SeqStart]) -> None:
+    def add(self, starts: list[SeqStart], prefilled: list[tuple[tuple[int, ...], object] | None] | None = None) -> None:
         """Add sequences (prefill their history except the last token, which is fed with the
-        first draft step)."""
+        first draft step). prefilled[i], when given: (tokens, kv) from `runner.prefill_detached`
+        of a prefix of starts[i]'s history, used instead of a prefill (the rest of the history is
+        fed with the row's first draft step); a prefix that does not match is prefilled afresh."""
         self._wait()
         if not starts:
             return
+        ready = [None] * len(starts) if prefilled is None else list(prefilled)
+        if len(ready) != len(starts):
+            raise ValueError("add(): one prefilled entry (or None) per start")
+        for i, (s, p) in enumerate(zip(starts, ready)):
+            if p is not None and not (0 < len(p[0]) <= len(s.token_ids) and tuple(s.token_ids[: len(p[0])]) == p[0]):
+                ready[i] = None
+        order = [i for i, p in enumerate(ready) if p is not None] + [i for i, p in enumerate(ready) if p is None]
         # a fresh stream per (sequence, round it starts at): a rebuild or resync never replays draws
-        new = [_Row(s.seq_id, list(s.token_ids), s, torch.Generator().manual_seed(derive_seed(s.draft_seed, s.first_round)))
-               for s in starts]
-        for r in new:
-            r.fed = len(r.tokens) - 1
+        new = []
+        for i in order:
+            s = starts[i]
+            r = _Row(s.seq_id, list(s.token_ids), s, torch.Generator().manual_seed(derive_seed(s.draft_seed, s.first_round)))
+            r.fed = (len(ready[i][0]) if ready[i] is not None else len(r.tokens)) - 1
             r.round = r.start.first_round - 1  # rounds are numbered as the target numbers them
-        self.runner.add([r.tokens for r in new])
+            new.append(r)
+        # KV rows in the order of `new`: the prefilled ones (copied in), then one batched prefill
+        self.runner.add_prefilled([ready[i][1] for i in order if ready[i] is not None])
+        fresh = [r.tokens for i, r in zip(order, new) if ready[i] is None]
+        if fresh:
+            self.runner.add(fresh)
         self.rows.extend(new)
 
     def remove(self, seq_ids: list[str]) -> None:

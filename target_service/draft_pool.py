@@ -58,6 +58,12 @@ class _Track:
     held: str | None = None  # the lease whose draft holds a row for it (current or stale)
 
 
+def _start_of(track: _Track) -> SeqStart:
+    """A sequence as a draft is sent it before its first round (its whole history so far)."""
+    s = track.start
+    return SeqStart(s.seq_id, tuple(track.tokens), s.params, s.draft_seed, first_round=s.first_round)
+
+
 def _next_round(o: RoundOutcome, track: _Track) -> int:
     """The engine round of the speculation that follows `o`. A first outcome carries no round: the
     sequence's first speculation here is the SeqStart's first_round (not 0: after the engine
@@ -83,8 +89,27 @@ class PooledSpeculator:
 
     # -- Speculator protocol ---------------------------------------------------------------------
     def add(self, starts: list[SeqStart]) -> None:
+        """Track the sequences and hand them to a draft now: the engine adds them before its own
+        prefill, so the draft prefills them meanwhile instead of inside their first round. Without
+        a live draft (or if that fails) they are assigned and sent with their first round."""
+        tracks = []
         for s in starts:
-            self._tracks[s.seq_id] = _Track(s, list(s.token_ids))  # assigned at its first propose
+            tracks.append(_Track(s, list(s.token_ids)))
+            self._tracks[s.seq_id] = tracks[-1]
+        try:
+            live = {lease.lease_id: lease for lease in self._registry.live() if self._fits(lease)}
+            by_lease: dict[str, list[_Track]] = {}
+            for track in tracks:
+                if live and len(track.tokens) > 1:
+                    self._assign(track, live)
+                if track.lease_id is not None:
+                    by_lease.setdefault(track.lease_id, []).append(track)
+            for lease_id, group in by_lease.items():
+                self._session(live[lease_id]).add([_start_of(t) for t in group])
+                for t in group:
+                    t.synced, t.held = True, lease_id
+        except Exception:  # noqa: BLE001 - a draft problem must never reach the engine
+            log.exception("handing new sequences to a draft failed; they go with their first round")
 
     def remove(self, seq_ids: list[str]) -> None:
         by_lease: dict[str, list[str]] = {}
@@ -204,12 +229,7 @@ class PooledSpeculator:
 
     def _send(self, lease: Lease, group: list[tuple[_Track, RoundOutcome]]) -> tuple[int, int]:
         """Send one endpoint's round (removals, additions, outcomes); (session step, tokens to prefill)."""
-        session = self._sessions.get(lease.lease_id)
-        if session is None:
-            config = config_to_pb(self.fan_out, self.saguaro_c, self.backup, self.lookahead)
-            session = DraftSessionClient(lease.lease_id, lease.endpoint, self._replica, config, self._credentials,
-                                   self._registry.session_metadata, self._channel_device, self._vocab)
-            self._sessions[lease.lease_id] = session
+        session = self._session(lease)
         stale = [t.start.seq_id for t, _ in group if not t.synced and t.held == lease.lease_id]
         session.remove(stale)  # a resync on the same endpoint: drop the old state first
         starts, wire = [], []
@@ -226,6 +246,16 @@ class PooledSpeculator:
         # an untrusted draft's q would be ignored (point-mass verification): do not even ask for it
         want_probs = lease.identity in self._trusted and any(not t.start.params.greedy for t, _ in group)
         return session.send_round(wire, want_probs), sum(len(x.token_ids) for x in starts)
+
+    def _session(self, lease: Lease) -> DraftSessionClient:
+        """The open session to this lease's endpoint (opened on first use)."""
+        session = self._sessions.get(lease.lease_id)
+        if session is None:
+            config = config_to_pb(self.fan_out, self.saguaro_c, self.backup, self.lookahead)
+            session = DraftSessionClient(lease.lease_id, lease.endpoint, self._replica, config, self._credentials,
+                                         self._registry.session_metadata, self._channel_device, self._vocab)
+            self._sessions[lease.lease_id] = session
+        return session
 
     def _decode(self, sequences, group: list[tuple[_Track, RoundOutcome]], failed: set[str],
                 endpoint: str, trusted: bool, channel_probs=None) -> dict[str, Speculation]:

@@ -124,6 +124,8 @@ def test_session_matches_in_process_speculator_with_cache_hits(server, draft) ->
             outcomes.append(out)
         assert resp.speculations.timings.total_ns > 0
     assert sources[0] is SpecSource.JIT and sources[1:] == [SpecSource.CACHE_HIT] * 3  # same model: all hits
+    # both sequences were prefilled when they arrived (AddSequences), not inside the first round
+    assert srv.servicer.scheduler.early_prefills == 2
     assert srv.servicer.tracker.sessions == 1 and srv.servicer.tracker.sequences == 2
     stream.send(close=pb.SessionClose(reason="done"))
     assert list(stream.responses) == []
@@ -452,3 +454,37 @@ def test_ssd_serve_draft_metrics_port_in_a_real_process(tmp_path, model_dir) -> 
             proc.kill()
             proc.wait(10)
         registry.stop(0)
+
+
+def test_rows_from_early_prefills_speculate_as_freshly_prefilled_ones(draft) -> None:
+    """DraftSpeculator.add with KVs prefilled beforehand (the draft service's early prefill): a
+    prefix of the history (the rest is fed with the first step), the whole history, and a prefix
+    that does not match (ignored: prefilled afresh) all give what plain rows give, round after
+    round, greedy and sampled (same seeds)."""
+    hist = [(1, 5, 9, 3, 7, 2, 8), (4, 2, 7, 7, 1), (3, 3, 1, 6)]
+    params = [SamplingParams(), SamplingParams(temperature=0.8, top_k=20), SamplingParams()]
+    starts = [SeqStart(f"s{i}", h, p, 20 + i) for i, (h, p) in enumerate(zip(hist, params))]
+    plain = DraftSpeculator(draft, FAN_OUT, 1.0, BackupKind.JIT, tree=True)
+    early = DraftSpeculator(draft, FAN_OUT, 1.0, BackupKind.JIT, tree=True)
+    plain.add(starts)
+    prefixes = [hist[0][:4], hist[1], (9, 9, 9)]  # shorter than the history, all of it, not a prefix
+    early.add(starts, [(p, early.runner.prefill_detached(list(p))) for p in prefixes])
+    assert early.kv.batch == 3
+    tokens = {s.seq_id: list(s.token_ids) for s in starts}
+    outcomes = [RoundOutcome.first(s.seq_id) for s in starts]
+    for _ in range(4):
+        want = plain.propose(outcomes)
+        got = {x.seq_id: x for x in early.propose(outcomes)}
+        outcomes = []
+        for w in want:
+            g = got[w.seq_id]
+            assert (g.round, g.tokens, g.source) == (w.round, w.tokens, w.source)
+            if w.draft_probs is not None:
+                torch.testing.assert_close(g.draft_probs, w.draft_probs)
+            out = _greedy_outcome(draft, tokens[w.seq_id], w)
+            tokens[w.seq_id] += list(w.tokens[: out.num_accepted]) + [out.bonus_token]
+            outcomes.append(out)
+    with pytest.raises(ValueError, match="one prefilled entry"):
+        early.add([SeqStart("x", (1, 2), SamplingParams(), 1)], [])
+    plain.close()
+    early.close()

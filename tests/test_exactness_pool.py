@@ -58,6 +58,9 @@ def test_two_targets_one_draft_greedy_exact_batched_and_a_draft_kill_moves_both(
         assert sum(r.stats.cache_hit_rate for r in results) > 0  # the draft's speculations were used
         load = d.servicer.load()
         assert load.active_sessions == 2 and load.rows_per_step > 1  # both targets' rows in one step
+        # the targets handed their sequences over before their own prefill: the draft prefilled
+        # them early (beside the targets), not inside their first rounds
+        assert d.servicer.scheduler.early_prefills == len(PROMPTS)
 
         with futures.ThreadPoolExecutor(len(PROMPTS)) as pool:  # now kill the draft mid-generation
             streams = [clients[i % 2].stream(prompt_ids=p, max_tokens=64, ignore_eos=True, lookahead=2)
