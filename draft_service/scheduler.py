@@ -156,7 +156,7 @@ class _Seq:
     tokens: list[int]  # committed history (prompt + accepted + bonus), kept to re-add the row elsewhere
     key: str = ""  # row id in its shard ("" = not placed: placed at its next round)
     shard: "_Shard | None" = None
-    spec: tuple[int, ...] = ()  # the tokens handed out last
+    spec: tuple[int, ...] = ()  # the tokens handed out last (the history of an outcome without committed tokens)
     answer: Speculation | None = None  # ... and the speculation they came in (the row's id)
     prefill: "concurrent.futures.Future | None" = None  # the early prefill: (tokens, kv), used once
 
@@ -455,8 +455,8 @@ class DraftScheduler:
         for t in tickets:
             for o in t.outcomes:
                 seq = t.member.seqs[o.seq_id]
-                if o.num_accepted != FIRST_ROUND:
-                    seq.tokens.extend(seq.spec[: o.num_accepted] + (o.bonus_token,))
+                if o.num_accepted != FIRST_ROUND:  # what the target committed (validated by the session)
+                    seq.tokens.extend(o.tokens_after(seq.spec))
                 if seq.shard is None:
                     shard = self._room(g, per_shard, t.argmax)
                     seq.key = f"{t.member.sid}/{next(self._serial)}"
@@ -471,7 +471,7 @@ class DraftScheduler:
                     entry[2].append(RoundOutcome.first(seq.key))
                 else:
                     entry = work.setdefault(id(seq.shard), (seq.shard, [], [], []))
-                    entry[2].append(RoundOutcome(seq.key, o.round, o.num_accepted, o.bonus_token))
+                    entry[2].append(replace(o, seq_id=seq.key))
                 if t not in entry[3]:
                     entry[3].append(t)
                     t.shards_left.add(id(entry[0]))

@@ -300,7 +300,7 @@ class DraftSession:
             return f"num_accepted {out.num_accepted} > {k} speculated tokens"
         if out.bonus_token >= self.model.vocab_size:
             return f"bonus_token {out.bonus_token} >= vocab size {self.model.vocab_size}"
-        return ""
+        return out.committed_problem(self.model.vocab_size) or ""
 
     def _drop(self, seq_ids: list[str]) -> None:
         # once each, and only active ones: a round may name a sequence in several errors (found by fuzzing)

@@ -323,9 +323,10 @@ class Engine:
             lookup = seq.stats.record_round(len(sp.tokens), k, sp.source, self._plan.tree)
             if lookup is not None:
                 lookups.append(lookup)
-            self._outcomes[seq.req.seq_id] = RoundOutcome(seq.req.seq_id, sp.round, k, t)
+            committed = tuple(sp.tokens[:k]) + (t,)  # the history's one source: the speculator is told, never guesses
+            self._outcomes[seq.req.seq_id] = RoundOutcome(seq.req.seq_id, sp.round, k, t, committed)
             first = seq.new == 0
-            emitted, reason = self._emit(seq, list(sp.tokens[:k]) + [t])
+            emitted, reason = self._emit(seq, list(committed))
             # emitted[j] is verified position j's token (a prefix of d_1..d_k, t*): row j scores it
             lps = records(logprobs[i], emitted, seq.req.params.logprobs) if i in logprobs else ()
             seq.logprobs.extend(lps)

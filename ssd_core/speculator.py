@@ -238,14 +238,23 @@ class DraftSpeculator:
             else:
                 if out.round != row.round or not 0 <= out.num_accepted <= len(row.spec):
                     raise ValueError(f"stale or invalid outcome {out} for round {row.round}")
+                problem = out.committed_problem(self.draft.vocab_size)
+                if problem is not None:
+                    raise ValueError(f"invalid outcome for {row.seq_id}: {problem}")
                 k = out.num_accepted
+                committed = out.tokens_after(row.spec)  # the target's, when it says (it may have verified its own guess)
+                # how much of our speculation the history now holds: all k accepted, unless the
+                # target verified other tokens (then a resync from where they part, and no cached
+                # branch: it was drafted after our tokens, not theirs)
+                same = _common_prefix(row.spec, committed[:k])
                 if row.spec:
                     self.stats.lookups += 1
-                    hit = self.cache.lookup(OutcomeKey(row.seq_id, out.round, k, out.bonus_token, self.replica))
+                    if same == k:
+                        hit = self.cache.lookup(OutcomeKey(row.seq_id, out.round, k, out.bonus_token, self.replica))
                 self.cache.drop_round(row.seq_id, out.round, self.replica)
-                row.tokens.extend(row.spec[:k] + [out.bonus_token])
-                limits.append(n_old - 1 + k)
-                row.fed = min(row.fed, n_old + k)
+                row.tokens.extend(committed)
+                limits.append(n_old - 1 + same)
+                row.fed = min(row.fed, n_old + same)
                 if hit is not None and len(hit.tokens) != k_next:
                     hit = None  # K changed with the batch size: cached drafts have the wrong length
             keep_branch.append(hit.branch if hit is not None else -1)
@@ -436,3 +445,13 @@ class DraftSpeculator:
         finally:
             self._pending = None
             self.stats.wait_s += time.perf_counter() - t0
+
+
+def _common_prefix(a, b) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -36,16 +36,45 @@ class SeqStart:
 
 @dataclass(frozen=True, slots=True)
 class RoundOutcome:
-    """What verification decided for one sequence in `round` (num_accepted FIRST_ROUND: none yet)."""
+    """What verification decided for one sequence in `round` (num_accepted FIRST_ROUND: none yet).
+
+    `committed` is what the round appended to the history: the verified prefix d_1..d_k plus the
+    bonus token t* (k + 1 tokens). The engine, which owns the history, always fills it, so the
+    other side never rebuilds it (the tokens verified may be the engine's own fast backup, not
+    the speculator's answer). Empty means "not given" (an older target, or a test or bench that
+    feeds a speculator its own rounds): the speculator then takes its own speculation's first k.
+    """
 
     seq_id: str
     round: int
     num_accepted: int
     bonus_token: int
+    committed: tuple[int, ...] = ()
 
     @staticmethod
     def first(seq_id: str) -> "RoundOutcome":
         return RoundOutcome(seq_id, -1, FIRST_ROUND, -1)
+
+    def tokens_after(self, spec) -> tuple[int, ...]:
+        """The tokens this round committed: `committed`, or (not given) spec[:k] + (t*,) from the
+        speculation the caller handed out."""
+        return self.committed or tuple(spec[: self.num_accepted]) + (self.bonus_token,)
+
+    def committed_problem(self, vocab: int) -> str | None:
+        """Why `committed` is not what this outcome's (num_accepted, bonus_token) committed, or None.
+        Empty (not given) is fine for a round outcome, and the only valid value for a first one."""
+        c = self.committed
+        if not c:
+            return None
+        if self.num_accepted == FIRST_ROUND:
+            return f"a FIRST_ROUND outcome commits nothing, got {len(c)} committed tokens"
+        if len(c) != self.num_accepted + 1:
+            return f"{len(c)} committed tokens, expected num_accepted + 1 = {self.num_accepted + 1}"
+        if c[-1] != self.bonus_token:
+            return f"the last committed token {c[-1]} is not the bonus token {self.bonus_token}"
+        if any(not 0 <= t < vocab for t in c):
+            return f"committed token ids must be in [0, {vocab})"
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,9 +8,10 @@ endpoints are asked in parallel and waited for with a bounded deadline (the time
 PREFILL_S_PER_TOKEN per history token on rounds that add sequences). Any draft failure
 (stream error, stalled round, lease gone) marks the endpoint dead and moves its sequences: they
 are re-added elsewhere from their full token history, which this pool tracks (SeqStart tokens +
-the speculations it handed out + the outcomes). For that round they get SpecSource.NONE and the
-engine uses its own fast backup. Nothing here raises into the engine; output stays exact because
-the verifier alone decides what is committed.
+the tokens each outcome says its round committed: the engine's history, never rebuilt here, so
+the pool need not know which tokens the engine verified). For that round they get
+SpecSource.NONE and the engine uses its own fast backup. Nothing here raises into the engine;
+output stays exact because the verifier alone decides what is committed.
 
 No endpoint at all (none registered yet, or all dead): every speculation is NONE, so SD/SSD
 requests still run, exactly, on the engine's fast n-gram backup; we chose this over falling back
@@ -29,7 +30,6 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from ssd_core.backup import ngram_guess
 from ssd_core.config import BackupKind, SamplingParams
 from ssd_core.plan import RoundPlan
 from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Speculation
@@ -50,9 +50,9 @@ class _Track:
     """What the pool knows about one sequence."""
 
     start: SeqStart
-    tokens: list[int]  # committed history (prompt + accepted + bonus)
+    tokens: list[int]  # committed history (prompt + accepted + bonus), from the outcomes' committed tokens
     round: int = -1  # engine round of the speculation handed out last
-    spec: tuple[int, ...] = ()  # the tokens the engine verified in `round` (as far as we know)
+    lost: bool = False  # the history is not known (a bad outcome): never sent to a draft again
     lease_id: str | None = None  # primary endpoint
     synced: bool = False  # the primary holds this sequence's current state
     held: str | None = None  # the lease whose draft holds a row for it (current or stale)
@@ -172,12 +172,8 @@ class PooledSpeculator:
                 track.synced = False
         specs = []
         for o, track in zip(outcomes, tracks):
-            spec = answers.get(o.seq_id) or Speculation(o.seq_id, _next_round(o, track), (), None, SpecSource.NONE)
+            specs.append(answers.get(o.seq_id) or Speculation(o.seq_id, _next_round(o, track), (), None, SpecSource.NONE))
             track.round = _next_round(o, track)
-            # The engine replaces NONE with the same deterministic n-gram guess (ssd_core.backup).
-            guess = ngram_guess(track.tokens, k) if k else ()
-            track.spec = spec.tokens if spec.source is not SpecSource.NONE else guess
-            specs.append(spec)
         return specs
 
     # -- internals -------------------------------------------------------------------------------
@@ -185,11 +181,19 @@ class PooledSpeculator:
         track = self._tracks.get(o.seq_id)
         if track is None:  # unknown to us: the engine never does this, but stay total
             log.warning("outcome for unknown sequence %s", o.seq_id)
-            track = self._tracks[o.seq_id] = _Track(SeqStart(o.seq_id, (), SamplingParams(), 0), [])
-        if o.num_accepted != FIRST_ROUND:
-            if o.round != track.round or not 0 <= o.num_accepted <= len(track.spec):
-                log.error("outcome %s does not match the speculation of round %d", o, track.round)
-            track.tokens.extend(track.spec[: o.num_accepted] + (o.bonus_token,))
+            track = self._tracks[o.seq_id] = _Track(SeqStart(o.seq_id, (), SamplingParams(), 0), [], lost=True)
+        if o.num_accepted != FIRST_ROUND and not track.lost:
+            problem = o.committed_problem(self._vocab) if o.committed else "no committed tokens"
+            if o.round != track.round or problem is not None:  # the engine never does this: stay total
+                log.error("outcome %s for round %d: %s; the sequence gets no more drafts", o, track.round,
+                          problem or "wrong round")
+                track.lost, track.synced = True, False  # the engine's own backup from now on (exact)
+                session = self._sessions.get(track.held) if track.held is not None else None
+                if session is not None:
+                    session.remove([o.seq_id])
+                track.held = None
+            else:
+                track.tokens.extend(o.committed)  # what the engine appended, whichever tokens it verified
         return track
 
     def _ask_drafts(self, tracks: list[_Track], outcomes: list[RoundOutcome]) -> dict[str, Speculation]:
@@ -200,7 +204,7 @@ class PooledSpeculator:
         groups: dict[str, list[tuple[_Track, RoundOutcome]]] = {}
         moved = False
         for track, o in zip(tracks, outcomes):
-            if not track.tokens:
+            if track.lost or not track.tokens:
                 continue
             if track.lease_id not in live:
                 self._assign(track, live)

@@ -233,6 +233,43 @@ def test_speculator_numbers_rounds_from_the_sequences_first_round(perturbed_pair
         spec.close()
 
 
+def test_speculator_appends_the_committed_tokens_and_serves_a_branch_only_after_its_own(perturbed_pair):
+    """The outcome says what the target committed. When the verified prefix is not the draft's own
+    speculation (the target verified its own backup), the pre-drafted branch for that (k, t*) was
+    drafted after other tokens: a miss, and the row resyncs in place from the committed history."""
+    from ssd_core.speculator import DraftSpeculator
+    from ssd_core.types import RoundOutcome, SeqStart, SpecSource
+
+    _, draft = perturbed_pair
+    prompt = (3, 1, 4, 1, 5)
+    spec, ref = DraftSpeculator(draft, (1, 1, 2), tree=True), DraftSpeculator(draft, (1, 1, 2), tree=True)
+    try:
+        spec.add([SeqStart(s, prompt, SamplingParams(), 7) for s in ("own", "other")])
+        own, other = spec.propose([RoundOutcome.first("own"), RoundOutcome.first("other")])
+        assert own.tokens == other.tokens  # greedy, same history
+        spec._wait()  # the tree build of this round: both rows have the same (k=1, t*) branches
+        bonus = next(key.bonus_token for key in spec.cache._entries if key.seq_id == "own" and key.num_accepted == 1)
+        d1 = own.tokens[0]
+        swapped = (d1 + 1) % draft.vocab_size
+        for t, committed, why in [(swapped, (swapped,), "1 committed tokens, expected"),  # k + 1 = 2
+                                  (bonus, (d1, bonus + 1), "is not the bonus token"),
+                                  (draft.vocab_size, (d1, draft.vocab_size), "committed token ids must be in")]:
+            with pytest.raises(ValueError, match=why):  # refused before anything changes
+                spec.propose([RoundOutcome("own", own.round, 1, t, committed),
+                              RoundOutcome("other", other.round, 1, bonus, (d1, bonus))])
+        a, b = spec.propose([RoundOutcome("own", own.round, 1, bonus, (d1, bonus)),
+                             RoundOutcome("other", other.round, 1, bonus, (swapped, bonus))])
+        assert a.source is SpecSource.CACHE_HIT  # d_1 was ours: the branch drafted after it
+        assert b.source is SpecSource.JIT  # same (k, t*), but another d_1 was verified: never the branch
+        assert spec.rows[1].tokens == [*prompt, swapped, bonus]  # what the target committed, not ours
+        ref.add([SeqStart("other", (*prompt, swapped, bonus), SamplingParams(), 7, first_round=b.round)])
+        (want,) = ref.propose([RoundOutcome.first("other")])
+        assert b.tokens == want.tokens  # resynced in place: as if started from that history
+    finally:
+        spec.close()
+        ref.close()
+
+
 def test_saguaro_reshape_scales_exactly_each_rows_top_f_plus_one():
     gen = torch.Generator().manual_seed(3)
     q = torch.rand(6, 50, generator=gen).softmax(-1)

@@ -176,3 +176,67 @@ def test_load_generator_over_grpc_and_the_heartbeat_load():
     assert res.hit_rate > 0
     assert load.rows_per_step > 1 and load.step_ms > 0 and load.answer_p99_ms > 0 and 0 < load.utilization <= 1
     assert load.branches_per_step > 0
+
+
+def test_pool_and_draft_history_is_the_engines_when_the_engine_verifies_its_own_backup(
+        monkeypatch, target_identity_info):
+    """The engine may verify its own fast backup instead of the draft's answer. The pool and the
+    draft then append what the engine says it committed: the engine's history, whichever tokens
+    it verified. (Forced here: the engine rejects every other draft speculation and its backup
+    is an oracle, so the tokens it verifies are accepted and differ from the draft's.)"""
+    from conftest import hf_greedy
+    from draft_service.config import DraftServerConfig
+    from draft_service.server import create_server
+    from ssd_core import engine as engine_mod
+    from ssd_core.config import Mode, SpecConfig
+    from target_service.draft_pool import PooledSpeculator
+    from target_service.registry import DraftRegistry
+
+    target, draft = make_pair(draft_kind="independent")  # its drafts rarely are the target's tokens
+    real_problem, calls = engine_mod.speculation_problem, []
+
+    def every_other(spec, *args):
+        problem = real_problem(spec, *args)
+        if problem is None:
+            calls.append(spec.round)
+            return "rejected by the test" if len(calls) % 2 == 0 else None
+        return problem
+
+    monkeypatch.setattr(engine_mod, "speculation_problem", every_other)
+    monkeypatch.setattr(engine_mod, "ngram_guess", lambda tokens, k: tuple(hf_greedy(target.model, list(tokens), k)))
+    server, port = create_server(DraftServerConfig(port=0, scheduler=SchedulerConfig(window_ms=1)), model=draft)
+    server.start()
+    identity, info = target_identity_info
+    registry = DraftRegistry(identity, ttl_s=60)
+    registry.register(f"127.0.0.1:{port}", "d", info)
+    seen = []  # (engine's history, pool's, draft's) each time the pool has answered a round
+
+    def factory(plan, saguaro_c):
+        pool = PooledSpeculator(registry, plan, saguaro_c, replica_id="r0", vocab_size=target.vocab_size, timeout_s=30)
+        propose = pool.propose
+
+        def watched(outcomes, lookahead=None):
+            specs = propose(outcomes, lookahead)
+            members = list(server.servicer.scheduler._members.values())
+            on_draft = members[0].seqs.get("a") if members else None
+            seen.append((list(engine.seqs[0].tokens), list(pool._tracks["a"].tokens),
+                         None if on_draft is None else list(on_draft.tokens)))
+            return specs
+
+        pool.propose = watched
+        return pool
+
+    engine = engine_mod.Engine(target, spec=SpecConfig(mode=Mode.SSD, lookahead=2, fan_out=(1, 1, 1)),
+                               speculator_factory=factory)
+    prompt = (3, 1, 4, 1, 5)
+    try:
+        (result,) = engine.generate([engine_mod.Request(prompt, SamplingParams(max_new_tokens=24, ignore_eos=True), "a")])
+    finally:
+        engine.close()
+        server.stop(0)
+    assert list(result.token_ids) == hf_greedy(target.model, list(prompt), 24)
+    assert len(calls) >= 4  # the draft answered, and the engine used its own tokens in half of those rounds
+    for engine_tokens, pool_tokens, draft_tokens in seen:
+        assert pool_tokens == engine_tokens
+        assert draft_tokens in (None, engine_tokens)
+    assert sum(d is not None for _, _, d in seen) >= len(seen) - 2  # the draft kept the sequence (no resync)

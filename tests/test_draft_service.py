@@ -183,6 +183,43 @@ def test_bad_messages_get_session_errors_not_a_crash(server) -> None:
     assert list(stream.responses) == []
 
 
+def test_malformed_committed_tokens_are_refused_per_sequence(server) -> None:
+    """The tokens an outcome says were committed are untrusted: wrong length, a last token that is
+    not the bonus, an id outside the vocabulary, or any in a first round: INVALID_ARGUMENT naming
+    the sequence (dropped); the others go on, and a well-formed list becomes the draft's history."""
+    srv, channel = server
+    stream = _Stream(channel)
+    stream.open()
+    ids = ["short", "last", "vocab", "ok"]
+    stream.send(add=pb.AddSequences(sequences=[codec.start_to_pb(SeqStart(i, (3, 4, 5), SamplingParams(), 1))
+                                               for i in ids]))
+    stream.send(round=pb.RoundRequest(step=0, outcomes=[codec.outcome_to_pb(RoundOutcome.first(i)) for i in ids]))
+    specs = {m.seq_id: m for m in stream.recv().speculations.sequences}
+    r, d = specs["ok"].round, list(specs["ok"].tokens)
+    bad = {"short": pb.SequenceOutcome(seq_id="short", round=r, num_accepted=2, bonus_token=9, committed=[d[0], 9]),
+           "last": pb.SequenceOutcome(seq_id="last", round=r, num_accepted=1, bonus_token=9, committed=[d[0], 8]),
+           "vocab": pb.SequenceOutcome(seq_id="vocab", round=r, num_accepted=1, bonus_token=9, committed=[70, 9])}
+    stream.send(round=pb.RoundRequest(step=1, outcomes=[*bad.values(), codec.outcome_to_pb(
+        RoundOutcome("ok", r, 1, 9, (d[0], 9)))]))
+    errors = [stream.recv().error for _ in bad]
+    assert [list(e.seq_ids) for e in errors] == [["short"], ["last"], ["vocab"]]
+    assert all(e.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "committed" in e.message for e in errors)
+    answer = stream.recv().speculations
+    assert [m.seq_id for m in answer.sequences] == ["ok"]  # the session goes on
+    (member,) = srv.servicer.scheduler._members.values()
+    assert member.seqs["ok"].tokens == [3, 4, 5, d[0], 9]
+    stream.send(add=pb.AddSequences(sequences=[codec.start_to_pb(SeqStart("new", (1, 2), SamplingParams(), 2))]))
+    first = pb.SequenceOutcome(seq_id="new", round=-1, num_accepted=-1, bonus_token=-1, committed=[1])
+    stream.send(round=pb.RoundRequest(step=2, outcomes=[first, codec.outcome_to_pb(
+        RoundOutcome("ok", answer.sequences[0].round, 0, 7, (7,)))]))
+    err = stream.recv().error
+    assert list(err.seq_ids) == ["new"] and "FIRST_ROUND" in err.message
+    assert [m.seq_id for m in stream.recv().speculations.sequences] == ["ok"]
+    assert srv.servicer.tracker.sequences == 1
+    stream.end()
+    assert list(stream.responses) == []
+
+
 def test_first_request_must_be_open_and_stream_end_drops_state(server) -> None:
     srv, channel = server
     stream = _Stream(channel)

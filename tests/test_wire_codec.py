@@ -71,6 +71,20 @@ def test_outcome_round_trip_with_first_round_sentinel() -> None:
         codec.outcome_from_pb(speculation_pb2.SequenceOutcome(seq_id="a", round=1, num_accepted=0, bonus_token=-1))
 
 
+def test_outcome_committed_tokens_round_trip_and_are_checked() -> None:
+    o = RoundOutcome("a", 3, 2, 41, (5, 6, 41))
+    assert codec.outcome_from_pb(codec.outcome_to_pb(o)) == o
+    assert codec.outcome_from_pb(codec.outcome_to_pb(RoundOutcome("a", 3, 2, 41))).committed == ()  # an older target
+    for committed, why in [([5, 41], "want num_accepted"), ([5, 6, 7], "not the bonus token"),
+                           ([-5, 6, 41], r"must be in \[0,")]:
+        with pytest.raises(ValueError, match=why):
+            codec.outcome_from_pb(speculation_pb2.SequenceOutcome(seq_id="a", round=3, num_accepted=2, bonus_token=41,
+                                                                  committed=committed))
+    with pytest.raises(ValueError, match="FIRST_ROUND"):
+        codec.outcome_from_pb(speculation_pb2.SequenceOutcome(seq_id="a", round=-1, num_accepted=-1, bonus_token=-1,
+                                                              committed=[1]))
+
+
 @pytest.mark.parametrize("source", list(SpecSource))
 def test_speculation_round_trip(source: SpecSource) -> None:
     probs = torch.softmax(torch.randn(3, 11), dim=-1)

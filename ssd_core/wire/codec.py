@@ -140,9 +140,9 @@ def start_from_pb(m: speculation_pb2.SequenceStart) -> SeqStart:
 
 # -- round outcomes and speculations -----------------------------------------------------------
 def outcome_to_pb(o: RoundOutcome) -> speculation_pb2.SequenceOutcome:
-    """FIRST_ROUND travels as it is: num_accepted = -1, round = -1, bonus_token = -1."""
+    """FIRST_ROUND travels as it is: num_accepted = -1, round = -1, bonus_token = -1 (nothing committed)."""
     return speculation_pb2.SequenceOutcome(seq_id=o.seq_id, round=o.round, num_accepted=o.num_accepted,
-                                           bonus_token=o.bonus_token)
+                                           bonus_token=o.bonus_token, committed=list(o.committed))
 
 
 def outcome_from_pb(m: speculation_pb2.SequenceOutcome) -> RoundOutcome:
@@ -151,11 +151,23 @@ def outcome_from_pb(m: speculation_pb2.SequenceOutcome) -> RoundOutcome:
     if m.num_accepted < FIRST_ROUND:
         raise InvalidParameter("num_accepted", m.num_accepted, f"must be >= 0, or {FIRST_ROUND} for a first round")
     if m.num_accepted == FIRST_ROUND:
+        if len(m.committed):
+            raise InvalidParameter("committed", f"{len(m.committed)} tokens",
+                                   f"a FIRST_ROUND outcome commits nothing (sequence {m.seq_id!r})")
         return RoundOutcome.first(m.seq_id)
     if m.round < 0 or m.bonus_token < 0:
         raise InvalidParameter("outcome", (m.round, m.bonus_token),
                                f"round and bonus_token must be >= 0 for sequence {m.seq_id!r}")
-    return RoundOutcome(m.seq_id, int(m.round), int(m.num_accepted), int(m.bonus_token))
+    # empty: an older target (the draft takes its own speculation's first k); else exactly k + 1,
+    # checked before copying (the vocabulary bound is the receiver's: RoundOutcome.committed_problem)
+    if len(m.committed) not in (0, m.num_accepted + 1):
+        raise InvalidParameter("committed", f"{len(m.committed)} tokens",
+                               f"want num_accepted + 1 = {m.num_accepted + 1} for sequence {m.seq_id!r}")
+    out = RoundOutcome(m.seq_id, int(m.round), int(m.num_accepted), int(m.bonus_token), tuple(m.committed))
+    problem = out.committed_problem(2**31)  # last == bonus_token, ids >= 0 (int32 on the wire)
+    if problem is not None:
+        raise InvalidParameter("committed", list(out.committed[-3:]), f"sequence {m.seq_id!r}: {problem}")
+    return out
 
 
 def speculation_to_pb(s: Speculation, want_probs: bool) -> speculation_pb2.SequenceSpeculation:

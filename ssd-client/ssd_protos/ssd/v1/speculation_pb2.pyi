@@ -241,16 +241,18 @@ class AddSequences(_message.Message):
     def __init__(self, sequences: _Optional[_Iterable[_Union[SequenceStart, _Mapping]]] = ...) -> None: ...
 
 class SequenceOutcome(_message.Message):
-    __slots__ = ("seq_id", "round", "num_accepted", "bonus_token")
+    __slots__ = ("seq_id", "round", "num_accepted", "bonus_token", "committed")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     BONUS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     round: int
     num_accepted: int
     bonus_token: int
-    def __init__(self, seq_id: _Optional[str] = ..., round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., bonus_token: _Optional[int] = ...) -> None: ...
+    committed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_id: _Optional[str] = ..., round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., bonus_token: _Optional[int] = ..., committed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RoundRequest(_message.Message):
     __slots__ = ("step", "outcomes", "want_draft_probs", "probs_over_channel")
