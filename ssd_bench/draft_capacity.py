@@ -158,7 +158,7 @@ class SimulatedTarget:
                         active[s.seq_id], outcomes[s.seq_id] = state, RoundOutcome.first(s.seq_id)
                     else:
                         active[seq_id][1] = pos
-                        outcomes[seq_id] = RoundOutcome(seq_id, rnd, k, bonus)
+                        outcomes[seq_id] = RoundOutcome(seq_id, rnd, k, bonus, spec[:k] + (bonus,))  # as a target sends it
                 if time.monotonic() >= measure_from:
                     with lock:
                         tally.latencies.append(latency)
