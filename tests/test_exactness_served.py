@@ -174,6 +174,7 @@ def test_a_lying_draft_over_grpc_cannot_move_the_sampled_distribution(mode):
         server.stop(0)
 
 
+@pytest.mark.slow  # ~20 s each: a real draft process and a sampled run
 @pytest.mark.parametrize("mode", ["sd", "ssd"])
 def test_an_untrusted_real_draft_proposes_argmax_tokens_and_output_stays_exact(mode):
     """A draft whose q the target does not use is asked for no q (want_draft_probs false); it then
