@@ -195,8 +195,9 @@ def test_the_variant_is_created_and_stored(cluster, admin, applied) -> None:
         assert got.metadata.uid, (doc["kind"], doc["metadata"]["name"])
     draft = client.AppsV1Api(admin).read_namespaced_deployment(DRAFT, NS)
     c = draft.spec.template.spec.containers[0]
-    assert c.readiness_probe.tcp_socket.port == 50061 and c.readiness_probe.period_seconds == 5
-    assert {p.name: p.container_port for p in c.ports} == {"grpc": 50061, "metrics": 9400}
+    # the probes go to the plaintext health-only port (the 1.20 variant turns grpc probes into TCP ones)
+    assert c.readiness_probe.tcp_socket.port == 50052 and c.readiness_probe.period_seconds == 5
+    assert {p.name: p.container_port for p in c.ports} == {"grpc": 50061, "health": 50052, "metrics": 9400}
     assert draft.spec.template.spec.security_context.seccomp_profile.type == "RuntimeDefault"
     sts = client.AppsV1Api(admin).read_namespaced_stateful_set("ssd-target", NS)
     assert sts.spec.replicas == 2 and sts.spec.service_name == "ssd-target-headless"
@@ -223,13 +224,39 @@ def test_scale_subresource_read_patch_and_watch(admin, applied) -> None:
     set_draft_replicas(admin, 2)
 
 
-class _FakeTarget:
-    """A target replica's /metrics: every scrape adds 100 cache lookups, 90 of them misses; the drafts
-    are 90% utilized. Enough for the controller to scale the draft pool up."""
+# What a fake target's /metrics says per scrape n, and the reasons the autoscaler must give:
+# "misses": the target-side signals (90 of every 100 lookups miss, the drafts' sequence slots 90%
+# used); "pool": the pool's own signals only (few misses, slots idle, but the rounds wait 60 ms for
+# the drafts, which report 90% busy and an 80 ms answer p99).
+_SIGNALS = {
+    "misses": (lambda n: f"# TYPE ssd_cache_hits_total counter\nssd_cache_hits_total {10 * n}\n"
+                         f"# TYPE ssd_cache_misses_total counter\nssd_cache_misses_total {90 * n}\n"
+                         "# TYPE ssd_draft_utilization gauge\nssd_draft_utilization 0.9\n"
+                         "# TYPE ssd_queue_depth gauge\nssd_queue_depth 0\n",
+               "2 -> 3 (up: miss rate 0.90 >= 0.35; draft utilization 0.90 >= 0.85)"),
+    "pool": (lambda n: f"# TYPE ssd_cache_hits_total counter\nssd_cache_hits_total {95 * n}\n"
+                       f"# TYPE ssd_cache_misses_total counter\nssd_cache_misses_total {5 * n}\n"
+                       "# TYPE ssd_round_seconds histogram\n"
+                       f'ssd_round_seconds_sum{{phase="speculate"}} {0.06 * 100 * n}\n'
+                       f'ssd_round_seconds_count{{phase="speculate"}} {100 * n}\n'
+                       "# TYPE ssd_draft_utilization gauge\nssd_draft_utilization 0.2\n"
+                       "# TYPE ssd_draft_reported_utilization gauge\nssd_draft_reported_utilization 0.9\n"
+                       "# TYPE ssd_draft_reported_answer_p99_seconds gauge\n"
+                       "ssd_draft_reported_answer_p99_seconds 0.08\n"
+                       "# TYPE ssd_queue_depth gauge\nssd_queue_depth 0\n",
+             "2 -> 3 (up: speculation wait 60.0ms >= 50.0ms; drafts busy 0.90 >= 0.85; "
+             "draft answer p99 80.0ms >= 50.0ms)"),
+}
 
-    def __init__(self, host: str) -> None:
+
+class _FakeTarget:
+    """A target replica's /metrics, as _SIGNALS[source] says per scrape: enough for the controller to
+    scale the draft pool up, for the reasons _SIGNALS gives."""
+
+    def __init__(self, host: str, source: str = "misses") -> None:
         self.scrapes = 0
         fake = self
+        page = _SIGNALS[source][0]
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
@@ -237,11 +264,7 @@ class _FakeTarget:
                     self.send_error(404)
                     return
                 fake.scrapes += 1
-                n = fake.scrapes
-                body = (f"# TYPE ssd_cache_hits_total counter\nssd_cache_hits_total {10 * n}\n"
-                        f"# TYPE ssd_cache_misses_total counter\nssd_cache_misses_total {90 * n}\n"
-                        "# TYPE ssd_draft_utilization gauge\nssd_draft_utilization 0.9\n"
-                        "# TYPE ssd_queue_depth gauge\nssd_queue_depth 0\n").encode()
+                body = page(fake.scrapes).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
                 self.send_header("Content-Length", str(len(body)))
@@ -260,22 +283,31 @@ class _FakeTarget:
         self.server.server_close()
 
 
-def test_one_reconcile_loop_end_to_end_as_the_autoscaler_service_account(cluster, admin, sa_token, tmp_path) -> None:
+@pytest.mark.parametrize("source", sorted(_SIGNALS))
+def test_one_reconcile_loop_end_to_end_as_the_autoscaler_service_account(cluster, admin, sa_token, tmp_path,
+                                                                         source) -> None:
     """The real `python -m k8s_autoscaler` process with the service account's kubeconfig: it finds the
-    target behind ssd-target-headless (Endpoints), scrapes its /metrics over HTTP, decides to scale up,
-    and patches the scale subresource; a watch on the Deployment sees 2 -> 3."""
+    target behind ssd-target-headless (Endpoints), scrapes its /metrics over HTTP, decides to scale up
+    (on the target-side signals, or on the pool's own: wait for the drafts, their busy time and answer
+    p99), and patches the scale subresource; a watch on the Deployment sees 2 -> 3."""
     from kubernetes import client
 
     ip = k8s_cluster.local_ipv4()
     if ip is None:
         pytest.skip("no non-loopback IPv4 address here (Endpoints may not point at 127.0.0.0/8)")
-    target = _FakeTarget(ip)
+    target = _FakeTarget(ip, source)
     core = client.CoreV1Api(admin)
     endpoints = client.V1Endpoints(metadata=client.V1ObjectMeta(name="ssd-target-headless", namespace=NS), subsets=[
         client.V1EndpointSubset(
             addresses=[client.V1EndpointAddress(ip=ip)],
             not_ready_addresses=[client.V1EndpointAddress(ip="198.51.100.7")],  # never scraped
             ports=[client.CoreV1EndpointPort(name="metrics", port=target.port)])])
+    from kubernetes.client.exceptions import ApiException
+    try:  # from the previous parametrization
+        core.delete_namespaced_endpoints("ssd-target-headless", NS)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
     core.create_namespaced_endpoints(NS, endpoints)  # no controller-manager here: the test plays its part
     set_draft_replicas(admin, 2)
     kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", sa_token, NS)
@@ -299,7 +331,7 @@ def test_one_reconcile_loop_end_to_end_as_the_autoscaler_service_account(cluster
     assert scaled, f"no scale-up seen by the watch {watch.events}; autoscaler log:\n{out}"
     assert proc.returncode == 0, out
     assert [r for t, r in watch.events if t == "MODIFIED"][0] == 3, watch.events
-    assert "2 -> 3 (up: miss rate 0.90 >= 0.35; draft utilization 0.90 >= 0.85)" in out, out
+    assert _SIGNALS[source][1] in out, out
     assert "using Endpoints" in out and "198.51.100.7" not in out, out
     assert "Forbidden" not in out and "failed" not in out, out
     assert target.scrapes >= 2
