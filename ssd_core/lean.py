@@ -309,9 +309,10 @@ class LeanCausalLM(nn.Module):
 # Skinny GEMMs on a CPU: for 2..SKINNY_MAX rows (a verify of K+1 tokens, a draft tree step of a
 # few branches) MKL's x @ W^T re-packs the weights every call; W @ x^T reads them as stored. Same
 # products, summed in another order (logits within float rounding of F.linear's). Measured on the
-# embedded pair, 2 vCPUs, one thread (2026-12-01, scripts/skinny_gemm_bench.py, interleaved):
-# draft forwards of 2-8 rows 1.15-1.3x faster, target verifies of 4-8 tokens 1.1-1.2x; one row
-# (AR steps, JIT drafting) is unchanged: it stays on F.linear.
+# embedded pair, 2 vCPUs, one thread (2026-12-01, scripts/skinny_gemm_bench.py, interleaved, two
+# runs: docs/results/2026-12-01/r3/skinny-gemm*.json): draft forwards of 2-8 rows 1.2-1.5x faster,
+# target forwards of 2-5 rows 1.1-1.4x, of 6-8 rows level (0.93-1.03x); one row (AR steps, JIT
+# drafting) is unchanged: it stays on F.linear.
 SKINNY_MAX = 8
 
 
