@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ssd_core.config import BackupKind
+from ssd_core.draft_runner import prefill_detached
 from ssd_core.models import LoadedModel
 from ssd_core.speculator import DraftSpeculator
 from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Speculation
@@ -223,8 +224,6 @@ class DraftScheduler:
         self._members: dict[str, _Member] = {}
         self._groups: dict[tuple, _Group] = {}
         self._serial = itertools.count(1)
-        self._runner = None  # the prefill thread's (a runner only builds detached KVs there)
-        self._early: dict[str, concurrent.futures.Future] = {}  # row key -> its early prefill
         self._prefiller = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ssd-draft-prefill")
         self.early_prefills = 0  # placements that used an early prefill (tests, /metrics)
         self.on_evict: Callable[[], None] | None = None  # /metrics counter
@@ -278,11 +277,7 @@ class DraftScheduler:
                     seq.prefill = self._prefiller.submit(self._prefill_early, tuple(s.token_ids))
 
     def _prefill_early(self, tokens: tuple[int, ...]):
-        runner = self._runner
-        if runner is None:  # any shard's runner builds a detached KV of the kind the shards use
-            from ssd_core.draft_runner import DraftRunner
-            runner = self._runner = DraftRunner(self.model)
-        return tokens, runner.prefill_detached(list(tokens))
+        return tokens, prefill_detached(self.model, list(tokens))
 
     def remove(self, sid: str, seq_ids: list[str]) -> None:
         with self._cond:
@@ -398,7 +393,6 @@ class DraftScheduler:
         if g is not None:
             g.doomed.setdefault(id(seq.shard), (seq.shard, []))[1].append(seq.key)
         seq.shard.rows.pop(seq.key, None)
-        self._early.pop(seq.key, None)
         seq.shard, seq.key = None, ""
 
     def _wait_idle(self, g: _Group) -> None:
@@ -462,8 +456,6 @@ class DraftScheduler:
                     seq.key = f"{t.member.sid}/{next(self._serial)}"
                     seq.shard = shard
                     shard.rows[seq.key] = seq
-                    if seq.prefill is not None:  # its early prefill, for this first placement only
-                        self._early[seq.key], seq.prefill = seq.prefill, None
                     first = seq.start.first_round if o.num_accepted == FIRST_ROUND else o.round + 1
                     start = SeqStart(seq.key, tuple(seq.tokens), seq.start.params, seq.start.draft_seed, first)
                     entry = work.setdefault(id(shard), (shard, [], [], []))
@@ -480,11 +472,14 @@ class DraftScheduler:
                 t.result, t.done = RoundResult([]), True
         return work
 
-    def _take_early(self, key: str):
-        """The early prefill of row `key` ((tokens, kv)), waiting for it if it still runs; None if
-        it had none or it failed (the row is then prefilled in the step, as without one)."""
+    def _take_early(self, shard: _Shard, key: str):
+        """The early prefill of row `key` ((tokens, kv)), used once, waiting for it if it still runs;
+        None if it had none or it failed (the row is then prefilled in the step, as without one)."""
         with self._cond:
-            fut = self._early.pop(key, None)
+            seq = shard.rows.get(key)
+            fut = seq.prefill if seq is not None else None
+            if seq is not None:
+                seq.prefill = None
         if fut is None:
             return None
         try:
@@ -546,7 +541,7 @@ class DraftScheduler:
         try:
             if starts:
                 try:
-                    shard.spec.add(starts, [self._take_early(x.seq_id) for x in starts])
+                    shard.spec.add(starts, [self._take_early(shard, x.seq_id) for x in starts])
                 except Exception as exc:  # noqa: BLE001 - add() changes nothing before its prefill succeeds
                     log.warning("prefill of %d sequences failed: %s", len(starts), exc)
                     failed = {s.seq_id: f"prefill failed: {exc}" for s in starts}

@@ -20,6 +20,17 @@ from ssd_core.kv import make_kv
 from ssd_core.models import LoadedModel
 
 
+def prefill_detached(draft: LoadedModel, history: list[int]):
+    """A KV of its own holding `history` except its last token, for `DraftRunner.add_prefilled`
+    later: the draft service prefills a sequence when it arrives, beside the target's own prefill,
+    instead of inside the first round (the model's weights are only read, so this may run on
+    another thread than the one stepping a runner of the same model)."""
+    with torch.inference_mode():
+        kv = make_kv(draft.model, 0, draft.device)
+        kv.prefill_rows(draft.model, [history])
+    return kv
+
+
 class DraftRunner:
     def __init__(self, draft: LoadedModel, static: bool | None = None) -> None:
         self.model = draft.model
@@ -34,16 +45,6 @@ class DraftRunner:
     def add(self, histories: list[list[int]]) -> None:
         """New rows holding each history except its last token (fed by the row's next step)."""
         self.kv.prefill_rows(self.model, histories)
-
-    def prefill_detached(self, history: list[int]):
-        """A KV of its own holding `history` except its last token, for `add_prefilled` later: the
-        draft service prefills a sequence when it arrives, beside the target's own prefill, instead
-        of inside the first round (this model's weights are only read, so it may run on another
-        thread than the one stepping this runner)."""
-        with torch.inference_mode():
-            kv = make_kv(self.model, 0, self.device)
-            kv.prefill_rows(self.model, [history])
-        return kv
 
     def add_prefilled(self, kvs: list) -> None:
         """New rows from `prefill_detached` KVs (copies of their slots), in this order."""

@@ -90,15 +90,18 @@ class ProcessSpeculator:
     def _call(self, name: str, *args: Any) -> Any:
         while self._unanswered:  # replies come in order: first those of the adds sent without waiting
             self._unanswered -= 1
-            status, value = recv_message(self._conn)
-            if status != "ok":
-                raise RuntimeError(f"draft process failed in add: {value}")
+            take_reply(self._conn, "draft process", "add")
         return request(self._conn, "draft process", name, *args)
 
 
 def request(conn, who: str, name: str, *args: Any) -> Any:
     """Send (name, args) to a child's loop and return its value; its error raises RuntimeError."""
     send_message(conn, (name, args))
+    return take_reply(conn, who, name)
+
+
+def take_reply(conn, who: str, name: str) -> Any:
+    """The child's reply to the oldest request not yet answered (`name`); its error raises RuntimeError."""
     status, value = recv_message(conn)
     if status != "ok":
         raise RuntimeError(f"{who} failed in {name}: {value}")

@@ -144,7 +144,7 @@ class DraftSpeculator:
     # -- sequence lifecycle ------------------------------------------------------------------
     def add(self, starts: list[SeqStart], prefilled: list[tuple[tuple[int, ...], object] | None] | None = None) -> None:
         """Add sequences (prefill their history except the last token, which is fed with the
-        first draft step). prefilled[i], when given: (tokens, kv) from `runner.prefill_detached`
+        first draft step). prefilled[i], when given: (tokens, kv) from `draft_runner.prefill_detached`
         of a prefix of starts[i]'s history, used instead of a prefill (the rest of the history is
         fed with the row's first draft step); a prefix that does not match is prefilled afresh."""
         self._wait()

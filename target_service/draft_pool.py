@@ -58,10 +58,10 @@ class _Track:
     held: str | None = None  # the lease whose draft holds a row for it (current or stale)
 
 
-def _start_of(track: _Track) -> SeqStart:
-    """A sequence as a draft is sent it before its first round (its whole history so far)."""
+def _start_of(track: _Track, first_round: int) -> SeqStart:
+    """A sequence as a draft is sent it (its whole history so far), speculating from `first_round` on."""
     s = track.start
-    return SeqStart(s.seq_id, tuple(track.tokens), s.params, s.draft_seed, first_round=s.first_round)
+    return SeqStart(s.seq_id, tuple(track.tokens), s.params, s.draft_seed, first_round=first_round)
 
 
 def _next_round(o: RoundOutcome, track: _Track) -> int:
@@ -97,7 +97,7 @@ class PooledSpeculator:
             tracks.append(_Track(s, list(s.token_ids)))
             self._tracks[s.seq_id] = tracks[-1]
         try:
-            live = {lease.lease_id: lease for lease in self._registry.live() if self._fits(lease)}
+            live = self._live()
             by_lease: dict[str, list[_Track]] = {}
             for track in tracks:
                 if live and len(track.tokens) > 1:
@@ -105,7 +105,7 @@ class PooledSpeculator:
                 if track.lease_id is not None:
                     by_lease.setdefault(track.lease_id, []).append(track)
             for lease_id, group in by_lease.items():
-                self._session(live[lease_id]).add([_start_of(t) for t in group])
+                self._session(live[lease_id]).add([_start_of(t, t.start.first_round) for t in group])
                 for t in group:
                     t.synced, t.held = True, lease_id
         except Exception:  # noqa: BLE001 - a draft problem must never reach the engine
@@ -198,7 +198,7 @@ class PooledSpeculator:
 
     def _ask_drafts(self, tracks: list[_Track], outcomes: list[RoundOutcome]) -> dict[str, Speculation]:
         """One RoundRequest per live endpoint, in parallel; answers by seq_id."""
-        live = {lease.lease_id: lease for lease in self._registry.live() if self._fits(lease)}
+        live = self._live()
         for lease_id in [x for x in self._sessions if x not in live or not self._sessions[x].alive]:
             self._kill(lease_id, self._sessions[lease_id].error or "lease gone")
         groups: dict[str, list[tuple[_Track, RoundOutcome]]] = {}
@@ -239,9 +239,7 @@ class PooledSpeculator:
         starts, wire = [], []
         for track, o in group:
             if not track.synced:
-                start = track.start
-                starts.append(SeqStart(start.seq_id, tuple(track.tokens), start.params, start.draft_seed,
-                                       first_round=_next_round(o, track)))
+                starts.append(_start_of(track, _next_round(o, track)))
                 track.synced, track.held = True, lease.lease_id
                 wire.append(RoundOutcome.first(o.seq_id))
             else:
@@ -306,6 +304,10 @@ class PooledSpeculator:
         log.info("sequence %s moves off saturated draft %s", track.start.seq_id, live[old].endpoint)
         track.lease_id, track.synced, track.held = new, False, None
         return True
+
+    def _live(self) -> dict[str, Lease]:
+        """Live leases whose drafts can serve this speculator's K and fan-out, by lease id."""
+        return {lease.lease_id: lease for lease in self._registry.live() if self._fits(lease)}
 
     def _fits(self, lease: Lease) -> bool:
         k_ok = lease.max_lookahead == 0 or lease.max_lookahead >= self.lookahead

@@ -16,6 +16,7 @@ from draft_service.config import DraftServerConfig
 from draft_service.registration import resolve_target
 from draft_service.server import create_server, serve
 from ssd_core.config import BackupKind, SamplingParams
+from ssd_core.draft_runner import prefill_detached
 from ssd_core.models import load_model, tokenizer_fingerprint
 from tiny_models import random_model, tiny_llama_config
 from ssd_core.speculator import DraftSpeculator
@@ -505,7 +506,7 @@ def test_rows_from_early_prefills_speculate_as_freshly_prefilled_ones(draft) -> 
     early = DraftSpeculator(draft, FAN_OUT, 1.0, BackupKind.JIT, tree=True)
     plain.add(starts)
     prefixes = [hist[0][:4], hist[1], (9, 9, 9)]  # shorter than the history, all of it, not a prefix
-    early.add(starts, [(p, early.runner.prefill_detached(list(p))) for p in prefixes])
+    early.add(starts, [(p, prefill_detached(draft, list(p))) for p in prefixes])
     assert early.kv.batch == 3
     tokens = {s.seq_id: list(s.token_ids) for s in starts}
     outcomes = [RoundOutcome.first(s.seq_id) for s in starts]
