@@ -13,7 +13,7 @@ from draft_service.config import DraftLimits, DraftServerConfig, SchedulerConfig
 from draft_service.server import serve
 from ssd_core.auth import read_peers
 from ssd_tls import add_tls_arguments
-from ssd_core.config import BACKEND_HELP, BACKENDS
+from ssd_core.config import BACKEND_HELP, BACKENDS, DEFAULT_DRAFT_WEIGHTS, DRAFT_WEIGHTS, DRAFT_WEIGHTS_HELP
 from ssd_core.cpu_placement import CPUS_HELP, THREADS_HELP, apply_affinity, choose_placement
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     parser.add_argument("--backend", choices=BACKENDS, default=None, help=BACKEND_HELP)
+    parser.add_argument("--weights", choices=DRAFT_WEIGHTS, default=DEFAULT_DRAFT_WEIGHTS, help=DRAFT_WEIGHTS_HELP)
     parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                         help="shard the draft over N ranks (tensor parallelism, ssd_core/tp.py): one per GPU from --device on, "
                              "or N CPU processes (gloo); this process is rank 0 and starts the others")
@@ -77,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> DraftServerConfig:
     token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else os.environ.get(AUTH_TOKEN_ENV, "")
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     return DraftServerConfig(model_dir=args.model, host=args.host, port=args.port, advertise=args.advertise,
-                             targets=targets, device=args.device, dtype=args.dtype, backend=args.backend,
+                             targets=targets, device=args.device, dtype=args.dtype, backend=args.backend, weights=args.weights,
                              tensor_parallel=args.tensor_parallel,
                              auth_token=token, peers=read_peers(args.peers_file),
                              draft_id=args.draft_id,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ssd_tls import check_files
 from ssd_core.auth import PeerEntry
+from ssd_core.config import DEFAULT_DRAFT_WEIGHTS
 from ssd_core.errors import InvalidParameter
 
 
@@ -63,6 +64,8 @@ class DraftServerConfig:
     device: str = "cpu"
     dtype: str = "float32"
     backend: str | None = None  # hf | lean; None: $SSD_BACKEND, else ssd_core.models.DEFAULT_BACKEND
+    weights: str = DEFAULT_DRAFT_WEIGHTS  # how serve() loads the draft's linears (ssd_core.models.apply_weights);
+    # a model handed to create_server is served as it is
     tensor_parallel: int = 1  # ranks the draft model is sharded over (ssd_core.tp); this process is rank 0
     # This draft's own credential, presented to the targets (registration); without `peers` also the
     # one shared token targets must present to open Sessions (legacy; see ssd_core.auth).

@@ -111,7 +111,7 @@ def serve(cfg: DraftServerConfig, stop: threading.Event | None = None) -> int:
         return 2
     server.start()
     try:
-        model = load_model(cfg.model_dir, cfg.device, cfg.dtype, cfg.backend, cfg.tensor_parallel)
+        model = load_model(cfg.model_dir, cfg.device, cfg.dtype, cfg.backend, cfg.tensor_parallel, weights=cfg.weights)
     except Exception as exc:  # any failure to load is fatal and must say why
         log.error("draft server: cannot load the draft model from %r: %s", cfg.model_dir, exc)
         server.stop(0)
@@ -122,8 +122,8 @@ def serve(cfg: DraftServerConfig, stop: threading.Event | None = None) -> int:
     server.set_model(model)
     registrar = server.start_registration()
     registrar.wait_registered(None, cfg.rpc_timeout_s)
-    log.info("draft ready on %s model=%s vocab=%d registered with %d/%d targets", server.endpoint, model.name,
-             model.vocab_size, len(registrar.registered()), registrar.known())
+    log.info("draft ready on %s model=%s vocab=%d weights=%s registered with %d/%d targets", server.endpoint,
+             model.name, model.vocab_size, model.weights, len(registrar.registered()), registrar.known())
     stop.wait()
     log.info("draft on %s shutting down (grace %.1fs)", server.endpoint, cfg.grace_s)
     server.stop()

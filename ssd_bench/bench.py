@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ssd_core.config import BackupKind, Mode, SamplingParams, SpecConfig
+from ssd_core.config import DEFAULT_DRAFT_WEIGHTS, BackupKind, Mode, SamplingParams, SpecConfig
 from ssd_core.engine import Engine, Request
 from ssd_core.models import LoadedModel
 from ssd_core.perfmodel import RequestCounts
@@ -48,6 +48,7 @@ class BenchConfig:
     draft_placement: str = "process"  # process | thread (in-process SD/SSD)
     draft_dir: str = ""  # the child process loads the draft from here (else the model is pickled over)
     backend: str | None = None  # hf | lean for the draft loaded from draft_dir (None: the default)
+    draft_weights: str = DEFAULT_DRAFT_WEIGHTS  # how the draft process stores its linears (ssd_core.models)
     prompt_chars: int = 600  # keep the prompt tail (long HumanEval docstrings)
 
 
@@ -160,7 +161,8 @@ def _open_engine(mode: str, target: LoadedModel, draft: LoadedModel, prompts, cf
     from ssd_core.config import BatchPolicy, PolicyRow
 
     source = Path(cfg.draft_dir) if cfg.draft_dir else draft
-    factory = process_factory(source, 1, draft_cpus, backend=cfg.backend) if cfg.draft_placement == "process" and mode != "ar" else None
+    factory = process_factory(source, 1, draft_cpus, backend=cfg.backend,
+                              weights=cfg.draft_weights) if cfg.draft_placement == "process" and mode != "ar" else None
     # the bench sweeps batch sizes itself: speculate at every size it asks for
     policy = BatchPolicy((PolicyRow(max(cfg.batch_sizes), cfg.lookahead, BackupKind(cfg.backup) if cfg.backup != "auto" else BackupKind.JIT),))
     planner = None

@@ -94,12 +94,14 @@ class _DraftDriver:
 
 
 def _draft_child(conn, draft_src, fan_out, cpus, prompt, device, dtype, backend) -> None:
-    from ssd_core.models import load_model
+    from ssd_core.config import DEFAULT_DRAFT_WEIGHTS
+    from ssd_core.models import apply_weights, load_model
 
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)
     torch.set_num_threads(1)
     draft = load_model(draft_src, device, dtype, backend) if isinstance(draft_src, (str, Path)) else draft_src
+    draft = apply_weights(draft, DEFAULT_DRAFT_WEIGHTS)  # the draft as a service runs it
     driver = _DraftDriver(draft, fan_out, prompt)
     send_message(conn, ("ok", None))
     while True:  # ProcessSpeculator's protocol, so "ping" times the transport the engine uses

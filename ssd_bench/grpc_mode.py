@@ -12,16 +12,17 @@ log = logging.getLogger(__name__)
 
 
 def make_grpc_runner(target_dir: Path, draft_dir: Path, service_pair: Callable[..., Any],
-                     service_args: tuple[str, ...], log_dir: Path):
+                     service_args: tuple[str, ...], log_dir: Path, draft_args: tuple[str, ...] = ()):
     """The ssd-grpc runner. service_pair starts the two services (ssd_cli.local_services.service_pair,
-    passed in by the CLI: the bench does not import the CLI); service_args go to both."""
+    passed in by the CLI: the bench does not import the CLI); service_args go to both, draft_args
+    to the draft only."""
     def run(prompts, cfg, target_cpus, draft_cpus):
         from client import Client
         from ssd_bench.bench import ModeRun
 
         runs = {}
         pair = service_pair(Path(target_dir), Path(draft_dir), log_dir, target_cpus, draft_cpus,
-                            extra_args=service_args)
+                            extra_args=service_args, draft_args=draft_args)
         with pair as (target_addr, _, _):
             with Client(target_addr, timeout=600) as client:
                 for b in cfg.batch_sizes:

@@ -19,21 +19,22 @@ WARMUP_TOKENS = 8
 
 def make_served_runner(target_dir: Path, draft_dir: Path, service_pair: Callable[..., Any],
                        free_port: Callable[[], int], service_args: tuple[str, ...], log_dir: Path,
-                       cfg: ServedConfig):
+                       cfg: ServedConfig, draft_args: tuple[str, ...] = ()):
     """The served runner: (prompts, target cpus, draft cpus, in-process reference outputs) -> the
     report's "served" section. service_pair and free_port come from the CLI
-    (ssd_cli.local_services: the bench does not import the CLI); service_args go to both services."""
+    (ssd_cli.local_services: the bench does not import the CLI); service_args go to both services, draft_args to the draft."""
     def run(prompts, target_cpus, draft_cpus, reference: list[tuple[int, ...]] | None) -> dict:
         http_port = free_port()
         pair = service_pair(Path(target_dir), Path(draft_dir), log_dir, target_cpus, draft_cpus,
-                            extra_args=service_args, openai_port=http_port)
+                            extra_args=service_args, openai_port=http_port, draft_args=draft_args)
         with pair as (target_addr, _, _):
             cells = asyncio.run(_schedule(target_addr, f"http://127.0.0.1:{http_port}/v1", prompts, cfg))
         section = aggregate(cells, cfg)
         section["problems"] = check_outputs(cells, len(prompts), reference, cfg.temperature)
         section["outputs_identical"] = not section["problems"] if cfg.temperature == 0 else None
         section["services"] = {"target_cpus": sorted(target_cpus), "draft_cpus": sorted(draft_cpus),
-                               "args": list(service_args), "openai_port": http_port,
+                               "args": list(service_args),
+                               "draft_args": list(draft_args), "openai_port": http_port,
                                "note": "service defaults otherwise (threads: one per pinned core); the "
                                        "load generator runs in the bench process, on the target's cores"}
         return section

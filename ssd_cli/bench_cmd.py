@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ssd_bench.served import APIS, DEFAULT_LEVELS, SERVED_MODES
-from ssd_core.config import BACKEND_HELP, BACKENDS
+from ssd_core.config import BACKEND_HELP, BACKENDS, DEFAULT_DRAFT_WEIGHTS, DRAFT_WEIGHTS, DRAFT_WEIGHTS_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--backend", choices=BACKENDS, default=None, help=BACKEND_HELP)
+    p.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default=DEFAULT_DRAFT_WEIGHTS, help=DRAFT_WEIGHTS_HELP)
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="shard the in-process target over N ranks (tensor parallelism, ssd_core/tp.py): one per GPU from --device on, "
                         "or N CPU processes (gloo); this process is rank 0 and starts the others")
@@ -99,27 +100,29 @@ def run(args: argparse.Namespace) -> int:
         t, d = default_pair_dirs()
         args.target, args.draft = args.target or t, args.draft or d
     cfg.draft_dir = str(args.draft)
+    cfg.draft_weights = args.draft_weights
     cfg.backend = args.backend or os.environ.get(BACKEND_ENV)  # read once; passed to the draft process and services
     target = load_model(args.target, args.device, args.dtype, cfg.backend, args.tensor_parallel)
-    draft = load_model(args.draft, args.device, args.dtype, cfg.backend)
+    draft = load_model(args.draft, args.device, args.dtype, cfg.backend, weights=args.draft_weights)
     if target.tokenizer is None:
         raise ValueError(f"{args.target} has no tokenizer: the bench encodes text prompts")
     room = target.max_context - cfg.max_new_tokens - cfg.lookahead - 2
     prompts = load_prompts(args.prompts, target.tokenizer, args.num_prompts, cfg.prompt_chars, room)
     grpc_runner = served_runner = None
     service_args = ("--device", args.device, "--dtype", args.dtype) + (("--backend", cfg.backend) if cfg.backend else ())
+    draft_args = ("--weights", args.draft_weights)  # the draft service's own flag
     log_dir = Path(os.environ.get("SSD_BENCH_LOG_DIR", "runs/bench-logs"))
     if "ssd-grpc" in modes:
         from ssd_bench.grpc_mode import make_grpc_runner
         from ssd_cli.local_services import service_pair
 
-        grpc_runner = make_grpc_runner(args.target, args.draft, service_pair, service_args, log_dir)
+        grpc_runner = make_grpc_runner(args.target, args.draft, service_pair, service_args, log_dir, draft_args)
     if args.served:
         from ssd_bench.served_run import make_served_runner
         from ssd_cli.local_services import free_port, service_pair
 
         served_runner = make_served_runner(args.target, args.draft, service_pair, free_port, service_args, log_dir,
-                                           served_config(args))
+                                           served_config(args), draft_args)
     command = "ssd " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     rep = run_bench(target, draft, prompts, cfg, grpc_runner, served_runner, command)
     print(format_table(rep))

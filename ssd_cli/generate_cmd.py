@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from ssd_core.config import BACKEND_HELP, BACKENDS
+from ssd_core.config import BACKEND_HELP, BACKENDS, DEFAULT_DRAFT_WEIGHTS, DRAFT_WEIGHTS, DRAFT_WEIGHTS_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +44,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--backend", choices=BACKENDS, default=None, help=BACKEND_HELP)
+    p.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default=DEFAULT_DRAFT_WEIGHTS, help=DRAFT_WEIGHTS_HELP)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per model side (default: half the cores, so target and draft "
                         "each own one half, as on the paper's distinct hardware)")
@@ -115,7 +116,7 @@ def load_pair(args: argparse.Namespace, need_draft: bool = True):
         target_dir, draft_dir = target_dir or default_target, draft_dir or default_draft
     args.target, args.draft = target_dir, draft_dir  # resolved, for callers that start a draft process
     target = load_model(target_dir, args.device, args.dtype, args.backend, getattr(args, "tensor_parallel", 1))
-    draft = load_model(draft_dir, args.device, args.dtype, args.backend) if need_draft else None
+    draft = load_model(draft_dir, args.device, args.dtype, args.backend, weights=args.draft_weights) if need_draft else None
     return target, draft
 
 
@@ -194,7 +195,8 @@ def run_demo(args: argparse.Namespace) -> int:
     outputs = {}
     for mode in (Mode.AR, Mode.SD, Mode.SSD):
         spec = SpecConfig(mode=mode, lookahead=args.lookahead, backup=BackupKind.JIT)
-        factory = None if mode is Mode.AR else process_factory(args.draft, 1, draft_cpus, args.device, args.dtype, args.backend)
+        factory = None if mode is Mode.AR else process_factory(args.draft, 1, draft_cpus, args.device, args.dtype, args.backend,
+                                                               args.draft_weights)
         engine = Engine(target, draft, spec, speculator_factory=factory)
         warm = tuple(target.tokenizer.encode(DEMO_PROMPTS[0]))
         engine.generate([Request(warm, SamplingParams(max_new_tokens=8, ignore_eos=True))])  # start-up off the clock

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         t, d = default_pair_dirs()
         args.target, args.draft = args.target or t, args.draft or d
     backend = os.environ.get(BACKEND_ENV)  # read once; the draft processes get it passed
-    target, draft = load_model(args.target, backend=backend), load_model(args.draft, backend=backend)
+    target, draft = load_model(args.target, backend=backend), load_model(args.draft, backend=backend, weights="auto")
     if target.tokenizer is None:
         raise ValueError(f"{args.target} has no tokenizer: the bench encodes text prompts")
     cfg = BenchConfig(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, lookahead=args.lookahead,

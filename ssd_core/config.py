@@ -15,6 +15,16 @@ BACKEND_HELP = ("model implementation: hf (transformers modules) or lean (ssd_co
                 "default: $SSD_BACKEND, else the built-in default")
 
 
+# How a DRAFT's linear weights are stored (ssd_core.models.load_model(weights=...)): float as
+# loaded, or int8 (ssd_core.lean.Int8Weight: lean backend, float32, CPU). auto: int8 where it
+# applies, else float. A draft's weights change what it proposes, never the target's output.
+DRAFT_WEIGHTS = ("auto", "float", "int8")
+DEFAULT_DRAFT_WEIGHTS = "auto"
+DRAFT_WEIGHTS_HELP = ("how the draft's linears are stored: int8 (lean backend, float32 on a CPU: a draft step reads a "
+                      "quarter of the bytes; what it proposes changes slightly, the output never), float, or auto "
+                      "(int8 where it applies; the default)")
+
+
 class Mode(str, enum.Enum):
     AR = "ar"
     SD = "sd"

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3")
+WEIGHT_FORMATS = ("float", "int8")  # LeanCausalLM.quantize: how a draft's linears are stored
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at init (not per forward)
 
 
@@ -86,6 +87,43 @@ class _Layer:
     __slots__ = ("idx", "ln1", "wqkv", "bqkv", "qk_norm", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd")
 
 
+class Int8Weight:
+    """A linear's weight (and bias) packed for fbgemm's dynamic int8 GEMM: per-output-channel
+    symmetric int8 weights, activations quantized per call (7-bit range, as torch's dynamic
+    Linear does on x86 to avoid vpmaddubsw saturation). For a DRAFT only: its logits change by
+    the rounding, which changes what it proposes, never what the target accepts (verification
+    takes the draft's q as computed)."""
+
+    __slots__ = ("packed", "out_features", "source")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        import warnings
+
+        self.source = (weight, bias)  # the model's own float tensors (no copy): pickling repacks them
+        w = weight.detach().float().contiguous()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+        with warnings.catch_warnings():  # torch deprecates quantized tensors; 2.13 (pinned) has them
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float())
+        self.out_features = w.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+
+    def __reduce__(self):  # a model sent to a child process (spawn) packs its weights again there
+        return (Int8Weight, self.source)
+
+
+def int8_available() -> bool:
+    """Whether this torch build has fbgemm's dynamic int8 GEMM (x86 CPU builds do)."""
+    try:
+        Int8Weight(torch.ones(2, 4), None)(torch.ones(1, 4))
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 class LeanCausalLM(nn.Module):
     """See the module docstring. Build with `LeanCausalLM.from_hf(hf_model)`."""
 
@@ -116,6 +154,8 @@ class LeanCausalLM(nn.Module):
         self.eps = float(config.rms_norm_eps)
         self.hidden = config.hidden_size
         self.tp_reduce = None  # tensor parallelism (ssd_core.tp): the all-reduce after o_proj / down_proj
+        self.weight_format = "float"  # quantize(): "int8" runs the linears on packed int8 copies
+        self._head_int8: Int8Weight | None = None
         self.num_layers = len(base.layers)
 
         self.embed_tokens = base.embed_tokens  # modules, so parameters()/to() see the weights
@@ -212,6 +252,8 @@ class LeanCausalLM(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """.to()/.cuda()/.half() move the HF model too, so generate() keeps working (the HF
         projections that were views of the fused matrices then get their own copies)."""
+        if self.weight_format != "float":  # the int8 copies would go stale
+            raise RuntimeError("an int8 lean model cannot be moved or cast; load it again")
         if self.hf is not None:  # None: a tensor-parallel shard (ssd_core.tp) dropped the HF model
             self.hf._apply(fn, recurse)
         return super()._apply(fn, recurse)
@@ -251,6 +293,31 @@ class LeanCausalLM(nn.Module):
             visible = visible & attention_mask.bool()[:, None, None, :]
         mask = torch.zeros(visible.shape, dtype=dtype, device=device)
         return position_ids, mask.masked_fill_(~visible, torch.finfo(dtype).min)
+
+    def quantize(self, fmt: str) -> "LeanCausalLM":
+        """Run every linear (q|k|v, o, gate|up, down, the LM head) on int8 copies of its weights
+        ("int8"), or on the float weights ("float"). For a draft on a CPU: a draft step is
+        memory-bound on its weights and fbgemm's int8 GEMM reads a quarter of the bytes and does
+        not slow down with a few more rows, so tree steps of many branches cost about one row.
+        The float weights stay (embeddings, HF generate, and "float" again)."""
+        if fmt not in WEIGHT_FORMATS:
+            raise ValueError(f"weight format {fmt!r}: use one of {', '.join(WEIGHT_FORMATS)}")
+        if fmt == self.weight_format:
+            return self
+        if fmt != "int8":
+            raise ValueError("an int8 model does not go back to float in place; load it again")
+        if self.norm_weight.device.type != "cpu" or self.norm_weight.dtype != torch.float32:
+            raise ValueError("int8 weights need a float32 model on a CPU")
+        if self.tp_reduce is not None or self.hf is None:
+            raise ValueError("int8 weights are not implemented for a tensor-parallel shard")
+        for lyr in self._layers:
+            lyr.wqkv, lyr.bqkv = Int8Weight(lyr.wqkv, lyr.bqkv), None
+            lyr.wo, lyr.bo = Int8Weight(lyr.wo, lyr.bo), None
+            lyr.wgu, lyr.bgu = Int8Weight(lyr.wgu, lyr.bgu), None
+            lyr.wd, lyr.bd = Int8Weight(lyr.wd, lyr.bd), None
+        self._head_int8 = Int8Weight(self.lm_head.weight, getattr(self.lm_head, "bias", None))
+        self.weight_format = fmt
+        return self
 
     # -- the forward ---------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -302,7 +369,10 @@ class LeanCausalLM(nn.Module):
             h = h + (m if reduce is None else reduce(m))
         h = _rms_norm(h, self.norm_weight, eps, hidden)
         head = self.lm_head
-        logits = linear(h, head.weight, head.bias) if type(head) is nn.Linear else head(h)
+        if self._head_int8 is not None:
+            logits = self._head_int8(h)
+        else:
+            logits = linear(h, head.weight, head.bias) if type(head) is nn.Linear else head(h)
         return LeanOutput(logits, past_key_values)
 
 
@@ -317,7 +387,9 @@ SKINNY_MAX = 8
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, as a W @ x^T GEMM for a few rows on a CPU (SKINNY_MAX)."""
+    """F.linear, as a W @ x^T GEMM for a few rows on a CPU (SKINNY_MAX); an Int8Weight runs itself."""
+    if type(weight) is Int8Weight:
+        return weight(x)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not 2 <= rows <= SKINNY_MAX or x.device.type != "cpu" or weight.dim() != 2:
         return F.linear(x, weight, bias)

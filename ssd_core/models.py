@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from ssd_core.config import BACKENDS
+from ssd_core.config import BACKENDS, DRAFT_WEIGHTS
 from ssd_core.errors import IncompatibleModels, InvalidParameter
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ class LoadedModel:
     vocab_size: int  # rows of the LM head (logits width)
     max_context: int
     eos_token_ids: tuple[int, ...]
+    weights: str = "float"  # how its linears are stored: float | int8 (apply_weights)
 
     @property
     def device(self) -> torch.device:
@@ -87,8 +88,43 @@ def apply_backend(model: torch.nn.Module, backend: str | None = None) -> torch.n
         return model
 
 
+def int8_problem(model: torch.nn.Module) -> str | None:
+    """Why this model cannot run on int8 weights (None: it can)."""
+    from ssd_core.lean import LeanCausalLM, int8_available
+
+    if not isinstance(model, LeanCausalLM):
+        return "int8 weights need the lean backend"
+    if model.tp_reduce is not None or model.hf is None:
+        return "int8 weights are not implemented with tensor parallelism"
+    param = model.norm_weight
+    if param.device.type != "cpu" or param.dtype != torch.float32:
+        return f"int8 weights need a float32 model on a CPU (this one: {param.dtype} on {param.device.type})"
+    if not int8_available():
+        return "this torch build has no fbgemm int8 GEMM"
+    return None
+
+
+def apply_weights(loaded: LoadedModel, weights: str) -> LoadedModel:
+    """Store a DRAFT's linears as `weights` (ssd_core.config.DRAFT_WEIGHTS): "int8" or refuse,
+    "auto" int8 where it applies (else float, with a log line), "float" as loaded."""
+    if weights not in DRAFT_WEIGHTS:
+        raise InvalidParameter("weights", weights, f"use one of {', '.join(DRAFT_WEIGHTS)}")
+    if weights == "float" or loaded.weights == "int8":
+        return loaded
+    problem = int8_problem(loaded.model)
+    if problem is not None:
+        if weights == "int8":
+            raise InvalidParameter("weights", weights, problem)
+        log.info("draft %s: float weights (%s)", loaded.name, problem)
+        return loaded
+    loaded.model.quantize("int8")
+    loaded.weights = "int8"
+    log.info("draft %s: int8 weights", loaded.name)
+    return loaded
+
+
 def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-               backend: str | None = None, tensor_parallel: int = 1) -> LoadedModel:
+               backend: str | None = None, tensor_parallel: int = 1, weights: str = "float") -> LoadedModel:
     """Load a causal LM and its tokenizer from a local HF directory; never touches the network.
 
     backend: "hf" runs the transformers modules, "lean" the ssd_core.lean model built from the
@@ -96,13 +132,18 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype =
     for a model lean does not implement.
 
     tensor_parallel > 1: the lean model sharded over that many ranks (ssd_core.tp); this process is
-    rank 0 and starts the others as processes (one per GPU from `device` on, or CPU processes)."""
+    rank 0 and starts the others as processes (one per GPU from `device` on, or CPU processes).
+
+    weights: how the linears are stored (apply_weights; drafts only: a target stays "float")."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no HF model at {path} (config.json missing)")
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     resolve_backend(backend)  # refuse an unknown name before loading anything
     if tensor_parallel != 1:
+        if weights == "int8":
+            raise InvalidParameter("weights", weights, "int8 weights are not implemented with tensor parallelism")
+        weights = "float"
         if resolve_backend(backend) != "lean":
             raise InvalidParameter("tensor_parallel", tensor_parallel, "tensor parallelism needs the lean backend")
         from ssd_core.tp import launch
@@ -116,7 +157,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype =
     except (OSError, ValueError) as exc:  # a model dir without tokenizer files: token ids only
         log.warning("no tokenizer loaded from %s (%s); token ids only", path, exc)
         tokenizer = None
-    return wrap_model(model, tokenizer, name=path.name)
+    return apply_weights(wrap_model(model, tokenizer, name=path.name), weights)
 
 
 def wrap_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, name: str) -> LoadedModel:
@@ -127,7 +168,8 @@ def wrap_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
     vocab = model.get_output_embeddings().weight.shape[0]
     max_ctx = int(getattr(config, "max_position_embeddings", 2048) or 2048)
-    return LoadedModel(model.eval(), tokenizer, name, vocab, max_ctx, eos_ids)
+    fmt = getattr(model, "weight_format", "float")
+    return LoadedModel(model.eval(), tokenizer, name, vocab, max_ctx, eos_ids, fmt)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase | None, vocab_size: int) -> str:

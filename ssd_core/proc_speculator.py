@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ssd_core.config import BackupKind
+from ssd_core.config import DEFAULT_DRAFT_WEIGHTS, BackupKind
 from ssd_core.models import LoadedModel
 from ssd_core.types import RoundOutcome, SeqStart, Speculation
 
@@ -32,12 +32,12 @@ class ProcessSpeculator:
     def __init__(self, draft: LoadedModel | Path, fan_out: tuple[int, ...], saguaro_c: float = 1.0,
                  backup: BackupKind = BackupKind.JIT, tree: bool = True, threads: int = 1,
                  cpus: set[int] | None = None, device: str = "cpu", dtype: str = "float32",
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, weights: str = DEFAULT_DRAFT_WEIGHTS) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_child_main, name="ssd-draft",
                                  args=(child, draft, tuple(fan_out), saguaro_c, backup, tree, threads, cpus, device, dtype,
-                                       backend),
+                                       backend, weights),
                                  daemon=True)
         self._proc.start()
         child.close()
@@ -142,9 +142,9 @@ def recv_message(conn) -> Any:
     return pickle.loads(conn.recv_bytes())
 
 
-def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, device, dtype, backend) -> None:
+def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, device, dtype, backend, weights) -> None:
     from ssd_core.malloc import tune
-    from ssd_core.models import load_model
+    from ssd_core.models import apply_weights, load_model
     from ssd_core.speculator import DraftSpeculator
 
     tune()
@@ -152,6 +152,7 @@ def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, de
         os.sched_setaffinity(0, cpus)
     torch.set_num_threads(threads)
     model = load_model(draft, device, dtype, backend) if isinstance(draft, (str, Path)) else draft
+    model = apply_weights(model, weights)  # here, in the process that runs it
     spec = DraftSpeculator(model, fan_out, saguaro_c, backup, tree=tree)
     while True:
         try:
@@ -177,12 +178,13 @@ def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, de
 
 
 def process_factory(draft: LoadedModel | Path, threads: int = 1, cpus: set[int] | None = None,
-                    device: str = "cpu", dtype: str = "float32", backend: str | None = None):
+                    device: str = "cpu", dtype: str = "float32", backend: str | None = None,
+                    weights: str = DEFAULT_DRAFT_WEIGHTS):
     """An Engine speculator_factory that runs the draft in a child process (loaded there on
-    `backend` when `draft` is a directory)."""
+    `backend` when `draft` is a directory, its linears stored as `weights`)."""
     def build(plan, saguaro_c: float) -> ProcessSpeculator:
         return ProcessSpeculator(draft, plan.fan_out, saguaro_c, plan.backup, plan.tree, threads, cpus, device, dtype,
-                                 backend)
+                                 backend, weights)
 
     return build
 

@@ -21,7 +21,8 @@ from conftest import char_tokenizer, hf_greedy, make_pair
 from exactref import ALPHA, chi_square_pvalue, exact_joint, processed_probs
 from ssd_core.config import BackupKind, BatchPolicy, Mode, PolicyRow, SamplingParams, SpecConfig
 from ssd_core.engine import Engine, Request
-from ssd_core.models import apply_backend, wrap_model
+from ssd_core.lean import from_hf
+from ssd_core.models import apply_backend, apply_weights, wrap_model
 from ssd_core.proc_speculator import process_factory
 from ssd_core.sampling import penalize, process_logits
 from ssd_core.types import SpecSource, Speculation
@@ -388,6 +389,27 @@ def test_sampled_output_on_the_lean_backend_matches_the_target(mode):
     spec = SpecConfig(mode=mode, lookahead=2, saguaro_c=0.5 if mode is Mode.SSD else 1.0, backup=BackupKind.JIT)
     samples = sample(spec, params(top_p=0.9), target=_lean(TARGET), draft=_lean(DRAFT))
     assert_exact(samples, exact(top_p=0.9), f"{mode.value} on the lean backend")
+
+
+def _int8(m):
+    """m's lean model on int8 weights (ssd_core.models.apply_weights); m's HF model untouched."""
+    return apply_weights(wrap_model(from_hf(m.model, share=False), m.tokenizer, m.name), "int8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [Mode.SD, Mode.SSD])
+def test_sampled_output_with_an_int8_draft_matches_the_target(mode):
+    spec = SpecConfig(mode=mode, lookahead=2, saguaro_c=0.5 if mode is Mode.SSD else 1.0, backup=BackupKind.JIT)
+    samples = sample(spec, params(), target=_lean(TARGET), draft=_int8(DRAFT))
+    assert_exact(samples, exact(), f"{mode.value} with an int8 draft")
+
+
+@pytest.mark.slow
+def test_sampled_ssd_with_an_int8_draft_in_a_child_process_matches_the_target():
+    spec = SpecConfig(mode=Mode.SSD, lookahead=2, saguaro_c=0.5, backup=BackupKind.JIT)
+    draft = wrap_model(from_hf(DRAFT.model, share=False), None, "draft")  # float here; int8 in the child
+    samples = sample(spec, params(), n=2000, factory=process_factory(draft, weights="int8"))
+    assert_exact(samples, exact(), "SSD, int8 draft in a child process")
 
 
 @pytest.mark.slow

@@ -27,7 +27,8 @@ from draft_service.server import create_server as create_draft
 from exactref import ALPHA, chi_square_pvalue, exact_joint
 from ssd_core.auth import parse_peers
 from ssd_core.config import Mode
-from ssd_core.models import tokenizer_fingerprint
+from ssd_core.lean import from_hf, int8_available
+from ssd_core.models import apply_weights, tokenizer_fingerprint, wrap_model
 from ssd_protos.ssd.v1 import speculation_pb2 as spb
 from ssd_protos.ssd.v1 import speculation_pb2_grpc as spb_grpc
 from target_service.config import TargetConfig
@@ -49,9 +50,9 @@ def _target(trusted: tuple[str, ...]):
     return server, f"127.0.0.1:{port}"
 
 
-def _draft(addr: str, name: str):
+def _draft(addr: str, name: str, model=DRAFT):
     cfg = DraftServerConfig(port=0, targets=(addr,), draft_id=name, auth_token=TOKENS[name], peers=DRAFT_PEERS)
-    server, _ = create_draft(cfg, model=DRAFT)
+    server, _ = create_draft(cfg, model=model)
     server.start()
     server.start_registration().wait_registered(1, 10)
     return server
@@ -86,7 +87,11 @@ def _wait_live(server, count: int) -> None:
 @pytest.mark.slow
 def test_sampled_ssd_with_trusted_drafts_and_a_draft_kill_matches_the_target():
     server, addr = _target(trusted=("draft-a", "draft-b"))
-    drafts = [_draft(addr, "draft-a"), _draft(addr, "draft-b")]
+    # draft-b: the lean model on int8 weights (what `ssd serve draft` loads by default, weights=auto);
+    # after the kill every sequence runs on it
+    lean = apply_weights(wrap_model(from_hf(DRAFT.model, share=False), None, "draft"), "auto")
+    drafts = [_draft(addr, "draft-a"), _draft(addr, "draft-b", lean)]
+    assert lean.weights == ("int8" if int8_available() else "float")
     try:
         _wait_live(server, 2)
         killed = threading.Event()
