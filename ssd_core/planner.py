@@ -151,20 +151,28 @@ def _unique(choices: list) -> list:
 @dataclass(slots=True)
 class Arm:
     """Live measurements of one plan in one (mode, batch bucket): decayed sums of committed
-    tokens and round milliseconds."""
+    tokens, rows and round milliseconds."""
 
     tokens: float = 0.0
     ms: float = 0.0
+    rows: float = 0.0
     rounds: int = 0
 
-    def add(self, tokens: float, ms: float) -> None:
+    def add(self, tokens: float, ms: float, rows: int = 1) -> None:
         self.tokens = self.tokens * ARM_DECAY + tokens
         self.ms = self.ms * ARM_DECAY + ms
+        self.rows = self.rows * ARM_DECAY + rows
         self.rounds += 1
 
     @property
     def tokens_per_s(self) -> float:
+        """What the plan's own rounds committed per second (the report's figure)."""
         return 1e3 * self.tokens / self.ms if self.ms > 0 else 0.0
+
+    def rate_at(self, tokens_per_row: float) -> float:
+        """Tokens/s had each row committed tokens_per_row a round: the plan's measured round time
+        without the noise of its own few rounds' accepted lengths (see Planner._rate)."""
+        return 1e3 * self.rows * tokens_per_row / self.ms if self.ms > 0 else 0.0
 
 
 @dataclass(slots=True)
@@ -248,7 +256,7 @@ class Planner:
         `round_ms`: the whole round (speculate + verify + commit), the plan's live measurement."""
         k, batch = plan.lookahead, len(num_accepted)
         if round_ms is not None and round_ms > 0 and self._last_key is not None:
-            self._measure(self._last_key, plan, sum(num_accepted) + batch, round_ms)
+            self._measure(self._last_key, plan, sum(num_accepted) + batch, round_ms, batch)
         if k > 0:
             self._accepted += sum(num_accepted)
             self._judged += sum(n + (n < k) for n in num_accepted)
@@ -416,14 +424,27 @@ class Planner:
         by_k = _best_by_k(candidates, best.mode)
         return [by_k[k] for k in (best.plan.lookahead - 1, best.plan.lookahead + 1) if k in by_k]
 
-    def _measure(self, key: tuple[Mode, int], plan: RoundPlan, tokens: int, round_ms: float) -> None:
+    def _measure(self, key: tuple[Mode, int], plan: RoundPlan, tokens: int, round_ms: float, rows: int = 1) -> None:
         t = self._trials.get(key)
         if t is None or t.current is None or plan_class(t.current.plan) != plan_class(plan):
             return
         if t.settle > 0:
             t.settle -= 1
             return
-        self._arms.setdefault(key, {}).setdefault(plan_class(plan), Arm()).add(tokens, round_ms)
+        self._arms.setdefault(key, {}).setdefault(plan_class(plan), Arm()).add(tokens, round_ms, rows)
+
+    def _rate(self, cls: tuple, arm: Arm) -> float:
+        """The live trials' figure for a plan: its measured round time with the tokens every plan of
+        the lane commits at the pooled acceptance. A JIT-backed plan's rounds commit the same draft
+        tokens hit or miss (the cache holds what JIT drafting would propose), so only K sets their
+        expected length, and the pooled estimate over all rounds is far steadier than a 4-round
+        stint's own (each round commits 1..K+1 tokens a row: an unlucky stint pruned good plans,
+        e.g. an SSD K = 4 stint measured at 69 tok/s beside K = 3 / 5 at 112-120 on the embedded
+        pair). A FAST-backed plan's miss rounds commit what its n-gram guess earns: its own tokens."""
+        k, _, backup = cls
+        if k == 0 or backup is BackupKind.FAST:
+            return arm.tokens_per_s
+        return arm.rate_at(expected_tokens_per_round(self.acceptance, k))
 
     def _trial(self, mode: Mode, batch: int, model_pick: PlanChoice, replanned: bool) -> PlanChoice:
         key = (mode, batch_bucket(batch))
@@ -442,7 +463,7 @@ class Planner:
         arms = self._arms.setdefault(key, {})
         if t.current is not None and t.left > 0 and t.exploiting and t.stint_rate > 0:
             live = arms.get(plan_class(t.current.plan))
-            if live is not None and live.tokens_per_s < PRUNE_BELOW * t.stint_rate:
+            if live is not None and self._rate(plan_class(t.current.plan), live) < PRUNE_BELOW * t.stint_rate:
                 t.left, t.exploit_len = 0, FIRST_EXPLOIT  # the best got much slower mid-stint: look again
         if t.current is not None and t.left > 0:
             t.left -= 1
@@ -451,7 +472,7 @@ class Planner:
             return t.current
         for c in t.shortlist:
             arms.setdefault(plan_class(c.plan), Arm())
-        rate = lambda c: arms[plan_class(c.plan)].tokens_per_s  # noqa: E731
+        rate = lambda c: self._rate(plan_class(c.plan), arms[plan_class(c.plan)])  # noqa: E731
         untried = [c for c in t.shortlist if arms[plan_class(c.plan)].rounds < TRIAL_ROUNDS // 2]
         tried = [c for c in t.shortlist if c not in untried and c.tokens_per_s > 0]
         if tried and untried:
@@ -498,7 +519,7 @@ class Planner:
         if t.current is None or plan_class(nxt.plan) != plan_class(t.current.plan):
             t.settle = SETTLE_ROUNDS
         t.current, t.left, t.exploiting = nxt, length - 1 + t.settle, exploiting
-        t.stint_rate = arms[plan_class(nxt.plan)].tokens_per_s if exploiting else 0.0
+        t.stint_rate = self._rate(plan_class(nxt.plan), arms[plan_class(nxt.plan)]) if exploiting else 0.0
         return nxt
 
 
