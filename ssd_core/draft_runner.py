@@ -56,10 +56,13 @@ class DraftRunner:
         """Keep only these rows, in this order."""
         self.kv.select_rows(torch.tensor(keep, dtype=torch.long))
 
-    def rollback(self, trunk_limit: list[int], keep_branch: list[int]) -> None:
+    def rollback(self, trunk_limit: list[int], keep_branch: list[int], cut: list[int] | None = None) -> None:
         """Keep each row's trunk up to position trunk_limit[b] and promote its tree branch
-        keep_branch[b] (-1: none) to the trunk; everything else is dropped."""
+        keep_branch[b] (-1: none) to the trunk; everything else is dropped. cut[b] (optional):
+        then drop every slot past position cut[b] (a promoted branch used only in part)."""
         self.kv.keep(torch.tensor(trunk_limit, dtype=torch.long), torch.tensor(keep_branch, dtype=torch.long))
+        if cut is not None:  # the promoted branch is trunk now: one more trunk limit cuts it
+            self.kv.keep(torch.tensor(cut, dtype=torch.long))
         self.kv.compact()
 
     # -- steps ---------------------------------------------------------------------------------

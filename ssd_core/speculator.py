@@ -19,6 +19,7 @@ forward produced them: a branch's [K, V] rows are stacked only when it is hit.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from ssd_core.models import LoadedModel
 from ssd_core.sampling import derive_seed, process_logits, sample, saguaro_reshape
 from ssd_core.spec_cache import OutcomeKey, SpeculationCache
 from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Speculation
+
+NO_CUT = 2**62  # DraftRunner.rollback's cut for a row whose promoted branch is used whole
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +58,12 @@ class _Branch:
     out: _TreeOut
     flat: int  # its row in out
 
-    def logits(self) -> torch.Tensor:  # [K, V]
-        return torch.stack([x[self.flat] for x in self.out.logits])
+    def logits(self) -> torch.Tensor:  # [k, V], k = len(tokens) (K, or fewer when cut)
+        return torch.stack([x[self.flat] for x in self.out.logits[: len(self.tokens)]])
 
-    def probs(self) -> torch.Tensor | None:  # [K, V] q' sampled from, None for greedy rows
+    def probs(self) -> torch.Tensor | None:  # [k, V] q' sampled from, None for greedy rows
         j = self.out.q_row[self.flat]
-        return None if j < 0 else torch.stack([q[j] for q in self.out.probs])
+        return None if j < 0 else torch.stack([q[j] for q in self.out.probs[: len(self.tokens)]])
 
 
 @dataclass(slots=True)
@@ -229,9 +232,9 @@ class DraftSpeculator:
         return specs
 
     def _apply_outcomes(self, outcomes: list[RoundOutcome], k_next: int) -> list[_Branch | None]:
-        limits, keep_branch, hits = [], [], []
+        limits, keep_branch, hits, cuts = [], [], [], []
         for row, out in zip(self.rows, outcomes):
-            hit = None
+            hit, cut = None, NO_CUT
             n_old = len(row.tokens)
             if out.num_accepted == FIRST_ROUND:
                 limits.append(row.fed - 1)
@@ -256,10 +259,19 @@ class DraftSpeculator:
                 limits.append(n_old - 1 + same)
                 row.fed = min(row.fed, n_old + same)
                 if hit is not None and len(hit.tokens) != k_next:
-                    hit = None  # K changed with the batch size: cached drafts have the wrong length
+                    # K changed (a replan, the batch size). Fell: the cached draft's first k_next
+                    # tokens and q are what drafting k_next would have proposed (each token's q
+                    # depends only on the tokens before it), so they serve, and the branch's KV is
+                    # cut after them. Rose: too short, a miss.
+                    if 1 <= k_next < len(hit.tokens):
+                        hit = dataclasses.replace(hit, tokens=hit.tokens[:k_next])
+                        cut = len(row.tokens) + k_next - 2  # the KV holds tokens + spec[:k_next - 1]
+                    else:
+                        hit = None
             keep_branch.append(hit.branch if hit is not None else -1)
             hits.append(hit)
-        self.runner.rollback(limits, keep_branch)
+            cuts.append(cut if hit is not None else NO_CUT)
+        self.runner.rollback(limits, keep_branch, cuts if any(c != NO_CUT for c in cuts) else None)
         return hits
 
     def _answer(self, hits: list[_Branch | None], k_next: int) -> list[Speculation]:
