@@ -174,7 +174,8 @@ def run_draft_capacity(args: argparse.Namespace) -> int:
                          new_tokens=args.max_new_tokens)
     prompts = load_prompts(args.prompts, target.tokenizer, args.num_prompts, 600,
                            target.max_context - cfg.new_tokens - lookahead - 2)
-    extra = ("--device", args.device, "--dtype", args.dtype) + (("--backend", backend) if backend else ())
+    extra = (("--device", args.device, "--dtype", args.dtype, "--weights", args.draft_weights)
+             + (("--backend", backend) if backend else ()))
     command = "ssd " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     log_dir = Path(os.environ.get("SSD_BENCH_LOG_DIR", "runs/bench-logs"))
     from target_service.session import DraftSessionClient  # the simulated targets speak as real ones

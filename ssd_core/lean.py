@@ -29,6 +29,7 @@ held twice. Every other weight is the HF parameter itself.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -97,8 +98,6 @@ class Int8Weight:
     __slots__ = ("packed", "out_features", "source")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        import warnings
-
         self.source = (weight, bias)  # the model's own float tensors (no copy): pickling repacks them
         w = weight.detach().float().contiguous()
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
@@ -294,22 +293,29 @@ class LeanCausalLM(nn.Module):
         mask = torch.zeros(visible.shape, dtype=dtype, device=device)
         return position_ids, mask.masked_fill_(~visible, torch.finfo(dtype).min)
 
+    def int8_problem(self) -> str | None:
+        """Why this model cannot run on int8 weights (None: it can)."""
+        param = self.norm_weight
+        if self.tp_reduce is not None or self.hf is None:
+            return "int8 weights are not implemented with tensor parallelism"
+        if param.device.type != "cpu" or param.dtype != torch.float32:
+            return f"int8 weights need a float32 model on a CPU (this one: {param.dtype} on {param.device.type})"
+        return None
+
     def quantize(self, fmt: str) -> "LeanCausalLM":
         """Run every linear (q|k|v, o, gate|up, down, the LM head) on int8 copies of its weights
-        ("int8"), or on the float weights ("float"). For a draft on a CPU: a draft step is
-        memory-bound on its weights and fbgemm's int8 GEMM reads a quarter of the bytes and does
-        not slow down with a few more rows, so tree steps of many branches cost about one row.
-        The float weights stay (embeddings, HF generate, and "float" again)."""
+        ("int8"; "float": as loaded), in place. For a draft on a CPU: a draft step is memory-bound
+        on its weights, and fbgemm's int8 GEMM reads a quarter of the bytes and barely slows down
+        with a few more rows. The float weights stay (embeddings, HF generate, pickling)."""
         if fmt not in WEIGHT_FORMATS:
             raise ValueError(f"weight format {fmt!r}: use one of {', '.join(WEIGHT_FORMATS)}")
         if fmt == self.weight_format:
             return self
         if fmt != "int8":
             raise ValueError("an int8 model does not go back to float in place; load it again")
-        if self.norm_weight.device.type != "cpu" or self.norm_weight.dtype != torch.float32:
-            raise ValueError("int8 weights need a float32 model on a CPU")
-        if self.tp_reduce is not None or self.hf is None:
-            raise ValueError("int8 weights are not implemented for a tensor-parallel shard")
+        problem = self.int8_problem()
+        if problem is not None:
+            raise ValueError(problem)
         for lyr in self._layers:
             lyr.wqkv, lyr.bqkv = Int8Weight(lyr.wqkv, lyr.bqkv), None
             lyr.wo, lyr.bo = Int8Weight(lyr.wo, lyr.bo), None

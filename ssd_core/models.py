@@ -94,19 +94,15 @@ def int8_problem(model: torch.nn.Module) -> str | None:
 
     if not isinstance(model, LeanCausalLM):
         return "int8 weights need the lean backend"
-    if model.tp_reduce is not None or model.hf is None:
-        return "int8 weights are not implemented with tensor parallelism"
-    param = model.norm_weight
-    if param.device.type != "cpu" or param.dtype != torch.float32:
-        return f"int8 weights need a float32 model on a CPU (this one: {param.dtype} on {param.device.type})"
-    if not int8_available():
+    problem = model.int8_problem()
+    if problem is None and not int8_available():
         return "this torch build has no fbgemm int8 GEMM"
-    return None
+    return problem
 
 
 def apply_weights(loaded: LoadedModel, weights: str) -> LoadedModel:
-    """Store a DRAFT's linears as `weights` (ssd_core.config.DRAFT_WEIGHTS): "int8" or refuse,
-    "auto" int8 where it applies (else float, with a log line), "float" as loaded."""
+    """Store a DRAFT's linears as `weights` (ssd_core.config.DRAFT_WEIGHTS), in place: "int8" or
+    refuse, "auto" int8 where it applies (else float, with a log line), "float" as loaded."""
     if weights not in DRAFT_WEIGHTS:
         raise InvalidParameter("weights", weights, f"use one of {', '.join(DRAFT_WEIGHTS)}")
     if weights == "float" or loaded.weights == "int8":
