@@ -18,6 +18,7 @@ back to back (alternating which goes first), so drift of the machine hits both a
 from __future__ import annotations
 
 import logging
+import statistics
 import os
 import secrets
 import subprocess
@@ -197,20 +198,33 @@ def run_cell(endpoint: str, streams: list[Stream], sessions: int, seconds: float
 def run_capacity(endpoints: dict[str, str], streams: list[Stream], sessions: tuple[int, ...], seconds: float,
                  fan_out: tuple[int, ...], session_client: Callable, metadata: tuple[tuple[str, str], ...] = (), batch: int = 1,
                  verify_ms: float = 0.0,
-                 progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Every R, each mode of `endpoints` back to back (the first mode alternating): one entry per R."""
+                 progress: Callable[[str], None] | None = None, repeats: int = 1) -> list[dict]:
+    """Every R, `repeats` times each mode of `endpoints` back to back (the first mode alternating):
+    one entry per R, each mode's figures the medians over its repeats (the cells under "repeats"),
+    the throughput ratio the median of the per-repeat ratios. Why repeats: one 8 s cell a mode let
+    this machine's drift decide (four single-cell runs at R = 4 gave 1.54x, 2.01x, 2.71x, 1.57x)."""
     entries = []
     for n, r in enumerate(sessions):
-        modes = list(endpoints) if n % 2 == 0 else list(endpoints)[::-1]
+        cells: dict[str, list[dict]] = {m: [] for m in endpoints}
+        for rep in range(repeats):
+            modes = list(endpoints) if (n + rep) % 2 == 0 else list(endpoints)[::-1]
+            for mode in modes:
+                res = run_cell(endpoints[mode], streams, r, seconds, fan_out, session_client, metadata, batch, verify_ms)
+                cells[mode].append(asdict(res))
+                if progress:
+                    progress(f"R={r} {mode}: {res.speculations_per_s:.1f} spec/s, answer p50 {res.answer_p50_ms:.1f} ms "
+                             f"p99 {res.answer_p99_ms:.1f} ms, hit rate {res.hit_rate:.2f}")
         entry: dict = {"sessions": r}
-        for mode in modes:
-            res = run_cell(endpoints[mode], streams, r, seconds, fan_out, session_client, metadata, batch, verify_ms)
-            entry[mode] = asdict(res)
-            if progress:
-                progress(f"R={r} {mode}: {res.speculations_per_s:.1f} spec/s, answer p50 {res.answer_p50_ms:.1f} ms "
-                         f"p99 {res.answer_p99_ms:.1f} ms, hit rate {res.hit_rate:.2f}")
-        if "batched" in entry and "per_session" in entry and entry["per_session"]["speculations_per_s"]:
-            entry["throughput_ratio"] = entry["batched"]["speculations_per_s"] / entry["per_session"]["speculations_per_s"]
+        for mode, runs in cells.items():
+            entry[mode] = {k: (statistics.median(c[k] for c in runs) if isinstance(runs[0][k], float) else
+                               sum(c[k] for c in runs) if k in ("speculations", "errors") else runs[0][k])
+                           for k in runs[0]}
+            entry[mode]["repeats"] = runs
+        if "batched" in cells and "per_session" in cells:
+            ratios = [b["speculations_per_s"] / p["speculations_per_s"]
+                      for b, p in zip(cells["batched"], cells["per_session"]) if p["speculations_per_s"]]
+            if ratios:
+                entry["throughput_ratio"] = statistics.median(ratios)
         entries.append(entry)
     return entries
 
@@ -227,6 +241,7 @@ class CapacityConfig:
     num_streams: int = 8
     new_tokens: int = 64
     window_ms: float = 10.0  # the drafts' --batch-window-ms
+    repeats: int = 3  # cells per (R, mode), alternating; medians reported
 
 
 def _free_port() -> int:
@@ -287,7 +302,7 @@ def measure_draft_capacity(target: LoadedModel, draft_dir: Path, prompts: list[t
         t0 = time.monotonic()
         entries = run_capacity(endpoints, streams, cfg.sessions, cfg.seconds, cfg.fan_out, session_client,
                                bearer_metadata(token),
-                               cfg.batch, cfg.verify_ms, progress)
+                               cfg.batch, cfg.verify_ms, progress, cfg.repeats)
         wall = time.monotonic() - t0
         if others:
             os.sched_setaffinity(0, mine)

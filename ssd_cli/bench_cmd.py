@@ -56,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "recorded target streams) against a batched and a per-session draft on the same core(s)")
     p.add_argument("--sessions", default="1,2,4,8", help="--draft-capacity: comma list of R (simulated targets)")
     p.add_argument("--cell-seconds", type=float, default=6.0, help="--draft-capacity: seconds per (R, mode) cell")
+    p.add_argument("--cell-repeats", type=int, default=3,
+                   help="--draft-capacity: cells per (R, mode), modes alternating; medians are reported")
     p.add_argument("--verify-ms", type=float, default=0.0,
                    help="--draft-capacity: simulated target verification per round (0: the draft's own limit)")
     p.add_argument("--draft-cpus", default="", help="--draft-capacity: the drafts' core(s) (default: the last core)")
@@ -171,7 +173,7 @@ def run_draft_capacity(args: argparse.Namespace) -> int:
     fan_out = parse_ids(args.fan_out, "fan_out") if args.fan_out else tuple([2, 2] + [1] * (lookahead - 1))[: lookahead + 1]
     cfg = CapacityConfig(sessions=parse_ids(args.sessions, "sessions"), seconds=args.cell_seconds, fan_out=fan_out,
                          verify_ms=args.verify_ms, cpus=args.draft_cpus, num_streams=args.num_prompts,
-                         new_tokens=args.max_new_tokens)
+                         new_tokens=args.max_new_tokens, repeats=args.cell_repeats)
     prompts = load_prompts(args.prompts, target.tokenizer, args.num_prompts, 600,
                            target.max_context - cfg.new_tokens - lookahead - 2)
     extra = (("--device", args.device, "--dtype", args.dtype, "--weights", args.draft_weights)

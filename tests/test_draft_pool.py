@@ -240,3 +240,23 @@ def test_pool_and_draft_history_is_the_engines_when_the_engine_verifies_its_own_
         assert pool_tokens == engine_tokens
         assert draft_tokens in (None, engine_tokens)
     assert sum(d is not None for _, _, d in seen) >= len(seen) - 2  # the draft kept the sequence (no resync)
+
+
+def test_capacity_cells_repeat_alternating_and_report_medians(monkeypatch):
+    """run_capacity: `repeats` cells per (R, mode), the first mode alternating, medians reported,
+    the ratio the median of the per-repeat ratios (a single cell let the machine's drift decide)."""
+    from ssd_bench import draft_capacity as dc
+
+    order, rates = [], {"batched": iter([100.0, 50.0, 120.0]), "per_session": iter([40.0, 50.0, 60.0])}
+
+    def cell(endpoint, streams, r, *args, **kw):
+        order.append(endpoint)
+        return dc.CellResult(r, next(rates[endpoint]), 10.0, 20.0, 0.7, 10, 1.0)
+
+    monkeypatch.setattr(dc, "run_cell", cell)
+    (entry,) = dc.run_capacity({"batched": "batched", "per_session": "per_session"}, [], (4,), 1.0, (1, 1),
+                               lambda *a: None, repeats=3)
+    assert order == ["batched", "per_session", "per_session", "batched", "batched", "per_session"]
+    assert entry["batched"]["speculations_per_s"] == 100.0 and entry["per_session"]["speculations_per_s"] == 50.0
+    assert entry["throughput_ratio"] == 2.0  # median of 2.5, 1.0, 2.0
+    assert entry["batched"]["speculations"] == 30 and len(entry["batched"]["repeats"]) == 3
