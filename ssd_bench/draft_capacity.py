@@ -18,9 +18,9 @@ back to back (alternating which goes first), so drift of the machine hits both a
 from __future__ import annotations
 
 import logging
-import statistics
 import os
 import secrets
+import statistics
 import subprocess
 import sys
 import threading
@@ -195,6 +195,18 @@ def run_cell(endpoint: str, streams: list[Stream], sessions: int, seconds: float
                       tally.speculations, wall, tally.errors)
 
 
+def _over_repeats(runs: list[dict]) -> dict:
+    """One mode's cells (CellResult dicts) as one: medians of the rates and latencies, totals of
+    the counts, the cells themselves under "repeats"."""
+    out = dict(runs[0])
+    for k in ("speculations_per_s", "answer_p50_ms", "answer_p99_ms", "hit_rate", "wall_s"):
+        out[k] = statistics.median(c[k] for c in runs)
+    for k in ("speculations", "errors"):
+        out[k] = sum(c[k] for c in runs)
+    out["repeats"] = runs
+    return out
+
+
 def run_capacity(endpoints: dict[str, str], streams: list[Stream], sessions: tuple[int, ...], seconds: float,
                  fan_out: tuple[int, ...], session_client: Callable, metadata: tuple[tuple[str, str], ...] = (), batch: int = 1,
                  verify_ms: float = 0.0,
@@ -216,10 +228,7 @@ def run_capacity(endpoints: dict[str, str], streams: list[Stream], sessions: tup
                              f"p99 {res.answer_p99_ms:.1f} ms, hit rate {res.hit_rate:.2f}")
         entry: dict = {"sessions": r}
         for mode, runs in cells.items():
-            entry[mode] = {k: (statistics.median(c[k] for c in runs) if isinstance(runs[0][k], float) else
-                               sum(c[k] for c in runs) if k in ("speculations", "errors") else runs[0][k])
-                           for k in runs[0]}
-            entry[mode]["repeats"] = runs
+            entry[mode] = _over_repeats(runs)
         if "batched" in cells and "per_session" in cells:
             ratios = [b["speculations_per_s"] / p["speculations_per_s"]
                       for b, p in zip(cells["batched"], cells["per_session"]) if p["speculations_per_s"]]

@@ -30,7 +30,11 @@ class LoadedModel:
     vocab_size: int  # rows of the LM head (logits width)
     max_context: int
     eos_token_ids: tuple[int, ...]
-    weights: str = "float"  # how its linears are stored: float | int8 (apply_weights)
+
+    @property
+    def weights(self) -> str:
+        """How its linears are stored: float | int8 (apply_weights; the lean model's own record)."""
+        return getattr(self.model, "weight_format", "float")
 
     @property
     def device(self) -> torch.device:
@@ -114,7 +118,6 @@ def apply_weights(loaded: LoadedModel, weights: str) -> LoadedModel:
         log.info("draft %s: float weights (%s)", loaded.name, problem)
         return loaded
     loaded.model.quantize("int8")
-    loaded.weights = "int8"
     log.info("draft %s: int8 weights", loaded.name)
     return loaded
 
@@ -164,8 +167,7 @@ def wrap_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
     vocab = model.get_output_embeddings().weight.shape[0]
     max_ctx = int(getattr(config, "max_position_embeddings", 2048) or 2048)
-    fmt = getattr(model, "weight_format", "float")
-    return LoadedModel(model.eval(), tokenizer, name, vocab, max_ctx, eos_ids, fmt)
+    return LoadedModel(model.eval(), tokenizer, name, vocab, max_ctx, eos_ids)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase | None, vocab_size: int) -> str:

@@ -270,7 +270,7 @@ class DraftSpeculator:
                         hit = None
             keep_branch.append(hit.branch if hit is not None else -1)
             hits.append(hit)
-            cuts.append(cut if hit is not None else NO_CUT)
+            cuts.append(cut)  # NO_CUT unless a hit was cut to k_next above
         self.runner.rollback(limits, keep_branch, cuts if any(c != NO_CUT for c in cuts) else None)
         return hits
 
