@@ -95,6 +95,41 @@ def test_a_plan_switch_mid_generation_does_not_replay_the_drafts_random_draws(mo
     assert_exact(samples, reference, f"{mode.value} across a K switch")
 
 
+ALWAYS_K1 = BatchPolicy((PolicyRow(10**6, 1, BackupKind.JIT),))
+
+
+@pytest.mark.slow
+def test_sampled_ssd_across_a_k_decrease_matches_the_target():
+    # after the first round K falls 2 -> 1: rounds whose outcome was cached are served from the
+    # cache cut to K = 1 (its first token and q, the draft KV cut after it)
+    spec = SpecConfig(mode=Mode.SSD, saguaro_c=0.5, backup=BackupKind.JIT)
+    samples = sample(spec, params(), switch_to=ALWAYS_K1)
+    assert_exact(samples, exact(), "SSD across a K decrease")
+
+
+def test_greedy_ssd_across_k_decreases_equals_the_target_and_hits_the_cut_cache():
+    prompt, new = (1, 4, 2, 3), 12
+    engine = Engine(TARGET, DRAFT, SpecConfig(mode=Mode.SSD, backup=BackupKind.JIT),
+                    BatchPolicy((PolicyRow(10**6, 3, BackupKind.JIT),)))
+    try:
+        (seq_id,) = engine.add([Request(prompt, SamplingParams(max_new_tokens=new, ignore_eos=True))])
+        out, cut_hits, k, fell = None, 0, 3, False
+        while engine.seqs:
+            before = engine._speculator.stats.hits if engine._speculator is not None else 0
+            for d in engine.step():
+                if d.finished is not None:
+                    out = list(d.finished.token_ids)
+            if fell:  # this round's K is below the one its cache was built for
+                cut_hits += engine._speculator.stats.hits - before
+            fell = k > 1
+            k = max(1, k - 1)  # K falls 3 -> 2 -> 1 over the first rounds, then stays
+            engine.policy = BatchPolicy((PolicyRow(10**6, k, BackupKind.JIT),))
+    finally:
+        engine.close()
+    assert out == hf_greedy(TARGET.model, list(prompt), new)
+    assert cut_hits >= 1  # a round right after a fall was served from the cache, cut to the new K
+
+
 def test_a_rebuilt_speculator_draws_a_fresh_stream():
     from ssd_core.speculator import DraftSpeculator
     from ssd_core.types import RoundOutcome, SeqStart
