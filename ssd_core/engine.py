@@ -199,7 +199,9 @@ class Engine:
             return ready
         ts = time.perf_counter()
         plan = self._replan()
+        built0 = getattr(self._speculator, "build_wait_s", None)
         specs = self._speculate(plan)
+        built1 = getattr(self._speculator, "build_wait_s", None)
         t0 = time.perf_counter()
         target_probs, logprobs = self._verify_forward(specs)
         t1 = time.perf_counter()
@@ -213,7 +215,9 @@ class Engine:
         t2 = time.perf_counter()
         if self.planner is not None:
             self.planner.observe(num_accepted.tolist(), plan, (t1 - t0) * 1e3, (t0 - ts) * 1e3,
-                                 all(sp.source is SpecSource.CACHE_HIT for sp in specs), round_ms=(t2 - ts) * 1e3)
+                                 all(sp.source is SpecSource.CACHE_HIT for sp in specs), round_ms=(t2 - ts) * 1e3,
+                                 build_wait_ms=(built1 - built0) * 1e3 if None not in (built0, built1) else None,
+                                 lookups=len(lookups), hits=lookups.count(SpecSource.CACHE_HIT))
         self.timings.add(target_forward_s=t1 - t0, commit_s=t2 - t1)
         metrics.record_round(num_accepted.tolist(), len(specs[0].tokens), hits=lookups.count(SpecSource.CACHE_HIT),
                              jit=lookups.count(SpecSource.JIT), fast=lookups.count(SpecSource.FAST),

@@ -110,15 +110,17 @@ def expected_tokens_per_round(a: float, k: int) -> float:
     return k + 1.0 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
 
 
-def hit_rate_from_fanout(a: float, fan_out: tuple[int, ...], r: float = 1.0) -> float:
+def hit_rate_from_fanout(a: float, fan_out: tuple[int, ...], r: float = 1.0, offset: float = 0.0) -> float:
     """P(hit) under the paper's miss law 1 - p_hit(F) = F^-r per acceptance length, with
-    P(k) = a^k (1 - a) for k < K and a^K for k = K."""
+    P(k) = a^k (1 - a) for k < K and a^K for k = K. `offset`: the law over F + offset instead
+    (the planner's, offset 1: our F candidates are the draft's top F + 1 less the drafted token,
+    so one candidate already hits often, where the paper's law says never)."""
     k_max = len(fan_out) - 1
     p = 0.0
     for k, f in enumerate(fan_out):
         pk = a ** k * (1 - a) if k < k_max else a ** k_max
         if f > 0:
-            p += pk * (1 - f ** (-r))
+            p += pk * (1 - (f + offset) ** (-r))
     return p
 
 

@@ -119,6 +119,15 @@ MAX_EXPLOIT = 512
 PRUNE_BELOW = 0.8  # a plan measured below this fraction of the best is not re-tried (until a re-plan)
 SKIP_BELOW = 0.3  # the first pass skips a plan predicted (model x its kind's measured error) below this
 ARM_DECAY = 0.9  # per measured round: an arm's rate is over its last ~10 rounds
+# The cache's miss law, fitted to live hits: 1 - p_hit(F) = (F + MISS_OFFSET)^-r per acceptance
+# length (perfmodel.hit_rate_from_fanout). Measured 2026-12-01 on the embedded pair (greedy,
+# K = 4, 8 HumanEval prompts x 96 tokens): fan-outs of 5 / 10 / 15 branches hit 0.65 / 0.89 /
+# 0.95, which the paper's law (offset 0, r = 1) put at 0.00 / 0.53 / 0.69, so the model picked
+# the small ones; offset 1 and r = 2 give 0.74 / 0.90 / 0.94.
+MISS_OFFSET = 1.0
+MISS_PRIOR = 2.0
+MISS_FIT_LOOKUPS = 30  # lookups seen before r is fitted to them (and between two fits)
+HIT_DECAY = 0.99  # per round with lookups: the fit weighs the last ~100 such rounds
 
 
 def plan_class(plan: RoundPlan) -> tuple[int, bool, BackupKind]:
@@ -216,7 +225,7 @@ class Planner:
     answer_ms: float = 0.2
     acceptance_prior: float = 0.7
     fast_acceptance: float = 0.1  # per-token acceptance of the n-gram fast backup's guesses (a prior)
-    miss_exponent: float = 1.0
+    miss_exponent: float = MISS_PRIOR  # r of the miss law (fitted online to the lane's hits)
     max_lookahead: int = 8
     fan_out_cap: int = 8
     overlap: bool = True
@@ -229,7 +238,7 @@ class Planner:
     _verify_scale: float = field(default=1.0, init=False)  # measured / predicted verify time (EMA)
     _cache: dict[tuple[Mode, int], PlanChoice] = field(default_factory=dict, init=False)
     _draft_scale: float = field(default=1.0, init=False)  # measured / predicted draft time (EMA)
-    _planned_at: tuple[float, float, float] = field(default=(-1.0, 1.0, 1.0), init=False)  # (a, scales)
+    _planned_at: tuple[float, float, float, float] = field(default=(-1.0, 1.0, 1.0, 0.0), init=False)  # (a, scales, r)
     _rounds: int = field(default=0, init=False)  # rounds since the plans were last recomputed
     _ar_rounds: int = field(default=0, init=False)  # AR rounds a speculative lane ran since its last probe
     _previous: dict[tuple[Mode, int], RoundPlan] = field(default_factory=dict, init=False)  # last plan per key
@@ -238,6 +247,9 @@ class Planner:
     _last_key: tuple[Mode, int] | None = field(default=None, init=False)  # the key of the last choose()
     _best: dict[tuple[Mode, int], tuple] = field(default_factory=dict, init=False)  # measured best, per key
     _scored: dict[tuple[Mode, int], list[PlanChoice]] = field(default_factory=dict, init=False)  # all candidates
+    # decayed (hits, lookups) per fan-out the lane ran, and lookups since r was last fitted
+    _hits: dict[tuple[int, ...], list[float]] = field(default_factory=dict, init=False)
+    _unfitted: int = field(default=0, init=False)
 
     @property
     def acceptance(self) -> float:
@@ -247,13 +259,19 @@ class Planner:
         return min(max(a, 0.02), 0.98)
 
     def observe(self, num_accepted: list[int], plan: RoundPlan, verify_ms: float, wait_ms: float = 0.0,
-                all_hit: bool = False, round_ms: float | None = None) -> None:
+                all_hit: bool = False, round_ms: float | None = None, build_wait_ms: float | None = None,
+                lookups: int = 0, hits: int = 0) -> None:
         """One verified round: acceptance (k accepted, then a rejection unless k == K); the verify
         time, which rescales the target's calibrated cost; and the time the target waited for the
         speculations, which rescales the draft's (an SD round waits for the JIT drafting; an SSD
         round answered from the cache everywhere (`all_hit`) waits for the part of the cache build
         the verify did not hide; a round with a miss also waits for JIT drafting, so it is skipped).
-        `round_ms`: the whole round (speculate + verify + commit), the plan's live measurement."""
+        `build_wait_ms`: of that wait, what the draft itself measured its answer waiting for the
+        build (None: not known, the whole wait counts; a remote answer's round trip alone is
+        milliseconds, which read as an unhidden build had inflated the draft's cost 1.5x and made
+        the model pick fan-outs with half the hits).
+        `round_ms`: the whole round (speculate + verify + commit), the plan's live measurement.
+        `lookups` / `hits`: the round's speculation-cache lookups and hits, which fit the miss law."""
         k, batch = plan.lookahead, len(num_accepted)
         if round_ms is not None and round_ms > 0 and self._last_key is not None:
             self._measure(self._last_key, plan, sum(num_accepted) + batch, round_ms, batch)
@@ -269,14 +287,17 @@ class Planner:
                 self._draft_scale = _ema(self._draft_scale, max(wait_ms - self.transport_ms, 0.0) / t.jit)
             elif plan.tree and t.tree_build > 0 and all_hit:
                 hidden = verify_ms + self.commit_ms + self.transport_ms
-                if wait_ms > 0.5:  # the build outlasted the verify: its length shows in the wait
-                    self._draft_scale = _ema(self._draft_scale, (wait_ms + hidden) / t.tree_build)
+                unhidden = wait_ms if build_wait_ms is None else build_wait_ms
+                if unhidden > 0.5:  # the build outlasted the verify: its length shows in the wait
+                    self._draft_scale = _ema(self._draft_scale, (unhidden + hidden) / t.tree_build)
                 elif t.tree_build > hidden:  # hidden although predicted longer: it is at most `hidden`
                     self._draft_scale = _ema(self._draft_scale, min(self._draft_scale, hidden / t.tree_build))
+        if plan.tree and lookups > 0:
+            self._count_hits(plan.fan_out, lookups, hits)
         self._rounds += 1
-        a0, s0, d0 = self._planned_at
+        a0, s0, d0, r0 = self._planned_at
         moved = (abs(self.acceptance - a0) > 0.05 or abs(self._verify_scale / s0 - 1.0) > 0.15
-                 or abs(self._draft_scale / d0 - 1.0) > 0.15)
+                 or abs(self._draft_scale / d0 - 1.0) > 0.15 or abs(self.miss_exponent - r0) > 0.25)
         if self._cache and moved and self._rounds >= REPLAN_EVERY:
             self._cache.clear()  # the estimates moved: plan again (at most every REPLAN_EVERY rounds)
             self._rounds = 0
@@ -294,7 +315,7 @@ class Planner:
         key = (mode, batch)
         fresh = key not in self._cache
         if fresh:
-            self._planned_at = (self.acceptance, self._verify_scale, self._draft_scale)
+            self._planned_at = (self.acceptance, self._verify_scale, self._draft_scale, self.miss_exponent)
             previous = self._previous.get(key)
             self._cache[key] = choice = self._choose(mode, batch, previous)
             # log changes only; under live trials the model only shortlists, the trials log what runs
@@ -337,6 +358,36 @@ class Planner:
                     "tokens_per_s": round(arm.tokens_per_s, 1), "rounds": arm.rounds}
                 for (k, tree, backup), arm in sorted(arms.items(), key=lambda kv: -kv[1].tokens_per_s) if arm.rounds}
 
+    def _count_hits(self, fan_out: tuple[int, ...], lookups: int, hits: int) -> None:
+        """Pool one round's lookups; every MISS_FIT_LOOKUPS of them, fit r so that the law predicts
+        the hits the fan-outs run got (bisection: the predicted rate grows with r)."""
+        for counts in self._hits.values():
+            counts[0] *= HIT_DECAY
+            counts[1] *= HIT_DECAY
+        counts = self._hits.setdefault(tuple(fan_out), [0.0, 0.0])
+        counts[0] += hits
+        counts[1] += lookups
+        self._unfitted += lookups
+        if self._unfitted < MISS_FIT_LOOKUPS:
+            return
+        self._unfitted = 0
+        a = self.acceptance
+        seen = sum(h for h, _ in self._hits.values())
+
+        def excess(r: float) -> float:  # predicted minus seen hits
+            return sum(n * hit_rate_from_fanout(a, f, r, MISS_OFFSET) for f, (_, n) in self._hits.items()) - seen
+
+        lo, hi = 0.2, 8.0
+        if excess(lo) >= 0:
+            self.miss_exponent = lo
+        elif excess(hi) <= 0:
+            self.miss_exponent = hi
+        else:
+            for _ in range(30):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if excess(mid) < 0 else (lo, mid)
+            self.miss_exponent = (lo + hi) / 2
+
     # -- the search ----------------------------------------------------------------------------
     def _times(self, batch: int, k: int, branches: int, unscaled_draft: bool = False) -> ComponentTimes:
         ds = 1.0 if unscaled_draft else self._draft_scale
@@ -362,9 +413,9 @@ class Planner:
                                                                                  batch=batch), {})
             if Mode.SD not in best or cand.tokens_per_s > best[Mode.SD].tokens_per_s:
                 best[Mode.SD] = cand
-            for budget in sorted({k + 1, 2 * (k + 1), 3 * (k + 1)}):
+            for budget in sorted({k + 1, 2 * (k + 1), 3 * (k + 1), 4 * (k + 1)}):
                 fan = plan_fanout(k, budget, a, self.miss_exponent, self.fan_out_cap)
-                p_hit = hit_rate_from_fanout(a, fan, self.miss_exponent)
+                p_hit = hit_rate_from_fanout(a, fan, self.miss_exponent, MISS_OFFSET)
                 t = self._times(batch, k, sum(fan))
                 e_fast = expected_tokens_per_round(min(self.fast_acceptance, a), k)
                 for backup, e_miss in ((BackupKind.JIT, e), (BackupKind.FAST, e_fast)):

@@ -43,6 +43,7 @@ class ProcessSpeculator:
         child.close()
         self._unanswered = 0  # replies of add() calls not read yet
         self.fan_out, self.tree, self._backup = tuple(fan_out), tree and sum(fan_out) > 0, backup
+        self.build_wait_s = 0.0  # the child's rounds' waits for its cache builds (each propose reports it)
         self._call("ping")
 
     @property
@@ -62,7 +63,8 @@ class ProcessSpeculator:
         self._unanswered += 1
 
     def propose(self, outcomes: list[RoundOutcome], lookahead: int | None = None) -> list[Speculation]:
-        return self._call("propose", outcomes, lookahead)
+        specs, self.build_wait_s = self._call("propose", outcomes, lookahead)
+        return specs
 
     def remove(self, seq_ids: list[str]) -> None:
         self._call("remove", seq_ids)
@@ -168,6 +170,8 @@ def _child_main(conn, draft, fan_out, saguaro_c, backup, tree, threads, cpus, de
             elif name == "stats":
                 spec._wait()
                 value = spec.stats
+            elif name == "propose":
+                value = (spec.propose(*args), spec.build_wait_s)
             else:
                 value = getattr(spec, name)(*args)
             send_message(conn, ("ok", value))

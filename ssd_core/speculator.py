@@ -161,6 +161,11 @@ class DraftSpeculator:
     def lookahead(self) -> int:
         return len(self.fan_out) - 1
 
+    @property
+    def build_wait_s(self) -> float:
+        """Seconds the rounds have waited for the previous cache build (the Speculator protocol's)."""
+        return self.stats.wait_s
+
     # -- sequence lifecycle ------------------------------------------------------------------
     def add(self, starts: list[SeqStart], prefilled: list[tuple[tuple[int, ...], object] | None] | None = None) -> None:
         """Add sequences (prefill their history except the last token, which is fed with the

@@ -105,6 +105,9 @@ class Speculator(Protocol):
     fan_out: tuple[int, ...]
     tree: bool
     backup: object
+    # Optional: seconds its answers have waited for its cache builds so far, as measured where the
+    # build runs (the planner tells an unhidden build from the answer's own latency by it)
+    # build_wait_s: float
 
     def add(self, starts: list[SeqStart]) -> None: ...
 

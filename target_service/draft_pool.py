@@ -86,6 +86,7 @@ class PooledSpeculator:
         self._channel_device = channel_device  # offer sessions a tensor channel for q' (None: inline only)
         self._tracks: dict[str, _Track] = {}
         self._sessions: dict[str, DraftSessionClient] = {}
+        self.build_wait_s = 0.0  # the drafts' answers' waits for their cache builds (the planner reads it)
 
     # -- Speculator protocol ---------------------------------------------------------------------
     def add(self, starts: list[SeqStart]) -> None:
@@ -215,6 +216,7 @@ class PooledSpeculator:
         sent = {lease_id: self._send(live[lease_id], group) for lease_id, group in groups.items()}
         start = time.monotonic()
         answers: dict[str, Speculation] = {}
+        waited = 0.0  # the longest any endpoint's answer waited for its cache build (it says)
         for lease_id, (step, prefill_tokens) in sent.items():
             session = self._sessions[lease_id]
             budget = self._timeout_s + PREFILL_S_PER_TOKEN * prefill_tokens
@@ -222,6 +224,8 @@ class PooledSpeculator:
             if reply is None:
                 self._kill(lease_id, session.error or f"no answer within {budget:.1f}s")
                 continue
+            # reported by the draft, so bounded by what we saw: it cannot have waited longer than it took
+            waited = max(waited, min(reply.timings.queue_ns / 1e9, time.monotonic() - start))
             failed = session.take_failed()
             for track, o in groups[lease_id]:
                 if track.start.seq_id in failed:
@@ -229,6 +233,7 @@ class PooledSpeculator:
             trusted = live[lease_id].identity in self._trusted
             answers.update(self._decode(reply.sequences, groups[lease_id], failed, session.endpoint, trusted,
                                         session.take_channel_probs(step)))
+        self.build_wait_s += waited
         return answers
 
     def _send(self, lease: Lease, group: list[tuple[_Track, RoundOutcome]]) -> tuple[int, int]:

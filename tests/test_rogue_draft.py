@@ -203,6 +203,8 @@ class RogueDraft(spb_grpc.SpeculatorServicer):
         if b == "wrong_step":
             answer_round = rnd.step + 100  # never the step the target waits for: a stall
         reply = spb.SessionResponse(speculations=spb.Speculations(step=answer_round, sequences=seqs))
+        if b == "lying_timings":  # the planner reads queue_ns as the build wait: bounded by the round trip
+            reply.speculations.timings.CopyFrom(spb.SpeculationTimings(queue_ns=2**62, total_ns=2**62))
         if b == "replay_old_steps":
             for old in steps[:-1][-3:]:
                 yield spb.SessionResponse(speculations=spb.Speculations(step=old, sequences=seqs))
@@ -213,7 +215,7 @@ GARBAGE = ["oob_tokens", "huge_tokens", "nan_probs", "inf_probs", "negative_prob
            "zero_on_token", "too_many_tokens", "too_few_tokens", "wrong_vocab_probs", "short_tensor_data",
            "huge_tensor_shape", "negative_tensor_shape", "unknown_dtype", "int_dtype", "float64_probs",
            "three_d_probs", "probs_handle", "no_probs", "wrong_round", "unknown_source", "wrong_seq_id",
-           "swapped_seq_ids", "plausible_lies", "duplicates", "replay_old_steps", "session_errors", "abort",
+           "swapped_seq_ids", "plausible_lies", "lying_timings", "duplicates", "replay_old_steps", "session_errors", "abort",
            "close_at_once"]
 STALLS = ["stall", "wrong_step"]
 
