@@ -220,9 +220,10 @@ class DraftSpeculator:
 
     def replan(self, fan_out: tuple[int, ...]) -> None:
         """Speculate with K = len(fan_out) - 1 and this fan-out from the next round on, keeping
-        every row's draft KV and random stream (no rebuild, no re-prefill). Cached drafts of the
-        old K no longer fit and miss once (JIT at the new K). An all-zero fan-out turns the cache
-        build off (SD rounds), a non-zero one on (SSD rounds)."""
+        every row's draft KV and random stream (no rebuild, no re-prefill). A cached draft of the
+        old K serves a smaller K cut to it (see _apply_outcomes); for a larger K it is too short and
+        misses once (JIT at the new K). An all-zero fan-out turns the cache build off (SD rounds),
+        a non-zero one on (SSD rounds)."""
         if len(fan_out) < 2 or any(f < 0 for f in fan_out):
             raise ValueError(f"replan to fan_out={tuple(fan_out)}: needs K >= 1 and F_k >= 0")
         self._wait()
