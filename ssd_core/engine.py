@@ -213,13 +213,14 @@ class Engine:
         num_accepted, bonus = torch.stack([num_accepted, bonus]).cpu().unbind(0)
         deltas, lookups = self._commit(specs, num_accepted, bonus, logprobs)
         t2 = time.perf_counter()
+        hits = lookups.count(SpecSource.CACHE_HIT)
         if self.planner is not None:
             self.planner.observe(num_accepted.tolist(), plan, (t1 - t0) * 1e3, (t0 - ts) * 1e3,
                                  all(sp.source is SpecSource.CACHE_HIT for sp in specs), round_ms=(t2 - ts) * 1e3,
                                  build_wait_ms=(built1 - built0) * 1e3 if None not in (built0, built1) else None,
-                                 lookups=len(lookups), hits=lookups.count(SpecSource.CACHE_HIT))
+                                 lookups=len(lookups), hits=hits)
         self.timings.add(target_forward_s=t1 - t0, commit_s=t2 - t1)
-        metrics.record_round(num_accepted.tolist(), len(specs[0].tokens), hits=lookups.count(SpecSource.CACHE_HIT),
+        metrics.record_round(num_accepted.tolist(), len(specs[0].tokens), hits=hits,
                              jit=lookups.count(SpecSource.JIT), fast=lookups.count(SpecSource.FAST),
                              phase_seconds={"speculate": t0 - ts, "verify": t1 - t0, "commit": t2 - t1, "round": t2 - ts})
         return ready + deltas

@@ -128,6 +128,7 @@ MISS_OFFSET = 1.0
 MISS_PRIOR = 2.0
 MISS_FIT_LOOKUPS = 30  # lookups seen before r is fitted to them (and between two fits)
 HIT_DECAY = 0.99  # per round with lookups: the fit weighs the last ~100 such rounds
+HIT_FORGET = 1e-3  # a fan-out whose decayed lookups fall below this is dropped (not run for ~700 rounds)
 
 
 def plan_class(plan: RoundPlan) -> tuple[int, bool, BackupKind]:
@@ -371,6 +372,8 @@ class Planner:
         if self._unfitted < MISS_FIT_LOOKUPS:
             return
         self._unfitted = 0
+        # the fan-outs of long ago weigh nothing: drop them, or every round decays a growing dict
+        self._hits = {f: c for f, c in self._hits.items() if c[1] >= HIT_FORGET}
         a = self.acceptance
         seen = sum(h for h, _ in self._hits.values())
 

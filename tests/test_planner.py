@@ -10,6 +10,7 @@ import pytest
 from conftest import hf_greedy, make_pair
 from ssd_core.config import Mode, SamplingParams, SpecConfig
 from ssd_core.engine import Engine, Request
+from ssd_core.plan import RoundPlan
 from ssd_core.planner import LinearCost, Planner, calibrate, measured_planner
 
 
@@ -173,6 +174,19 @@ def test_the_miss_law_is_fitted_to_the_hits_the_lane_sees(rate):
     # the fit follows the last ~100 rounds (HIT_DECAY): ~200 effective draws, sd 0.035 at 0.5;
     # 0.1 is about 3 sd (fixed seed: the outcome is deterministic, the margin is for the law)
     assert predicted == pytest.approx(rate, abs=0.1)
+
+
+def test_the_miss_law_forgets_fan_outs_not_run_for_long():
+    # every round decays every fan-out's counts: one not run for long is dropped, not kept for ever
+    p = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.8)
+    plan = p.choose(Mode.SSD, 1).plan
+    old = RoundPlan(plan.lookahead, (1,) * (plan.lookahead + 1), True, plan.backup)
+    for _ in range(10):
+        p.observe([plan.lookahead], old, 10.0, lookups=1, hits=1)
+    assert old.fan_out in p._hits
+    for _ in range(1000):
+        p.observe([plan.lookahead], plan, 10.0, lookups=1, hits=1)
+    assert set(p._hits) == {plan.fan_out}
 
 
 def test_auto_takes_the_fastest_plan_of_any_kind():
