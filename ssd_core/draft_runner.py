@@ -18,6 +18,7 @@ import torch
 
 from ssd_core.kv import make_kv
 from ssd_core.models import LoadedModel
+from ssd_core.static_kv import StaticKV
 
 
 def prefill_detached(draft: LoadedModel, history: list[int]):
@@ -69,17 +70,27 @@ class DraftRunner:
     @torch.inference_mode()
     def feed(self, runs: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Row b feeds runs[b] at positions starts[b], starts[b]+1, ...; returns logits [B, W, V]
-        (W = the longest run; column j of row b is its j-th token, columns past its run padding)."""
+        (W = the longest run; column j of row b is its j-th token, columns past its run and rows
+        with no run are unspecified). On the static cache only the rows with a run take part."""
         width = max((len(r) for r in runs), default=0)
         if width == 0:
             raise ValueError("feed: no row has a token to feed")
-        tokens = torch.zeros(len(runs), width, dtype=torch.long)
-        pos = torch.full((len(runs), width), -1, dtype=torch.long)
-        for b, (run, start) in enumerate(zip(runs, starts)):
+        active = [b for b, r in enumerate(runs) if r]
+        subset = isinstance(self.kv, StaticKV) and len(active) < len(runs)
+        chosen = active if subset else range(len(runs))
+        tokens = torch.zeros(len(chosen), width, dtype=torch.long)
+        pos = torch.full((len(chosen), width), -1, dtype=torch.long)
+        for i, b in enumerate(chosen):
+            run = runs[b]
             if run:
-                tokens[b, : len(run)] = torch.tensor(run, dtype=torch.long)
-                pos[b, : len(run)] = torch.arange(start, start + len(run))
-        return self.kv.forward(self.model, tokens, pos).float().cpu()
+                tokens[i, : len(run)] = torch.tensor(run, dtype=torch.long)
+                pos[i, : len(run)] = torch.arange(starts[b], starts[b] + len(run))
+        if not subset:
+            return self.kv.forward(self.model, tokens, pos).float().cpu()
+        logits = self.kv.forward(self.model, tokens, pos, rows=active).float().cpu()
+        out = logits.new_empty(len(runs), width, logits.shape[-1])
+        out[active] = logits
+        return out
 
     @torch.inference_mode()
     def tree_step(self, tokens: torch.Tensor, pos: torch.Tensor, branch: torch.Tensor,

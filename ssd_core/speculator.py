@@ -362,7 +362,7 @@ class DraftSpeculator:
         return tokens, q
 
     def _jit(self, idx: list[int], k_next: int) -> list[tuple[tuple[int, ...], torch.Tensor | None]]:
-        """Draft k_next tokens autoregressively for rows idx (other rows ride along as padding)."""
+        """Draft k_next tokens autoregressively for rows idx (the runner forwards only those rows)."""
         rows = [self.rows[i] for i in idx]
         runs: list[list[int]] = [[] for _ in self.rows]
         starts = [0] * len(self.rows)

@@ -109,20 +109,34 @@ class StaticKV:
     # -- forward -------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, model: torch.nn.Module, tokens: torch.Tensor, pos: torch.Tensor,
-                branch: torch.Tensor | None = None, limit: torch.Tensor | None = None) -> torch.Tensor:
+                branch: torch.Tensor | None = None, limit: torch.Tensor | None = None,
+                rows: list[int] | None = None) -> torch.Tensor:
         """BatchKV.forward: logits [B, L, V] of tokens [B, L] at positions pos (-1 = padding),
-        each query seeing the trunk up to its limit plus its own branch."""
-        return self._forward_rows(model, 0, self._b, tokens, pos, branch, limit)
+        each query seeing the trunk up to its limit plus its own branch. `rows` (ascending live
+        row indices): only those rows take part, tokens / pos / logits being theirs ([len(rows), L]);
+        the others are untouched. Why: a JIT step drafts for the rows that missed, and riding the
+        rest along as padding cost a batch-wide forward (attention over every row's window) each."""
+        if rows is None or len(rows) == self._b:
+            return self._forward_rows(model, slice(0, self._b), tokens, pos, branch, limit)
+        if not rows or any(b <= a for a, b in zip(rows, rows[1:])) or rows[0] < 0 or rows[-1] >= self._b:
+            raise ValueError(f"forward rows {rows} are not ascending live rows of {self._b}")
+        if rows[-1] - rows[0] + 1 == len(rows):  # a run of rows: views, no gather
+            return self._forward_rows(model, slice(rows[0], rows[-1] + 1), tokens, pos, branch, limit)
+        return self._forward_rows(model, torch.tensor(rows, dtype=torch.long, device=self.device),
+                                  tokens, pos, branch, limit)
 
-    def _forward_rows(self, model, r0: int, r1: int, tokens, pos, branch, limit) -> torch.Tensor:
+    def _forward_rows(self, model, sel: slice | torch.Tensor, tokens, pos, branch, limit) -> torch.Tensor:
+        """The forward over buffer rows `sel`: a slice (views of the buffers) or an index tensor
+        (the rows' windows gathered per layer; their new slots written back by index)."""
         dev = self.device
         pos = pos.to(dev)
         rows, length = pos.shape
-        if rows != r1 - r0:
-            raise ValueError(f"forward over {rows} rows, the cache has {r1 - r0}")
+        ids = range(self._b)[sel] if isinstance(sel, slice) else sel.tolist()
+        if rows != len(ids):
+            raise ValueError(f"forward over {rows} rows, the cache has {len(ids)}")
         branch = torch.full_like(pos, -1) if branch is None else branch.to(dev)
         limit = pos if limit is None else limit.to(dev)
-        fill = self._fill[r0:r1]
+        fill = [self._fill[i] for i in ids]
         start = fill[0] if fill else 0
         window = max(fill, default=0) + length
         if window > self._cap_t:
@@ -131,21 +145,21 @@ class StaticKV:
         if bool(valid.all()):
             n_valid = [length] * rows
             if all(f == start for f in fill):  # every row writes slots start..start+L-1: slices
-                self._pos[r0:r1, start : start + length] = pos
-                self._branch[r0:r1, start : start + length] = branch
-                self._write = (slice(r0, r1), None, None, start, window)
+                self._pos[sel, start : start + length] = pos
+                self._branch[sel, start : start + length] = branch
+                self._write = (sel, None, None, start, window)
             else:
                 slots = torch.tensor(fill, device=dev)[:, None] + torch.arange(length, device=dev)
-                self._write = self._index_meta(r0, r1, slots, pos, branch, window)
+                self._write = self._index_meta(sel, ids, slots, pos, branch, window)
         else:  # valid tokens first (in order), padding after them: the row's valid slots stay a prefix
             nv = valid.sum(dim=1)
             n_valid = nv.tolist()
             rank = torch.where(valid, valid.cumsum(dim=1) - 1, nv[:, None] + (~valid).cumsum(dim=1) - 1)
             slots = torch.tensor(fill, device=dev)[:, None] + rank
-            self._write = self._index_meta(r0, r1, slots, pos.masked_fill(~valid, -1),
+            self._write = self._index_meta(sel, ids, slots, pos.masked_fill(~valid, -1),
                                            branch.masked_fill(~valid, -1), window)
-        all_pos = self._pos[r0:r1, :window]  # [R, W]
-        all_branch = self._branch[r0:r1, :window]
+        all_pos = self._pos[sel, :window]  # [R, W]
+        all_branch = self._branch[sel, :window]
         # the one visibility rule (ssd_core.kv): trunk up to the query's limit, plus its own branch
         visible = (all_branch == -1)[:, None, :] & (all_pos[:, None, :] <= limit[:, :, None])
         own = (all_branch[:, None, :] == branch[:, :, None]) & (branch[:, :, None] >= 0)
@@ -159,18 +173,20 @@ class StaticKV:
                         past_key_values=self, use_cache=True)
         finally:
             self._write = None
-        self._fill[r0:r1] = [f + n for f, n in zip(fill, n_valid)]
+        for i, f, n in zip(ids, fill, n_valid):
+            self._fill[i] = f + n
         return out.logits
 
-    def _index_meta(self, r0: int, r1: int, slots: torch.Tensor, pos, branch, window: int) -> tuple:
-        row_idx = torch.arange(r0, r1, device=self.device)[:, None]
+    def _index_meta(self, sel: slice | torch.Tensor, ids, slots: torch.Tensor, pos, branch, window: int) -> tuple:
+        row_idx = torch.tensor(list(ids), dtype=torch.long, device=self.device)[:, None]
         self._pos[row_idx, slots] = pos
         self._branch[row_idx, slots] = branch
-        return (slice(r0, r1), row_idx, slots, None, window)
+        return (sel, row_idx, slots, None, window)
 
     def write_layer(self, idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Called by the model per layer with the new k, v [R, H, L, D]: writes them at this
-        forward's slots and returns the views [R, H, W, D] its queries attend over."""
+        forward's slots and returns what its queries attend over, [R, H, W, D] (views for a run of
+        rows, a gather for rows picked by index)."""
         rows, row_idx, slots, start, window = self._write
         kb, vb = self.keys[idx], self.values[idx]
         if start is not None:
@@ -205,7 +221,7 @@ class StaticKV:
             m = len(h) - 1
             tokens[i, :m] = torch.tensor(h[:m], dtype=torch.long)
             pos[i, :m] = torch.arange(m)
-        return self._forward_rows(model, r0, r0 + n, tokens, pos, None, None)
+        return self._forward_rows(model, slice(r0, r0 + n), tokens, pos, None, None)
 
     @classmethod
     def prefill(cls, model: torch.nn.Module, histories: list[list[int]], device=None) -> "StaticKV":

@@ -100,6 +100,21 @@ def test_static_kv_matches_batchkv_through_every_operation(kv_heads):
     pos = nxt[:, None] + torch.arange(3)[None]
     pos[3, 2] = -1
     step(torch.tensor([[50, 51, 52], [53, 54, 55], [43, 56, 57], [45, 58, 0]]), pos)
+    # a forward over some rows only (a JIT step for the rows that missed): picked by index (rows
+    # 0 and 2), then a run of rows (1..2); BatchKV rides the others along as padding
+    for picked, width in (([0, 2], 2), ([1, 2], 1)):
+        nxt = torch.tensor([max(_slots(a, r)) + 1 for r in range(4)])
+        pos = torch.full((4, width), -1)
+        tokens = torch.zeros(4, width, dtype=torch.long)
+        for r in picked:
+            pos[r] = nxt[r] + torch.arange(width)
+            tokens[r] = torch.arange(width) + 60 + r
+        x = a.forward(model, tokens, pos)
+        y = b.forward(model, tokens[picked], pos[picked], rows=picked)
+        assert torch.allclose(x[picked], y, atol=ATOL), (x[picked] - y).abs().max()
+        _same_state(a, b)
+    with pytest.raises(ValueError, match="ascending"):
+        b.forward(model, tokens[[2, 1]], pos[[2, 1]], rows=[2, 1])
     assert [t.data_ptr() for t in b.keys] == keys0  # 4 rows, 64 slots: written in place throughout
     # a fifth row needs the next bucket: one reallocation, same contents
     b.prefill_rows(model, [[1, 2, 3]])
