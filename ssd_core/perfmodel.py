@@ -18,7 +18,8 @@ where ' marks a time measured while the other side runs beside it (shared memory
 caches: `verify_slowdown`, `tree_slowdown`). With transport = commit = answer = 0, slowdowns 1
 and jit = T_b these reduce to the theorem's denominators (tests/test_perfmodel.py checks it).
 Batches (Corollary 16): a round is all-hit with probability p_hit^b; any miss puts the JIT
-backup on the critical path of the whole batch.
+backup on the critical path of the whole batch (drafting for the rows that missed only:
+`missed_rows` of them on average, `miss_jit`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class ComponentTimes:
     tree_build: float  # the speculation cache for one round: glue + K tree steps
     transport: float  # one control round trip between target and draft
     fast_backup: float = 0.0  # a fast (n-gram) backup answer instead of jit
+    # SSD's JIT backup drafts only for the rows that missed (the runner forwards just those):
+    # its expected time for a round with a miss; None: `jit` (one row, or the whole batch)
+    miss_jit: float | None = None
     verify_slowdown: float = 1.0  # verify + commit time factor while a tree build runs beside it
     tree_slowdown: float = 1.0  # tree build time factor while a verify runs beside it
     prefill_target: tuple[float, float] = (0.0, 0.0)  # (fixed ms, ms per prompt token)
@@ -68,7 +72,8 @@ def overlap_ms(t: ComponentTimes) -> float:
 
 
 def ssd_round_ms(t: ComponentTimes, hit: bool, backup: str = "jit") -> float:
-    front = t.answer if hit else (t.jit if backup == "jit" else t.fast_backup)
+    jit = t.jit if t.miss_jit is None else t.miss_jit
+    front = t.answer if hit else (jit if backup == "jit" else t.fast_backup)
     return front + overlap_ms(t)
 
 
@@ -122,6 +127,15 @@ def hit_rate_from_fanout(a: float, fan_out: tuple[int, ...], r: float = 1.0, off
         if f > 0:
             p += pk * (1 - (f + offset) ** (-r))
     return p
+
+
+def missed_rows(p_hit: float, batch: int) -> float:
+    """Expected rows that missed in a round of `batch` rows with at least one miss."""
+    if batch <= 1 or p_hit <= 0.0:
+        return float(max(batch, 1))
+    if p_hit >= 1.0:
+        return 1.0
+    return batch * (1.0 - p_hit) / (1.0 - p_hit ** batch)
 
 
 def expected_round_ms(t: ComponentTimes, mode: str, p_hit: float = 0.0, batch: int = 1, backup: str = "jit") -> float:
@@ -184,8 +198,8 @@ def pool_prediction(t: ComponentTimes, draft_step: Callable[[int], float], targe
     t: the target side (verify, commit, transport, answer per row) at lookahead K = t.lookahead;
     draft_step(tokens): one draft forward over that many query tokens, ms (measured, by rows x
     width). Per draft, n = ceil(R / D) * b rows.
-    - batched: one step answers all n rows (answer n * t.answer, JIT K steps over n rows on any
-      miss: the whole group waits for it, so a step is all-hit with p_hit^n), then one cache build
+    - batched: one step answers all n rows (answer n * t.answer, JIT K steps over the rows that
+      missed on any miss: the whole group waits for it, so a step is all-hit with p_hit^n), then one cache build
       (glue over n * (K+1) tokens + K tree steps over n * branches_per_row branches) overlaps the
       targets' verification, as in ssd_round_ms.
     - per-session: each target's rows are stepped on their own, one after the other on the draft
@@ -202,7 +216,7 @@ def pool_prediction(t: ComponentTimes, draft_step: Callable[[int], float], targe
 
     def costs(rows: int) -> tuple[float, float, float]:
         answer = t.answer * rows
-        jit = k * draft_step(rows)
+        jit = k * draft_step(missed_rows(p_hit, rows))  # a step with a miss drafts for the missed rows
         tree = draft_step(rows * (k + 1)) + k * draft_step(rows * max(1, branches_per_row))
         return answer, jit, tree
 

@@ -37,7 +37,8 @@ from ssd_core.config import BackupKind, Mode
 from ssd_core.fanout import plan_fanout
 from ssd_core.kv import make_kv
 from ssd_core.models import LoadedModel
-from ssd_core.perfmodel import ComponentTimes, expected_tokens_per_round, expected_tokens_per_s, hit_rate_from_fanout
+from ssd_core.perfmodel import (ComponentTimes, expected_tokens_per_round, expected_tokens_per_s, hit_rate_from_fanout,
+                               missed_rows)
 from ssd_core.plan import RoundPlan
 
 log = logging.getLogger(__name__)
@@ -392,7 +393,9 @@ class Planner:
             self.miss_exponent = (lo + hi) / 2
 
     # -- the search ----------------------------------------------------------------------------
-    def _times(self, batch: int, k: int, branches: int, unscaled_draft: bool = False) -> ComponentTimes:
+    def _times(self, batch: int, k: int, branches: int, unscaled_draft: bool = False,
+               p_hit: float | None = None) -> ComponentTimes:
+        """p_hit (SSD): the hit rate, which sets how many rows a round's JIT backup drafts for."""
         ds = 1.0 if unscaled_draft else self._draft_scale
         verify = self.target(batch * (k + 1)) * self._verify_scale
         tree = (self.draft(batch * (k + 1)) + k * self.draft(batch * branches)) * ds if branches else 0.0
@@ -400,6 +403,8 @@ class Planner:
                               verify=verify, commit=self.commit_ms, jit=k * self.draft(batch) * ds + self.answer_ms,
                               answer=self.answer_ms, tree_build=tree, transport=self.transport_ms,
                               fast_backup=self.answer_ms,
+                              miss_jit=None if p_hit is None else
+                              k * self.draft(missed_rows(p_hit, batch)) * ds + self.answer_ms,
                               verify_slowdown=1.0 if self.overlap else 1.0 + tree / max(verify, 1e-6),
                               tree_slowdown=1.0)
 
@@ -419,7 +424,7 @@ class Planner:
             for budget in sorted({k + 1, 2 * (k + 1), 3 * (k + 1), 4 * (k + 1)}):
                 fan = plan_fanout(k, budget, a, self.miss_exponent, self.fan_out_cap)
                 p_hit = hit_rate_from_fanout(a, fan, self.miss_exponent, MISS_OFFSET)
-                t = self._times(batch, k, sum(fan))
+                t = self._times(batch, k, sum(fan), p_hit=p_hit)
                 e_fast = expected_tokens_per_round(min(self.fast_acceptance, a), k)
                 for backup, e_miss in ((BackupKind.JIT, e), (BackupKind.FAST, e_fast)):
                     plan = RoundPlan(k, fan, True, backup)

@@ -12,7 +12,7 @@ import pytest
 from conftest import save_tiny_pair
 from ssd_cli.main import main
 from ssd_core.perfmodel import (ComponentTimes, RequestCounts, expected_round_ms, expected_tokens_per_round,
-                                expected_tokens_per_s, hit_rate_from_fanout, paper_speedup_sd, paper_speedup_ssd,
+                                expected_tokens_per_s, hit_rate_from_fanout, missed_rows, paper_speedup_sd, paper_speedup_ssd,
                                 predict_requests, request_ms)
 
 
@@ -57,6 +57,19 @@ def test_batch_form_any_miss_stalls_the_batch():
     assert one == pytest.approx(0.9 * 1.0 + 0.1 * 2.0)
     assert many == pytest.approx(0.9 ** 16 * 1.0 + (1 - 0.9 ** 16) * 2.0)
     assert many > one
+
+
+def test_a_batch_miss_drafts_for_the_rows_that_missed():
+    """The JIT backup forwards only the rows that missed: E[missed | >= 1 missed] rows of a batch,
+    whose drafting (miss_jit) is what a round with a miss waits for, not a whole-batch JIT."""
+    assert missed_rows(0.9, 1) == 1.0 and missed_rows(0.0, 8) == 8.0 and missed_rows(1.0, 8) == 1.0
+    for p, b in ((0.74, 4), (0.5, 8), (0.9, 32)):  # E[missed] = P(any miss) * E[missed | any]
+        assert (1 - p ** b) * missed_rows(p, b) == pytest.approx(b * (1 - p))
+        assert 1.0 <= missed_rows(p, b) <= b
+    whole, subset = _times(jit=1.0), _times(jit=1.0, miss_jit=0.25)
+    assert expected_round_ms(subset, "ssd", 0.9, batch=16) == pytest.approx(0.9 ** 16 * 1.0 + (1 - 0.9 ** 16) * 1.25)
+    assert expected_round_ms(subset, "ssd", 0.9, batch=16) < expected_round_ms(whole, "ssd", 0.9, batch=16)
+    assert expected_round_ms(subset, "sd") == expected_round_ms(whole, "sd")  # SD drafts for every row
 
 
 def test_hit_rate_from_fanout():

@@ -48,6 +48,18 @@ def test_big_batches_on_a_compute_bound_cpu_stop_speculating():
     assert small.plan.lookahead > 0 and big.mode is Mode.AR
 
 
+def test_an_ssd_plan_prices_its_backup_for_the_rows_that_missed():
+    """At batch 8 a round with a miss JIT-drafts for the missed rows only (the runner forwards
+    just those): the SSD candidates are priced so, SD keeps drafting for every row."""
+    from ssd_core.perfmodel import missed_rows
+
+    p = _planner(5.0, 0.2, 1.0, 0.3, acceptance_prior=0.7)
+    t = p._times(8, 3, 16, p_hit=0.8)
+    assert t.miss_jit == pytest.approx(3 * p.draft(missed_rows(0.8, 8)) + p.answer_ms)
+    assert t.miss_jit < t.jit == pytest.approx(3 * p.draft(8) + p.answer_ms)
+    assert p._times(8, 3, 0).miss_jit is None
+
+
 def test_acceptance_is_estimated_from_live_rounds_and_replans():
     p = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.8)
     first = p.choose(Mode.SSD, 1)
