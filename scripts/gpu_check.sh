@@ -14,6 +14,7 @@ shift || true
 py="${PYTHON:-.venv/bin/python}"
 [ -x "$py" ] || py=python3
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+export SSD_CUDA_GRAPHS="${SSD_CUDA_GRAPHS:-1}"  # CUDA graphs (ssd_core/cuda_graphs.py) are opt-in until this check has passed
 export PYTHONPATH="$PWD:$PWD/ssd-client${PYTHONPATH:+:$PYTHONPATH}"
 if [[ " $* " != *" --dry-run "* ]]; then
   if ! "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then

@@ -5,11 +5,11 @@ measurements on one H100 / H200, written to one JSON with provenance.
 
 Measurements (each a median of --repeats after a warm-up, all in this one run):
 - verify_step: the lean backend's forward over K+1 = 8 tokens at b = 1 after a 512-token KV, on an
-  8B-shaped random bf16 target (Llama-3-8B dims), eager; beside it the GEMM-chain floor (the same
+  8B-shaped random bf16 target (Llama-3-8B dims), eager and graphed; beside it the GEMM-chain floor (the same
   weight matrices multiplied in sequence, CUDA-graphed: no attention, norms or Python) and the
   ratio. Likewise a 1B-shaped draft's tree step (32 branches x 1 token).
-  CUDA-graphed verify / tree steps need the static KV cache (issue 15, helper "kv"); until it
-  lands they are reported as null with that reason.
+  Both on the static KV, eager and CUDA-graphed (ssd_core.cuda_graphs: `graphed_ms`, null where
+  the device has no graphs).
 - q_transfer: one round's q' (1 x 7 x 128256 and 8 x 7 x 128256 fp32) inline (codec + gRPC on
   loopback) vs the CUDA IPC channel (a second process owns the buffer, as a draft does).
 - served: AR / SD / SSD tokens/s with target and draft as separate processes on this GPU
@@ -74,19 +74,32 @@ def _model(shape: str, dev: torch.device, dtype: torch.dtype):
 @torch.inference_mode()
 def step_vs_floor(shape: str, rows: int, tokens: int, context: int, dev: torch.device, dtype: torch.dtype,
                   repeats: int) -> dict:
-    """Eager lean forward of [rows, tokens] after `context` cached slots vs the GEMM-chain floor."""
-    from ssd_core.kv import BatchKV
+    """Lean forward of [rows, tokens] after `context` cached slots on the static KV, eager and
+    CUDA-graphed (ssd_core.cuda_graphs), vs the GEMM-chain floor."""
+    from ssd_core.static_kv import StaticKV
 
     lean = _model(shape, dev, dtype)
-    kv = BatchKV.prefill(lean, [[1 + j % 7 for j in range(context + 1)]] * rows, dev)
+    os.environ["SSD_CUDA_GRAPHS"] = "1"  # opt-in until this check has passed on a GPU (ssd_core.cuda_graphs)
+    caches = {}
+    for name in ("eager", "graphed"):
+        kv = caches[name] = StaticKV(lean, 0, dev)
+        kv.prefill_rows(lean, [[1 + j % 7 for j in range(context + 1)]] * rows)
+        if name == "eager":
+            kv.graphs = None
     toks = torch.ones(rows, tokens, dtype=torch.long)
     pos = torch.arange(context, context + tokens)[None].expand(rows, tokens)
     branch = torch.arange(rows)[:, None].expand(rows, tokens) if rows > 1 else None
 
-    def eager():
+    def run(kv):
         kv.forward(lean, toks, pos, branch)
         kv.keep(torch.full((rows,), context - 1))
         kv.compact()
+
+    def eager():
+        run(caches["eager"])
+
+    def graphed():
+        run(caches["graphed"])
 
     eager_ms = _median_ms(eager, dev, repeats)
     x = torch.randn(rows * tokens, lean.hidden, device=dev, dtype=dtype)
@@ -113,10 +126,18 @@ def step_vs_floor(shape: str, rows: int, tokens: int, context: int, dev: torch.d
     else:
         floor = chain
     floor_ms = _median_ms(floor, dev, repeats)
+    graphs = caches["graphed"].graphs
+    graphed_ms = _median_ms(graphed, dev, repeats) if graphs is not None else None
+    if graphs is None:
+        note = "no CUDA graphs on this device"
+    else:
+        note = "" if graphs.replays else "capture failed (see the log): eager"
     return {"shape": shape, "rows": rows, "tokens": tokens, "context": context, "dtype": str(dtype),
             "eager_ms": round(eager_ms, 3), "gemm_floor_ms": round(floor_ms, 3), "floor_kind": floor_kind,
             "eager_over_floor": round(eager_ms / floor_ms, 3),
-            "graphed_ms": None, "graphed_note": "needs the static KV cache (issue 15, helper kv)"}
+            "graphed_ms": None if graphed_ms is None else round(graphed_ms, 3),
+            "graphed_over_floor": None if graphed_ms is None else round(graphed_ms / floor_ms, 3),
+            "graphed_note": note}
 
 
 def q_transfer(shapes: list[tuple[int, int, int]], dev: torch.device, repeats: int) -> list[dict]:

@@ -235,6 +235,11 @@ class LeanCausalLM(nn.Module):
                 start += n
         return fused
 
+    def ensure_positions(self, positions: int) -> None:
+        """RoPE tables covering positions 0..positions-1 (a captured step cannot grow them)."""
+        if self.cos.shape[0] < positions:
+            self._build_rope(positions)
+
     def _build_rope(self, positions: int) -> None:
         """cos/sin tables [positions, D] computed as HF's rotary embedding does (fp32, then the
         model dtype); sin carries rotate_half's sign so that rope(x) = x*cos + roll(x)*sin."""

@@ -13,6 +13,8 @@ K and one V buffer [B_cap, H_kv, T_cap, D], allocated for a batch-size bucket (1
   - rows joining are prefilled straight into free buffer rows (`prefill_rows`), rows leaving
     shift the rows behind them up; neither reallocates while the batch fits its bucket.
 Slot order never matters to the result, only the mask (RoPE is applied before K is written).
+On CUDA, `forward_fixed` is the same forward with a shape set by (rows, L) alone (attention over
+every slot, index writes, no host reads), which ssd_core.cuda_graphs captures and replays.
 
 It needs a model that writes K/V through `write_layer` (the lean backend, ssd_core.lean);
 `ssd_core.kv.make_kv` chooses it for such models and BatchKV (HF DynamicCache) otherwise.
@@ -21,6 +23,8 @@ It needs a model that writes K/V through `write_layer` (the lean backend, ssd_co
 from __future__ import annotations
 
 import torch
+
+from ssd_core.cuda_graphs import GraphedForwards, graphs_enabled
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 MIN_SLOTS = 64  # first slot capacity (rounded up to what the first forward needs)
@@ -57,10 +61,14 @@ class StaticKV:
         self.values: list[torch.Tensor] = []
         self._pos = self._branch = torch.empty(0, dtype=torch.long)
         self._fill: list[int] = []  # per live row: slots in use (a Python list: B small ints, read every forward)
+        self.generation = 0  # bumped when the buffers are reallocated (captured CUDA graphs then go stale)
         self._reserve(batch, max(slots, MIN_SLOTS))
         self._b = batch
         self._fill = [0] * batch
         self._write: tuple | None = None  # (rows, slots, uniform start | None, window) during a forward
+        self.graphs = None  # ssd_core.cuda_graphs.GraphedForwards on a CUDA device (None: always eager)
+        if graphs_enabled(self.device, model):
+            self.graphs = GraphedForwards(self, model)
 
     # -- what BatchKV exposes ------------------------------------------------------------------
     @property
@@ -71,6 +79,22 @@ class StaticKV:
     def num_slots(self) -> int:
         """Slots in use (the widest row's fill; every valid slot lies below it)."""
         return max(self._fill, default=0)
+
+    @property
+    def num_capacity_slots(self) -> int:
+        """Slots a buffer row holds (T_cap)."""
+        return self._cap_t
+
+    @property
+    def fill(self) -> list[int]:
+        """Slots in use per live row (a copy)."""
+        return list(self._fill)
+
+    @torch.inference_mode()
+    def clear_slots(self, start: int, length: int) -> None:
+        """Mark slots start..start+length-1 of every live row invalid (they held nothing valid)."""
+        self._pos[: self._b, start : start + length] = -1
+        self._branch[: self._b, start : start + length] = -1
 
     @property
     def pos(self) -> torch.Tensor:  # [B, T] logical positions, -1 = invalid (a copy)
@@ -105,6 +129,7 @@ class StaticKV:
             branch[:b, :used_t] = self._branch[:b, :used_t]
         self.keys, self.values, self._pos, self._branch = keys, values, pos, branch
         self._cap_b, self._cap_t = need_b, need_t
+        self.generation += 1
 
     # -- forward -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -117,6 +142,10 @@ class StaticKV:
         the others are untouched. Why: a JIT step drafts for the rows that missed, and riding the
         rest along as padding cost a batch-wide forward (attention over every row's window) each."""
         if rows is None or len(rows) == self._b:
+            if self.graphs is not None:  # a captured step for this shape, when it applies (else eager)
+                out = self.graphs.forward(model, tokens, pos, branch, limit)
+                if out is not None:
+                    return out
             return self._forward_rows(model, slice(0, self._b), tokens, pos, branch, limit)
         if not rows or any(b <= a for a, b in zip(rows, rows[1:])) or rows[0] < 0 or rows[-1] >= self._b:
             raise ValueError(f"forward rows {rows} are not ascending live rows of {self._b}")
@@ -158,16 +187,7 @@ class StaticKV:
             slots = torch.tensor(fill, device=dev)[:, None] + rank
             self._write = self._index_meta(sel, ids, slots, pos.masked_fill(~valid, -1),
                                            branch.masked_fill(~valid, -1), window)
-        all_pos = self._pos[sel, :window]  # [R, W]
-        all_branch = self._branch[sel, :window]
-        # the one visibility rule (ssd_core.kv): trunk up to the query's limit, plus its own branch
-        visible = (all_branch == -1)[:, None, :] & (all_pos[:, None, :] <= limit[:, :, None])
-        own = (all_branch[:, None, :] == branch[:, :, None]) & (branch[:, :, None] >= 0)
-        own &= all_pos[:, None, :] <= pos[:, :, None]
-        visible |= own
-        visible &= (all_pos >= 0)[:, None, :]  # [R, L, W]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        mask = self._mask(self._pos[sel, :window], self._branch[sel, :window], pos, branch, limit)
         try:
             out = model(input_ids=tokens.to(dev), position_ids=pos.clamp(min=0), attention_mask=mask[:, None],
                         past_key_values=self, use_cache=True)
@@ -176,6 +196,50 @@ class StaticKV:
         for i, f, n in zip(ids, fill, n_valid):
             self._fill[i] = f + n
         return out.logits
+
+    def uniform_slots(self, length: int) -> torch.Tensor | None:
+        """Each live row's next `length` slots [B, L] (device), or None when a row would run past
+        the buffers (the eager forward then grows them)."""
+        if max(self._fill, default=0) + length > self._cap_t:
+            return None
+        return torch.tensor(self._fill, device=self.device)[:, None] + torch.arange(length, device=self.device)
+
+    @torch.inference_mode()
+    def forward_fixed(self, model, tokens, pos, branch, limit, slots, row_idx) -> torch.Tensor:
+        """The forward over every live row with a shape set by (rows, L) alone, what a CUDA graph
+        captures: each row writes its L tokens (all valid) at slots[b] (an index write) and attends
+        over all T_cap slots of its buffer row, the mask hiding what the one visibility rule hides
+        (slots never written are invalid, so they are hidden too). No host reads: tokens / pos /
+        branch / limit / slots / row_idx are device tensors (row_idx [B, 1] = 0..B-1). The caller
+        advances the rows' fill by L afterwards (`advance`)."""
+        window = self._cap_t
+        self._pos[row_idx, slots] = pos
+        self._branch[row_idx, slots] = branch
+        rows = slice(0, tokens.shape[0])
+        self._write = (rows, row_idx, slots, None, window)
+        mask = self._mask(self._pos[rows], self._branch[rows], pos, branch, limit)
+        try:
+            out = model(input_ids=tokens, position_ids=pos, attention_mask=mask[:, None],
+                        past_key_values=self, use_cache=True)
+        finally:
+            self._write = None
+        return out.logits
+
+    def _mask(self, all_pos, all_branch, pos, branch, limit) -> torch.Tensor:
+        """The additive mask [R, L, W] of queries (pos / branch / limit [R, L]) over slots (all_pos /
+        all_branch [R, W]) by the one visibility rule (ssd_core.kv): the trunk up to the query's
+        limit, plus its own branch up to itself; invalid slots never."""
+        visible = (all_branch == -1)[:, None, :] & (all_pos[:, None, :] <= limit[:, :, None])
+        own = (all_branch[:, None, :] == branch[:, :, None]) & (branch[:, :, None] >= 0)
+        own &= all_pos[:, None, :] <= pos[:, :, None]
+        visible |= own
+        visible &= (all_pos >= 0)[:, None, :]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+
+    def advance(self, length: int) -> None:
+        """Every live row's fill + length (after a `forward_fixed`, which does not count)."""
+        self._fill = [f + length for f in self._fill]
 
     def _index_meta(self, sel: slice | torch.Tensor, ids, slots: torch.Tensor, pos, branch, window: int) -> tuple:
         row_idx = torch.tensor(list(ids), dtype=torch.long, device=self.device)[:, None]

@@ -40,6 +40,26 @@ def test_greedy_on_cuda_equals_hf_generate_on_the_target_alone(mode, dtype):
         engine.close()
 
 
+@pytest.mark.parametrize("mode", [Mode.SD, Mode.SSD])
+def test_cuda_graphed_rounds_equal_hf_generate_on_the_target_alone(mode, monkeypatch):
+    """Lean models on the static KV capture their verify / tree / glue steps (ssd_core.cuda_graphs)
+    and replay them; greedy output still equals HF generate on the target alone."""
+    from ssd_core.lean import from_hf
+
+    monkeypatch.setenv("SSD_CUDA_GRAPHS", "1")
+    hf_target, hf_draft = (m.model.to("cuda") for m in make_pair(draft_kind="perturbed"))
+    target, draft = (wrap_model(from_hf(m, share=False), None, f"lean{i}") for i, m in enumerate((hf_target, hf_draft)))
+    engine = Engine(target, draft, SpecConfig(mode=mode, lookahead=3))
+    try:
+        for prompt in PROMPTS:
+            (res,) = engine.generate([Request(tuple(prompt), SamplingParams(max_new_tokens=20, ignore_eos=True))])
+            assert list(res.token_ids) == hf_greedy(hf_target, prompt, 20), (mode, prompt)
+        graphs = engine.kv.graphs
+        assert graphs is not None and graphs.captures > 0 and graphs.replays > 0
+    finally:
+        engine.close()
+
+
 def test_batched_ssd_on_cuda_with_the_draft_in_its_own_process(tmp_path):
     from ssd_core.proc_speculator import process_factory
 

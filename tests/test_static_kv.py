@@ -20,6 +20,7 @@ from ssd_core.kv import BatchKV, make_kv
 from ssd_core.lean import from_hf
 from ssd_core.models import wrap_model
 from ssd_core.speculator import DraftSpeculator
+from ssd_core.cuda_graphs import GraphedForwards
 from ssd_core.static_kv import StaticKV, batch_bucket
 from tiny_models import random_model, tiny_llama_config
 
@@ -123,6 +124,42 @@ def test_static_kv_matches_batchkv_through_every_operation(kv_heads):
     _same_state(a, b)
 
 
+def test_the_fixed_shape_forward_a_cuda_graph_captures_equals_the_eager_one():
+    """StaticKV.forward_fixed (what ssd_core.cuda_graphs captures: attention over every slot, index
+    writes, no host reads) gives the eager forward's logits and cache state, for a verify step over
+    rows at different fills and for two tree depths after a rollback. CPU never captures."""
+    hf = random_model(tiny_llama_config(vocab_size=64, kv_heads=2), 3, init_std=0.3)
+    model = from_hf(hf, share=False)
+    histories = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    a, b = StaticKV(model, 0, slots=64), StaticKV(model, 0, slots=64)
+    for kv in (a, b):
+        kv.prefill_rows(model, histories)
+    assert a.graphs is None  # no CUDA here: always eager
+    row_idx = torch.arange(3)[:, None]
+
+    def step(tokens, pos, branch=None, limit=None):
+        x = a.forward(model, tokens, pos, branch, limit)
+        slots = b.uniform_slots(pos.shape[1])
+        y = b.forward_fixed(model, tokens, pos, torch.full_like(pos, -1) if branch is None else branch,
+                            pos if limit is None else limit, slots, row_idx)
+        b.advance(pos.shape[1])
+        assert torch.allclose(x, y, atol=ATOL), (x - y).abs().max()
+        assert a.fill == b.fill
+        _same_state(a, b)
+
+    n = torch.tensor([len(h) - 1 for h in histories])[:, None]
+    step(torch.tensor([[6, 20, 21, 22], [9, 23, 24, 25], [18, 26, 27, 28]]), n + torch.arange(4))
+    for kv in (a, b):
+        kv.keep(n[:, 0] + torch.tensor([1, 0, 3]))
+        kv.compact()
+    n = n[:, 0] + torch.tensor([2, 1, 4])
+    ks = torch.tensor([[0, 0, 1], [0, 1, 1], [0, 2, 3]])
+    branch, limit = torch.arange(3).expand(3, 3), n[:, None] - 1 + ks
+    step(torch.tensor([[30, 31, 32], [33, 34, 35], [36, 37, 38]]), n[:, None] + ks, branch, limit)
+    step(torch.tensor([[39, 40, 41], [42, 43, 44], [45, 46, 47]]), n[:, None] + ks + 1, branch, limit)
+    assert b.uniform_slots(b.num_capacity_slots) is None  # past the buffers: the eager path grows them
+
+
 def test_static_kv_grows_slots_when_a_row_runs_out():
     model = from_hf(random_model(tiny_llama_config(vocab_size=64), 1, init_std=0.3), share=False)
     ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(0))
@@ -175,6 +212,62 @@ def test_static_engine_greedy_with_rows_joining_and_leaving(mode, k, fan_out, c,
             steps += 1
         if mode is not Mode.AR:
             assert isinstance(engine._speculator.kv, StaticKV)
+    finally:
+        engine.close()
+    assert [got[f"r{i}"] for i in range(len(PROMPTS))] == REFS
+
+
+class _EagerRecorder(GraphedForwards):
+    """ssd_core.cuda_graphs with torch.cuda's recording replaced by a replay that runs the
+    captured body (forward_fixed) eagerly into the graph's own tensors: the shapes, input copies,
+    fill bookkeeping, invalidation and eviction run as on a GPU, on the CPU."""
+
+    def _record(self, inputs):
+        kv, model = self.kv, self.model
+        logits = kv.forward_fixed(model, **inputs)  # the warm-up (its slots are cleared after)
+
+        class Replay:
+            def replay(self):
+                logits.copy_(kv.forward_fixed(model, **inputs))
+
+        return Replay(), logits
+
+
+@pytest.mark.parametrize("mode,k,fan_out", [(Mode.SD, 3, ()), (Mode.SSD, 3, (3, 0, 1, 4))])
+def test_graphed_steps_with_rows_joining_and_leaving_equal_hf_generate(monkeypatch, mode, k, fan_out):
+    """Every StaticKV with graphed steps (the recorder above): greedy SD / SSD with rows joining and
+    leaving equal HF generate on the target alone, steps are replayed, and the buffers growing (16
+    slots to start) drops the captured graphs instead of replaying stale ones."""
+    import ssd_core.static_kv as static_kv
+
+    made: list[_EagerRecorder] = []
+
+    def recorder(kv, model):
+        made.append(_EagerRecorder(kv, model))
+        return made[-1]
+
+    monkeypatch.setattr(static_kv, "graphs_enabled", lambda device, model: True)
+    monkeypatch.setattr(static_kv, "GraphedForwards", recorder)
+    monkeypatch.setattr(static_kv, "MIN_SLOTS", 16)
+    target, draft = LEAN
+    engine = Engine(target, draft, SpecConfig(mode=mode, lookahead=k, fan_out=fan_out))
+    got: dict[str, list[int]] = {}
+    try:
+        reqs = [Request(tuple(p), SamplingParams(max_new_tokens=n), f"r{i}") for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))]
+        engine.add(reqs[:3])
+        steps = 0
+        while engine.busy:
+            if steps == 2:
+                engine.add(reqs[3:])
+            for d in engine.step():
+                if d.finished is not None:
+                    got[d.seq_id] = list(d.finished.token_ids)
+            steps += 1
+        graphs = engine.kv.graphs
+        assert isinstance(graphs, _EagerRecorder) and graphs.captures > 0 and graphs.replays >= steps // 2
+        assert engine.kv.generation > 1 and graphs.captures > len(graphs._graphs)  # grown: recaptured
+        if mode is Mode.SSD:  # the draft's tree depths are graphed too
+            assert engine._speculator.kv.graphs.replays > 0
     finally:
         engine.close()
     assert [got[f"r{i}"] for i in range(len(PROMPTS))] == REFS
