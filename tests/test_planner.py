@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from conftest import hf_greedy, make_pair
-from ssd_core.config import Mode, SamplingParams, SpecConfig
+from ssd_core.config import BackupKind, Mode, SamplingParams, SpecConfig
 from ssd_core.engine import Engine, Request
 from ssd_core.plan import RoundPlan
 from ssd_core.planner import LinearCost, Planner, calibrate, measured_planner
@@ -58,6 +58,25 @@ def test_an_ssd_plan_prices_its_backup_for_the_rows_that_missed():
     assert t.miss_jit == pytest.approx(3 * p.draft(missed_rows(0.8, 8)) + p.answer_ms)
     assert t.miss_jit < t.jit == pytest.approx(3 * p.draft(8) + p.answer_ms)
     assert p._times(8, 3, 0).miss_jit is None
+
+
+def test_tokens_per_round_follow_the_acceptance_seen_at_each_position():
+    """Rounds of K = 6 that always accept exactly 3: positions 1-3 always accepted, the 4th never.
+    The per-position estimate then expects ~4 tokens at K = 3..6 (3 + the bonus) where the i.i.d.
+    form at the pooled rate (3/4) says 2.7 at K = 3 and 3.5 at K = 6; with no rounds seen it is the
+    i.i.d. form at the prior."""
+    from ssd_core.perfmodel import expected_tokens_per_round
+
+    p = _planner(5.0, 0.2, 1.0, 0.3, acceptance_prior=0.7)
+    assert p.tokens_per_round(4) == pytest.approx(expected_tokens_per_round(0.7, 4))
+    plan = RoundPlan(6, (0,) * 7, False, BackupKind.JIT)
+    for _ in range(200):
+        p.observe([3], plan, 10.0, 1.0, False)
+    assert p.acceptance == pytest.approx(0.75, abs=0.02)
+    assert expected_tokens_per_round(p.acceptance, 3) < 2.8 and expected_tokens_per_round(p.acceptance, 6) < 3.6
+    for k in (3, 6):
+        assert p.tokens_per_round(k) == pytest.approx(4.0, abs=0.45), k
+    assert p.tokens_per_round(6) < 4.2  # the 4th position is (almost) never accepted: little past it
 
 
 def test_acceptance_is_estimated_from_live_rounds_and_replans():
