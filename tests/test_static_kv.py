@@ -188,6 +188,23 @@ LENGTHS = [14, 6, 20, 9, 12]  # rows finish at different rounds and leave
 REFS = [hf_greedy(HF_PAIR[0].model, p, n) for p, n in zip(PROMPTS, LENGTHS)]
 
 
+def _joining_and_leaving(engine: Engine) -> tuple[dict[str, list[int]], int]:
+    """PROMPTS through the engine, three at first and the rest joining at the third step beside
+    rows that are leaving; the finished tokens by request id, and the steps taken."""
+    got: dict[str, list[int]] = {}
+    reqs = [Request(tuple(p), SamplingParams(max_new_tokens=n), f"r{i}") for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))]
+    engine.add(reqs[:3])
+    steps = 0
+    while engine.busy:
+        if steps == 2:
+            engine.add(reqs[3:])
+        for d in engine.step():
+            if d.finished is not None:
+                got[d.seq_id] = list(d.finished.token_ids)
+        steps += 1
+    return got, steps
+
+
 @pytest.mark.parametrize("mode,k,fan_out,c,backup", [
     (Mode.AR, None, (), 1.0, BackupKind.AUTO),
     (Mode.SD, 3, (), 1.0, BackupKind.AUTO),
@@ -198,18 +215,8 @@ def test_static_engine_greedy_with_rows_joining_and_leaving(mode, k, fan_out, c,
     target, draft = LEAN
     engine = Engine(target, draft, SpecConfig(mode=mode, lookahead=k, fan_out=fan_out, saguaro_c=c, backup=backup))
     assert isinstance(engine.kv, StaticKV)
-    got: dict[str, list[int]] = {}
     try:
-        reqs = [Request(tuple(p), SamplingParams(max_new_tokens=n), f"r{i}") for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))]
-        engine.add(reqs[:3])
-        steps = 0
-        while engine.busy:
-            if steps == 2:
-                engine.add(reqs[3:])  # join mid-run, beside rows that are leaving
-            for d in engine.step():
-                if d.finished is not None:
-                    got[d.seq_id] = list(d.finished.token_ids)
-            steps += 1
+        got, _ = _joining_and_leaving(engine)
         if mode is not Mode.AR:
             assert isinstance(engine._speculator.kv, StaticKV)
     finally:
@@ -251,18 +258,8 @@ def test_graphed_steps_with_rows_joining_and_leaving_equal_hf_generate(monkeypat
     monkeypatch.setattr(static_kv, "MIN_SLOTS", 16)
     target, draft = LEAN
     engine = Engine(target, draft, SpecConfig(mode=mode, lookahead=k, fan_out=fan_out))
-    got: dict[str, list[int]] = {}
     try:
-        reqs = [Request(tuple(p), SamplingParams(max_new_tokens=n), f"r{i}") for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))]
-        engine.add(reqs[:3])
-        steps = 0
-        while engine.busy:
-            if steps == 2:
-                engine.add(reqs[3:])
-            for d in engine.step():
-                if d.finished is not None:
-                    got[d.seq_id] = list(d.finished.token_ids)
-            steps += 1
+        got, steps = _joining_and_leaving(engine)
         graphs = engine.kv.graphs
         assert isinstance(graphs, _EagerRecorder) and graphs.captures > 0 and graphs.replays >= steps // 2
         assert engine.kv.generation > 1 and graphs.captures > len(graphs._graphs)  # grown: recaptured
