@@ -242,8 +242,13 @@ class Planner:
     _depth: list[list[float]] = field(default_factory=list, init=False)
     _verify_scale: float = field(default=1.0, init=False)  # measured / predicted verify time (EMA)
     _cache: dict[tuple[Mode, int], PlanChoice] = field(default_factory=dict, init=False)
-    _draft_scale: float = field(default=1.0, init=False)  # measured / predicted draft time (EMA)
-    _planned_at: tuple[float, float, float, float] = field(default=(-1.0, 1.0, 1.0, 0.0), init=False)  # (a, scales, r)
+    _draft_scale: float = field(default=1.0, init=False)  # measured / predicted JIT drafting (EMA)
+    # measured / predicted cache build (EMA), apart from the JIT's: a JIT step pays per-call costs a
+    # build does not (served: a round trip; in process: the pipe to the draft's process), which read
+    # into one scale made 16-branch trees look 1.5x their cost (measured 2026-12-02, in process:
+    # JIT 1.5-1.7x its calibration, the K = 3 / 16-branch build 7.8 ms against 8.0 calibrated)
+    _tree_scale: float = field(default=1.0, init=False)
+    _planned_at: tuple[float, ...] = field(default=(-1.0, 1.0, 1.0, 1.0, 0.0), init=False)  # (a, scales, r)
     _rounds: int = field(default=0, init=False)  # rounds since the plans were last recomputed
     _ar_rounds: int = field(default=0, init=False)  # AR rounds a speculative lane ran since its last probe
     _previous: dict[tuple[Mode, int], RoundPlan] = field(default_factory=dict, init=False)  # last plan per key
@@ -318,15 +323,16 @@ class Planner:
                 hidden = verify_ms + self.commit_ms + self.transport_ms
                 unhidden = wait_ms if build_wait_ms is None else build_wait_ms
                 if unhidden > 0.5:  # the build outlasted the verify: its length shows in the wait
-                    self._draft_scale = _ema(self._draft_scale, (unhidden + hidden) / t.tree_build)
+                    self._tree_scale = _ema(self._tree_scale, (unhidden + hidden) / t.tree_build)
                 elif t.tree_build > hidden:  # hidden although predicted longer: it is at most `hidden`
-                    self._draft_scale = _ema(self._draft_scale, min(self._draft_scale, hidden / t.tree_build))
+                    self._tree_scale = _ema(self._tree_scale, min(self._tree_scale, hidden / t.tree_build))
         if plan.tree and lookups > 0:
             self._count_hits(plan.fan_out, lookups, hits)
         self._rounds += 1
-        a0, s0, d0, r0 = self._planned_at
+        a0, s0, d0, b0, r0 = self._planned_at
         moved = (abs(self.acceptance - a0) > 0.05 or abs(self._verify_scale / s0 - 1.0) > 0.15
-                 or abs(self._draft_scale / d0 - 1.0) > 0.15 or abs(self.miss_exponent - r0) > 0.25)
+                 or abs(self._draft_scale / d0 - 1.0) > 0.15 or abs(self._tree_scale / b0 - 1.0) > 0.15
+                 or abs(self.miss_exponent - r0) > 0.25)
         if self._cache and moved and self._rounds >= REPLAN_EVERY:
             self._cache.clear()  # the estimates moved: plan again (at most every REPLAN_EVERY rounds)
             self._rounds = 0
@@ -344,17 +350,18 @@ class Planner:
         key = (mode, batch)
         fresh = key not in self._cache
         if fresh:
-            self._planned_at = (self.acceptance, self._verify_scale, self._draft_scale, self.miss_exponent)
+            self._planned_at = (self.acceptance, self._verify_scale, self._draft_scale, self._tree_scale,
+                                self.miss_exponent)
             previous = self._previous.get(key)
             self._cache[key] = choice = self._choose(mode, batch, previous)
             # log changes only; under live trials the model only shortlists, the trials log what runs
             level = logging.INFO if previous != choice.plan and not self.trials else logging.DEBUG
             self._previous[key] = choice.plan
             log.log(level, "plan for %s at batch %d: %s K=%d fan_out=%s backup=%s (predicted %.0f tok/s; best %s; "
-                    "a=%.2f, target x%.2f, draft x%.2f)", mode.value, batch, choice.mode.value, choice.plan.lookahead,
-                    choice.plan.fan_out, choice.plan.backup.value, choice.tokens_per_s,
+                    "a=%.2f, target x%.2f, draft JIT x%.2f, build x%.2f)", mode.value, batch, choice.mode.value,
+                    choice.plan.lookahead, choice.plan.fan_out, choice.plan.backup.value, choice.tokens_per_s,
                     {m: round(v) for m, v in choice.alternatives.items()}, self.acceptance, self._verify_scale,
-                    self._draft_scale)
+                    self._draft_scale, self._tree_scale)
             if not self.trials or mode is Mode.AR:  # under trials the gauge shows the measured best
                 metrics.record_plan(mode.value, choice.plan.lookahead, choice.mode.value, batch)
         choice = self._cache[key]
@@ -423,9 +430,9 @@ class Planner:
     def _times(self, batch: int, k: int, branches: int, unscaled_draft: bool = False,
                p_hit: float | None = None) -> ComponentTimes:
         """p_hit (SSD): the hit rate, which sets how many rows a round's JIT backup drafts for."""
-        ds = 1.0 if unscaled_draft else self._draft_scale
+        ds, bs = (1.0, 1.0) if unscaled_draft else (self._draft_scale, self._tree_scale)
         verify = self.target(batch * (k + 1)) * self._verify_scale
-        tree = (self.draft(batch * (k + 1)) + k * self.draft(batch * branches)) * ds if branches else 0.0
+        tree = (self.draft(batch * (k + 1)) + k * self.draft(batch * branches)) * bs if branches else 0.0
         return ComponentTimes(lookahead=k, ar_step=self.target(batch) * self._verify_scale + self.commit_ms,
                               verify=verify, commit=self.commit_ms, jit=k * self.draft(batch) * ds + self.answer_ms,
                               answer=self.answer_ms, tree_build=tree, transport=self.transport_ms,
