@@ -77,6 +77,9 @@ class GraphedForwards:
             return None
         if not bool((pos >= 0).all()):  # padding: the eager forward's ragged path
             return None
+        table = getattr(model, "cos", None)  # a position past the RoPE table: the eager path grows it
+        if table is not None and int(pos.max()) >= table.shape[0]:
+            return None
         if kv.generation != self._generation:  # the buffers moved: every graph reads stale addresses
             self._graphs.clear()
             self._generation = kv.generation
@@ -112,7 +115,7 @@ class GraphedForwards:
             return None  # no room to warm up without touching live slots: eager this time
         ensure = getattr(self.model, "ensure_positions", None)
         if ensure is not None:
-            ensure(kv.num_capacity_slots)  # a position past the RoPE table would grow it on the host
+            ensure(2 * kv.num_capacity_slots)  # a captured step cannot grow the RoPE table
         arange = torch.arange(length, device=dev)
         pos = (free + arange).expand(rows, length).contiguous()
         inputs = dict(tokens=torch.zeros(rows, length, dtype=torch.long, device=dev), pos=pos,
