@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -206,26 +207,20 @@ for line in sys.stdin:
 def served(dev: str, dry_run: bool, log_dir: Path, max_tokens: int) -> dict:
     """AR / SD / SSD through `ssd serve target` + `ssd serve draft` as two processes on one device."""
     from client import Client
+    from ssd_cli.local_services import Services
     from ssd_train.train_pair import default_pair_dirs
-
-    from ssd_cli.local_services import free_port, serving, spawn, stop_all, wait_until, draft_registered
 
     target_dir, draft_dir = default_pair_dirs()
     mps = Path("/tmp/nvidia-mps").exists() or bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
-    t_port, d_port = free_port(), free_port()
-    t_addr, d_addr = f"127.0.0.1:{t_port}", f"127.0.0.1:{d_port}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    common = ["--host", "127.0.0.1", "--device", dev]
-    procs = [spawn("target", ["serve", "target", "--model", str(target_dir), "--port", str(t_port), "--planner", "table",
-                              "--tensor-channel", "auto", "--trusted-draft", "shared@127.0.0.1", *common], log_dir, None),
-             spawn("draft", ["serve", "draft", "--model", str(draft_dir), "--port", str(d_port), "--targets", t_addr,
-                             *common], log_dir, None)]
+    # the draft holds the pair's token (identity shared@127.0.0.1), so the target trusts its q'
+    services = Services(log_dir, env={"SSD_AUTH_TOKEN": secrets.token_hex(16)})
     out = {"device": dev, "mps": mps, "max_tokens": max_tokens, "modes": {}}
     try:
-        deadline = time.monotonic() + 240
-        for name, addr in (("target", t_addr), ("draft", d_addr)):
-            wait_until(lambda a=addr: serving(a), deadline, procs, f"{name} SERVING", log_dir)
-        wait_until(lambda: draft_registered(t_addr), deadline, procs, "the draft to register", log_dir)
+        t_addr = services.start_target("target", target_dir, "--device", dev, "--planner", "table",
+                                       "--tensor-channel", "auto", "--trusted-draft", "shared@127.0.0.1")
+        services.start_draft("draft", draft_dir, [t_addr], "--device", dev)
+        services.wait_all(240)
         with Client(t_addr, timeout=300) as c:
             for mode in ("ar", "sd", "ssd"):
                 c.generate("def f(x):", max_tokens=8, mode=mode, ignore_eos=True, temperature=1.0, seed=0)  # warm-up
@@ -237,8 +232,8 @@ def served(dev: str, dry_run: bool, log_dir: Path, max_tokens: int) -> dict:
                                       "mean_accepted_length": r.stats.mean_accepted_length,
                                       "predicted_tokens_per_s": None}
     finally:
-        stop_all(procs)
-    text = (log_dir / "target.log").read_text(errors="replace")
+        services.stop_all()
+    text = services.log("target")
     out["tensor_channel"] = next((ln.split("tensor channel: ", 1)[1] for ln in text.splitlines()
                                   if "tensor channel: " in ln), "none logged")
     out["prediction_note"] = "the performance model's prediction needs the planner's measured costs; not wired here"
