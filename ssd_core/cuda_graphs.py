@@ -111,7 +111,7 @@ class GraphedForwards:
     def _capture(self, rows: int, length: int) -> _Graph | None:
         kv, dev = self.kv, self.kv.device
         free = kv.num_capacity_slots - length  # warm-up writes here: past every row's fill
-        if max(kv.fill, default=0) > free:
+        if kv.num_slots > free:
             return None  # no room to warm up without touching live slots: eager this time
         ensure = getattr(self.model, "ensure_positions", None)
         if ensure is not None:

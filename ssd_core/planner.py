@@ -236,9 +236,8 @@ class Planner:
     # registration); None from it: unknown for now, so choose() defers to the BatchPolicy table
     draft_source: Callable[[], LinearCost | None] | None = None
     trials: bool = True  # choose among the model's shortlist by live measurements (module docstring)
-    _accepted: float = field(default=0.0, init=False)
-    _judged: float = field(default=0.0, init=False)
-    # per draft position j (0-based): [accepted, judged] over the rounds that proposed it
+    # per draft position j (0-based): [accepted, judged] over the rounds that proposed it (their sums
+    # are the pooled counts `acceptance` reads)
     _depth: list[list[float]] = field(default_factory=list, init=False)
     _verify_scale: float = field(default=1.0, init=False)  # measured / predicted verify time (EMA)
     _cache: dict[tuple[Mode, int], PlanChoice] = field(default_factory=dict, init=False)
@@ -283,7 +282,8 @@ class Planner:
     def acceptance(self) -> float:
         """Per-token acceptance: the prior until enough rounds were seen (a weight of 20 rounds)."""
         prior_w = 20.0
-        a = (self.acceptance_prior * prior_w + self._accepted) / (prior_w + self._judged)
+        accepted, judged = sum(d[0] for d in self._depth), sum(d[1] for d in self._depth)
+        a = (self.acceptance_prior * prior_w + accepted) / (prior_w + judged)
         return min(max(a, 0.02), 0.98)
 
     def observe(self, num_accepted: list[int], plan: RoundPlan, verify_ms: float, wait_ms: float = 0.0,
@@ -304,8 +304,6 @@ class Planner:
         if round_ms is not None and round_ms > 0 and self._last_key is not None:
             self._measure(self._last_key, plan, sum(num_accepted) + batch, round_ms, batch)
         if k > 0:
-            self._accepted += sum(num_accepted)
-            self._judged += sum(n + (n < k) for n in num_accepted)
             while len(self._depth) < k:
                 self._depth.append([0.0, 0.0])
             for n in num_accepted:

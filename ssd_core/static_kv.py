@@ -85,11 +85,6 @@ class StaticKV:
         """Slots a buffer row holds (T_cap)."""
         return self._cap_t
 
-    @property
-    def fill(self) -> list[int]:
-        """Slots in use per live row (a copy)."""
-        return list(self._fill)
-
     @torch.inference_mode()
     def clear_slots(self, start: int, length: int) -> None:
         """Mark slots start..start+length-1 of every live row invalid (they held nothing valid)."""
@@ -179,13 +174,13 @@ class StaticKV:
                 self._write = (sel, None, None, start, window)
             else:
                 slots = torch.tensor(fill, device=dev)[:, None] + torch.arange(length, device=dev)
-                self._write = self._index_meta(sel, ids, slots, pos, branch, window)
+                self._write = self._index_meta(sel, slots, pos, branch, window)
         else:  # valid tokens first (in order), padding after them: the row's valid slots stay a prefix
             nv = valid.sum(dim=1)
             n_valid = nv.tolist()
             rank = torch.where(valid, valid.cumsum(dim=1) - 1, nv[:, None] + (~valid).cumsum(dim=1) - 1)
             slots = torch.tensor(fill, device=dev)[:, None] + rank
-            self._write = self._index_meta(sel, ids, slots, pos.masked_fill(~valid, -1),
+            self._write = self._index_meta(sel, slots, pos.masked_fill(~valid, -1),
                                            branch.masked_fill(~valid, -1), window)
         mask = self._mask(self._pos[sel, :window], self._branch[sel, :window], pos, branch, limit)
         try:
@@ -200,7 +195,7 @@ class StaticKV:
     def uniform_slots(self, length: int) -> torch.Tensor | None:
         """Each live row's next `length` slots [B, L] (device), or None when a row would run past
         the buffers (the eager forward then grows them)."""
-        if max(self._fill, default=0) + length > self._cap_t:
+        if self.num_slots + length > self._cap_t:
             return None
         return torch.tensor(self._fill, device=self.device)[:, None] + torch.arange(length, device=self.device)
 
@@ -241,8 +236,9 @@ class StaticKV:
         """Every live row's fill + length (after a `forward_fixed`, which does not count)."""
         self._fill = [f + length for f in self._fill]
 
-    def _index_meta(self, sel: slice | torch.Tensor, ids, slots: torch.Tensor, pos, branch, window: int) -> tuple:
-        row_idx = torch.tensor(list(ids), dtype=torch.long, device=self.device)[:, None]
+    def _index_meta(self, sel: slice | torch.Tensor, slots: torch.Tensor, pos, branch, window: int) -> tuple:
+        rows = sel if isinstance(sel, torch.Tensor) else torch.arange(sel.start, sel.stop, device=self.device)
+        row_idx = rows[:, None]
         self._pos[row_idx, slots] = pos
         self._branch[row_idx, slots] = branch
         return (sel, row_idx, slots, None, window)

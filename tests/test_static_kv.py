@@ -144,7 +144,7 @@ def test_the_fixed_shape_forward_a_cuda_graph_captures_equals_the_eager_one():
                             pos if limit is None else limit, slots, row_idx)
         b.advance(pos.shape[1])
         assert torch.allclose(x, y, atol=ATOL), (x - y).abs().max()
-        assert a.fill == b.fill
+        assert a._fill == b._fill
         _same_state(a, b)
 
     n = torch.tensor([len(h) - 1 for h in histories])[:, None]
