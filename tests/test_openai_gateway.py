@@ -137,6 +137,20 @@ def test_models_and_health(oai: openai.OpenAI, gateway: BackgroundServer) -> Non
     assert conn.getresponse().status == 200
 
 
+def test_accepted_connections_have_nagle_off(gateway: BackgroundServer) -> None:
+    """Streamed chunks are small writes: with Nagle on, each waited for the client's delayed ACK
+    (~40 ms of time to first token). asyncio turns it off only for sockets whose proto is TCP."""
+    import socket
+
+    conn = http.client.HTTPConnection(gateway.host, gateway.port, timeout=5)
+    conn.request("GET", "/health")
+    assert conn.getresponse().read() is not None  # keep-alive: the connection stays open
+    accepted = [c.transport.get_extra_info("socket") for c in gateway._server.server_state.connections]
+    assert accepted, "uvicorn holds no connection"
+    assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in accepted)
+    conn.close()
+
+
 def test_completion_matches_grpc_client(oai: openai.OpenAI, fake: FakeTarget, target: tuple[FakeTarget, str]) -> None:
     out = oai.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0, seed=3,
                                  stop=["zz"], extra_body={"ssd_mode": "sd", "lookahead": 3, "fan_out": [2, 1, 1, 1]})
