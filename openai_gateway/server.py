@@ -18,6 +18,13 @@ from openai_gateway.auth import HttpsConfig
 
 log = logging.getLogger(__name__)
 
+# Idle keep-alive connections stay open this long (uvicorn's default is 5 s). A client reusing a
+# pooled connection just as the server closes it gets a connection error on a POST it cannot
+# safely retry; httpx (the OpenAI SDK) expires idle connections after 5 s too, so the two raced:
+# measured 2026-12-02, 3-4 errors in ~1000 streamed requests with idle gaps around 5 s. The server
+# must outwait its clients: 75 s (nginx's default) covers httpx's 5 s and aiohttp's 15 s.
+KEEP_ALIVE_S = 75
+
 
 class BackgroundServer:
     """A uvicorn server running `app` in a daemon thread (its own event loop); stop() ends it."""
@@ -33,6 +40,7 @@ class BackgroundServer:
         self.host, self.port = host, self._sock.getsockname()[1]
         self.scheme = "https" if https else "http"
         config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2,
+                                timeout_keep_alive=KEEP_ALIVE_S,
                                 **(https.uvicorn_kwargs() if https else {}))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
@@ -100,5 +108,6 @@ def serve_forever(
     log.info("OpenAI gateway on %s://%s:%d/v1 -> targets %s", "https" if https else "http", host, port,
              ",".join(targets))
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                timeout_keep_alive=KEEP_ALIVE_S,
                 **(https.uvicorn_kwargs() if https else {}))
     return 0

@@ -151,6 +151,20 @@ def test_accepted_connections_have_nagle_off(gateway: BackgroundServer) -> None:
     conn.close()
 
 
+def test_an_idle_keep_alive_connection_outlives_the_clients_own_expiry(gateway: BackgroundServer) -> None:
+    """httpx (the OpenAI SDK) drops idle connections after 5 s; a server that closed them at 5 s
+    too raced it (a POST on a connection the server was closing: a connection error the client
+    cannot safely retry). The gateway keeps them open longer, so the client always closes first."""
+    conn = http.client.HTTPConnection(gateway.host, gateway.port, timeout=5)
+    conn.request("GET", "/health")
+    assert conn.getresponse().read() is not None
+    sock = conn.sock
+    time.sleep(5.5)  # past httpx's keepalive_expiry (and uvicorn's default keep-alive, 5 s)
+    conn.request("GET", "/health")  # on the same socket: it is still open
+    assert conn.getresponse().status == 200 and conn.sock is sock
+    conn.close()
+
+
 def test_completion_matches_grpc_client(oai: openai.OpenAI, fake: FakeTarget, target: tuple[FakeTarget, str]) -> None:
     out = oai.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0, seed=3,
                                  stop=["zz"], extra_body={"ssd_mode": "sd", "lookahead": 3, "fan_out": [2, 1, 1, 1]})
