@@ -252,7 +252,10 @@ class Planner:
     _ar_rounds: int = field(default=0, init=False)  # AR rounds a speculative lane ran since its last probe
     _previous: dict[tuple[Mode, int], RoundPlan] = field(default_factory=dict, init=False)  # last plan per key
     _trials: dict[tuple[Mode, int], Trials] = field(default_factory=dict, init=False)
-    _arms: dict[tuple[Mode, int], dict[tuple, Arm]] = field(default_factory=dict, init=False)
+    # per batch bucket, not per lane: a plan's rounds cost the same whichever lane runs them, so an
+    # SSD lane takes the SD and AR plans an SD lane of the same target measured (its own first pass
+    # at batch 8 had 12 plans to try, more rounds than a short burst of traffic lasts)
+    _arms: dict[int, dict[tuple, Arm]] = field(default_factory=dict, init=False)
     _last_key: tuple[Mode, int] | None = field(default=None, init=False)  # the key of the last choose()
     _best: dict[tuple[Mode, int], tuple] = field(default_factory=dict, init=False)  # measured best, per key
     _scored: dict[tuple[Mode, int], list[PlanChoice]] = field(default_factory=dict, init=False)  # all candidates
@@ -386,8 +389,9 @@ class Planner:
         return {m: round(v, 1) for m, v in out.items()} | {"acceptance": round(a, 3)}
 
     def measured(self, mode: Mode, batch: int = 1) -> dict[str, dict]:
-        """The live trials' measurements of a lane: tokens/s and rounds per plan kind and K."""
-        arms = self._arms.get((mode, batch_bucket(batch)), {})
+        """The live trials' measurements at a batch size (every lane's: `mode` is not a filter, the
+        arms are shared): tokens/s and rounds per plan kind and K."""
+        arms = self._arms.get(batch_bucket(batch), {})
         return {f"{'ssd' if tree else 'sd' if k else 'ar'}-K{k}-{backup.value}": {
                     "tokens_per_s": round(arm.tokens_per_s, 1), "rounds": arm.rounds}
                 for (k, tree, backup), arm in sorted(arms.items(), key=lambda kv: -kv[1].tokens_per_s) if arm.rounds}
@@ -522,7 +526,7 @@ class Planner:
         if t.settle > 0:
             t.settle -= 1
             return
-        self._arms.setdefault(key, {}).setdefault(plan_class(plan), Arm()).add(tokens, round_ms, rows)
+        self._arms.setdefault(key[1], {}).setdefault(plan_class(plan), Arm()).add(tokens, round_ms, rows)
 
     def _rate(self, cls: tuple, arm: Arm) -> float:
         """The live trials' figure for a plan: its measured round time with the tokens every plan of
@@ -551,7 +555,7 @@ class Planner:
                 t.shortlist = _unique(shortlist + [c for c in scored if plan_class(c.plan) in before])
                 t.pruned = set()
             t.candidates = scored
-        arms = self._arms.setdefault(key, {})
+        arms = self._arms.setdefault(key[1], {})
         if t.current is not None and t.left > 0 and t.exploiting and t.stint_rate > 0:
             live = arms.get(plan_class(t.current.plan))
             if live is not None and self._rate(plan_class(t.current.plan), live) < PRUNE_BELOW * t.stint_rate:

@@ -370,3 +370,18 @@ def test_live_trials_rank_plans_by_round_time_not_by_a_stints_lucky_accepted_len
         return tokens / ms / rate[(Mode.SSD, 4)]
 
     assert statistics.mean(efficiency(s) for s in range(10)) >= 0.935
+
+
+def test_an_ssd_lane_reuses_the_plans_an_sd_lane_of_the_same_target_measured():
+    # one served target, one planner: the SD lane has measured AR and SD at every K at batch 1;
+    # the SSD lane's first pass then tries its own SSD plans only (AR and SD are known: slower)
+    p = _planner(10.0, 0.01, 0.5, 0.001, acceptance_prior=0.9, trials=True)
+
+    def truth(c):
+        return {Mode.AR: 100.0, Mode.SD: 150.0, Mode.SSD: 200.0 - 10 * abs(c.plan.lookahead - 3)}[c.mode]
+
+    _drive(p, Mode.SD, 300, truth)
+    ran = _drive(p, Mode.SSD, 40, truth)
+    assert ran[(Mode.AR, 0)] == 0 and sum(n for (m, _), n in ran.items() if m is Mode.SD) == 0, ran
+    assert sum(n for (m, _), n in ran.items() if m is Mode.SSD) == 40
+    assert "ar-K0-fast" in p.measured(Mode.SSD, 1)  # the arms are the target's, not the lane's
