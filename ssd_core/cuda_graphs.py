@@ -75,10 +75,11 @@ class GraphedForwards:
         rows, length = pos.shape
         if model is not self.model or not rows or rows != kv.batch or length > MAX_LENGTH:
             return None
-        if not bool((pos >= 0).all()):  # padding: the eager forward's ragged path
+        lo, hi = torch.stack(torch.aminmax(pos)).tolist()  # one host read for both checks below
+        if lo < 0:  # padding: the eager forward's ragged path
             return None
         table = getattr(model, "cos", None)  # a position past the RoPE table: the eager path grows it
-        if table is not None and int(pos.max()) >= table.shape[0]:
+        if table is not None and hi >= table.shape[0]:
             return None
         if kv.generation != self._generation:  # the buffers moved: every graph reads stale addresses
             self._graphs.clear()

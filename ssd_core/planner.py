@@ -388,9 +388,9 @@ class Planner:
                                                None, 1.0, batch) for k in ks)
         return {m: round(v, 1) for m, v in out.items()} | {"acceptance": round(a, 3)}
 
-    def measured(self, mode: Mode, batch: int = 1) -> dict[str, dict]:
-        """The live trials' measurements at a batch size (every lane's: `mode` is not a filter, the
-        arms are shared): tokens/s and rounds per plan kind and K."""
+    def measured(self, batch: int = 1) -> dict[str, dict]:
+        """The live trials' measurements at a batch size (every lane's: the arms are shared):
+        tokens/s and rounds per plan kind and K."""
         arms = self._arms.get(batch_bucket(batch), {})
         return {f"{'ssd' if tree else 'sd' if k else 'ar'}-K{k}-{backup.value}": {
                     "tokens_per_s": round(arm.tokens_per_s, 1), "rounds": arm.rounds}

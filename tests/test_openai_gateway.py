@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -140,8 +141,6 @@ def test_models_and_health(oai: openai.OpenAI, gateway: BackgroundServer) -> Non
 def test_accepted_connections_have_nagle_off(gateway: BackgroundServer) -> None:
     """Streamed chunks are small writes: with Nagle on, each waited for the client's delayed ACK
     (~40 ms of time to first token). asyncio turns it off only for sockets whose proto is TCP."""
-    import socket
-
     conn = http.client.HTTPConnection(gateway.host, gateway.port, timeout=5)
     conn.request("GET", "/health")
     assert conn.getresponse().read() is not None  # keep-alive: the connection stays open

@@ -384,4 +384,4 @@ def test_an_ssd_lane_reuses_the_plans_an_sd_lane_of_the_same_target_measured():
     ran = _drive(p, Mode.SSD, 40, truth)
     assert ran[(Mode.AR, 0)] == 0 and sum(n for (m, _), n in ran.items() if m is Mode.SD) == 0, ran
     assert sum(n for (m, _), n in ran.items() if m is Mode.SSD) == 40
-    assert "ar-K0-fast" in p.measured(Mode.SSD, 1)  # the arms are the target's, not the lane's
+    assert "ar-K0-fast" in p.measured(1)  # the arms are the target's, not the lane's
