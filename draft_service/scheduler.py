@@ -46,7 +46,7 @@ from ssd_core.config import BackupKind
 from ssd_core.draft_runner import prefill_detached
 from ssd_core.models import LoadedModel
 from ssd_core.speculator import DraftSpeculator
-from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Speculation
+from ssd_core.types import FIRST_ROUND, CacheOffer, RoundOutcome, SeqStart, SpecSource, Speculation
 
 from draft_service.config import SchedulerConfig
 
@@ -160,6 +160,7 @@ class _Seq:
     spec: tuple[int, ...] = ()  # the tokens handed out last (the history of an outcome without committed tokens)
     answer: Speculation | None = None  # ... and the speculation they came in (the row's id)
     prefill: "concurrent.futures.Future | None" = None  # the early prefill: (tokens, kv), used once
+    sid: str = ""  # its session
 
 
 @dataclass(eq=False, slots=True)
@@ -182,6 +183,7 @@ class _Member:
     rounds: int = 0
     solo_until: int = 0  # after an eviction: runs in a group of its own until this round
     cooldown: int = _REJOIN_ROUNDS
+    offers: Callable[[list[CacheOffer]], None] | None = None  # the session's sink for cache offers
 
     def placed(self) -> bool:
         return any(s.shard is not None for s in self.seqs.values())
@@ -231,11 +233,13 @@ class DraftScheduler:
         self.steps = 0
 
     # -- session-facing (each session calls these from its own thread, one call at a time) ---------
-    def open(self, sid: str, plan: SessionPlan) -> None:
+    def open(self, sid: str, plan: SessionPlan, offers: Callable[[list[CacheOffer]], None] | None = None) -> None:
+        """offers: called (on a build thread) with the session's rows' cache entries after each
+        build that needs no q', under the session's own sequence ids."""
         with self._cond:
             if sid in self._members:
                 raise ValueError(f"session {sid!r} is already open")
-            self._members[sid] = _Member(sid, plan)
+            self._members[sid] = _Member(sid, plan, offers=offers)
 
     def reconfigure(self, sid: str, plan: SessionPlan) -> None:
         """New K / fan-out / backup from the next round on. A session alone in its group keeps its
@@ -272,7 +276,7 @@ class DraftScheduler:
         with self._cond:
             m = self._members[sid]
             for s in starts:
-                seq = m.seqs[s.seq_id] = _Seq(s, list(s.token_ids))
+                seq = m.seqs[s.seq_id] = _Seq(s, list(s.token_ids), sid=sid)
                 if len(s.token_ids) > 1:
                     seq.prefill = self._prefiller.submit(self._prefill_early, tuple(s.token_ids))
 
@@ -501,8 +505,26 @@ class DraftScheduler:
         spec.set_propose_argmax(argmax)
         shard = _Shard(spec)
         spec.on_build = lambda glue_s, tree_s, entries: self._built(shard, glue_s, tree_s, entries)
+        if argmax:  # entries without q' are what a target that takes no q' can look up itself
+            spec.on_offers = lambda offers: self._offered(shard, offers)
         g.shards.append(shard)
         return shard
+
+    def _offered(self, shard: _Shard, offers: list[CacheOffer]) -> None:  # on a tree worker
+        """A shard's build finished: each session with a sink gets its rows' entries, renamed."""
+        by_sink: dict[int, tuple[Callable, list[CacheOffer]]] = {}
+        with self._cond:
+            for offer in offers:
+                seq = shard.rows.get(offer.seq_id)
+                m = self._members.get(seq.sid) if seq is not None else None
+                if m is None or m.offers is None or m.seqs.get(seq.start.seq_id) is not seq:
+                    continue
+                by_sink.setdefault(id(m), (m.offers, []))[1].append(replace(offer, seq_id=seq.start.seq_id))
+        for sink, items in by_sink.values():
+            try:
+                sink(items)
+            except Exception:  # noqa: BLE001 - an offer is an optimization: the answer still comes
+                log.exception("pushing cache offers failed")
 
     def _built(self, shard: _Shard, glue_s: float, tree_s: float, entries: int) -> None:  # on a tree worker
         self.meter.build(glue_s + tree_s, entries)

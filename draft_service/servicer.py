@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -22,6 +24,8 @@ from draft_service.session import DraftSession, LoadTracker
 log = logging.getLogger(__name__)
 
 PROTO_VERSION = 1
+_MAX_QUEUED = 64  # responses queued for one stream past which cache offers are dropped
+_END = object()
 
 
 def draft_info(model: LoadedModel, limits: DraftLimits) -> pb.DraftInfo:
@@ -98,11 +102,37 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
                           f"draft has {self.limits.max_sessions} open sessions (its limit)")
         session = DraftSession(self.model, self.limits, self.tracker, f"{self._prefix}{next(self._ids)}",
                                self.scheduler, self.channel_host)
-        try:
-            for request in request_iterator:
-                yield from session.handle(request)
-                if session.done:
-                    return
-        finally:  # stream over (close, error, cancel or target gone): drop all its state
-            session.close()
-            log.info("session %s ended", session.session_id)
+        # Requests are handled on a thread of the stream's own, in order; this handler thread sends
+        # what it queues (answers, in order) and what build threads push between them (cache offers).
+        out: queue.SimpleQueue = queue.SimpleQueue()
+
+        def push(offer: pb.SessionResponse) -> None:
+            if out.qsize() < _MAX_QUEUED:  # a target that does not read costs offers, never memory
+                out.put(offer)
+
+        def serve() -> None:
+            try:
+                for request in request_iterator:
+                    for response in session.handle(request):
+                        out.put(response)
+                    if session.done:
+                        return
+            except grpc.RpcError:  # the target went away or cancelled: the stream is over
+                pass
+            except Exception as exc:  # noqa: BLE001 - handed to the handler thread, which fails the RPC
+                out.put(exc)
+            finally:  # stream over (close, error, cancel or target gone): drop all its state
+                session.push = None
+                session.close()
+                log.info("session %s ended", session.session_id)
+                out.put(_END)
+
+        session.push = push
+        threading.Thread(target=serve, name=f"ssd-draft-session-{session.session_id}", daemon=True).start()
+        while True:
+            item = out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item

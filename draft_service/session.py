@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import torch
 
 from ssd_core.config import BackupKind
 from ssd_core.models import LoadedModel
-from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart
+from ssd_core.types import FIRST_ROUND, CacheOffer, RoundOutcome, SeqStart
 from ssd_core.wire import codec
 from ssd_core.wire.channel import serve_channel
 from ssd_protos.ssd.v1 import speculation_pb2 as pb
@@ -87,6 +88,10 @@ class DraftSession:
         self.handed: dict[str, tuple[int, int] | None] = {}  # seq_id -> (round, K) handed out last
         self.done = False
         self._closed = False
+        # where cache offers go (the servicer's outgoing queue; they may come from build threads);
+        # None: the stream cannot take pushes, or the target did not ask for them
+        self.push: Callable[[pb.SessionResponse], None] | None = None
+        self.offers_sent = 0
         # the servicer counted this session in tracker.open_session(); close() gives it back
         self._max_history = min(limits.max_history_tokens, model.max_context or limits.max_history_tokens)
 
@@ -142,7 +147,7 @@ class DraftSession:
             return self._fatal(_UNIMPLEMENTED, f"transport {transport} is not served here (inline only)")
         backup = BackupKind.JIT if backup is BackupKind.AUTO else backup
         self.plan = SessionPlan(tuple(fan_out), saguaro_c, backup)
-        self.scheduler.open(self.session_id, self.plan)
+        self.scheduler.open(self.session_id, self.plan, self._push_offers if m.want_offers else None)
         metrics.SESSIONS_OPENED.inc()
         log.info("session %s opened by %s: K=%d fan_out=%s C=%s backup=%s", self.session_id,
                  m.target_replica_id or "?", lookahead, fan_out, saguaro_c, backup.value)
@@ -152,6 +157,13 @@ class DraftSession:
             self.channel, setup = serve_channel(m.channel, self.model.device, self.channel_host, self.model.vocab_size)
             opened.channel.CopyFrom(setup)
         return [pb.SessionResponse(opened=opened)]
+
+    def _push_offers(self, offers: list[CacheOffer]) -> None:  # on a build thread
+        push = self.push
+        if push is None or self._closed or not offers:
+            return
+        push(pb.SessionResponse(offer=codec.offers_to_pb(offers)))
+        self.offers_sent += 1
 
     def _reconfigure(self, m: pb.SessionConfig) -> list[pb.SessionResponse]:
         """New K / fan-out / backup for the next rounds; sequences, KV and streams are kept."""

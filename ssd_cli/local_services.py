@@ -235,17 +235,20 @@ _PAIR_TOKEN = secrets.token_hex(16)  # shared by the target and draft service_pa
 def service_pair(target_dir: Path, draft_dir: Path, log_dir: Path, target_cpus: set[int] | None,
                  draft_cpus: set[int] | None, host: str = "127.0.0.1", target_port: int = 0, draft_port: int = 0,
                  extra_args: tuple[str, ...] = (), openai_port: int = 0,
-                 startup_timeout_s: float = 120.0, draft_args: tuple[str, ...] = ()) -> Iterator[tuple[str, str, Procs]]:
+                 startup_timeout_s: float = 120.0, draft_args: tuple[str, ...] = (),
+                 target_args: tuple[str, ...] = ()) -> Iterator[tuple[str, str, Procs]]:
     """Start a target and a draft that registers with it; yields (target addr, draft addr, procs)
     once both are ready (see Services) and (openai_port > 0) the target's OpenAI API answers
-    /health on that port; stops both on exit. extra_args go to both, draft_args to the draft."""
+    /health on that port; stops both on exit. extra_args go to both, draft_args to the draft,
+    target_args to the target."""
     # one fresh token per pair (unless the caller set one): registration and Sessions are authenticated
     services = Services(Path(log_dir), host, env={"SSD_AUTH_TOKEN": os.environ.get("SSD_AUTH_TOKEN", _PAIR_TOKEN)})
     try:
         # the draft we start holds the pair's token (identity shared@ITS-ADDRESS): its q is trusted
         trusted = [arg for h in dict.fromkeys((host, "127.0.0.1")) for arg in ("--trusted-draft", f"shared@{h}")]
         t_addr = services.start_target("target", target_dir, "--threads", str(len(target_cpus or {0})), *trusted,
-                                       *extra_args, *(("--openai-port", str(openai_port)) if openai_port else ()),
+                                       *extra_args, *target_args,
+                                       *(("--openai-port", str(openai_port)) if openai_port else ()),
                                        port=target_port, cpus=target_cpus)
         d_addr = services.start_draft("draft", draft_dir, [t_addr], "--threads", str(len(draft_cpus or {0})),
                                       *extra_args, *draft_args, port=draft_port, cpus=draft_cpus)

@@ -33,6 +33,9 @@ SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS = Counter(
     ["position"])
 CACHE_HITS = Counter("ssd_cache_hits", "Speculation-cache lookups that found the verified outcome pre-drafted.")
 CACHE_MISSES = Counter("ssd_cache_misses", "Speculation-cache lookups that fell back to a backup speculator.")
+CACHE_OFFER_ROUNDS = Counter(
+    "ssd_cache_offer_rounds", "Draft-session rounds whose speculations came from the draft's pushed cache "
+    "(a hit everywhere, looked up here with no round trip to the draft).")
 BACKUP_USES = Counter("ssd_backup_uses", "Rounds served by a backup speculator, by kind (jit | fast).", ["kind"])
 PLAN_LOOKAHEAD = Gauge("ssd_plan_lookahead", "K the planner chose, by lane mode and batch size.", ["mode", "batch"])
 PLAN_ROUNDS = Gauge("ssd_plan_rounds", "The kind of rounds the planner chose (1 for the chosen one), by lane mode.",

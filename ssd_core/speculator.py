@@ -35,7 +35,7 @@ from ssd_core.draft_runner import DraftRunner
 from ssd_core.models import LoadedModel
 from ssd_core.sampling import derive_seed, process_logits, sample, saguaro_reshape
 from ssd_core.spec_cache import OutcomeKey, SpeculationCache
-from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Speculation
+from ssd_core.types import FIRST_ROUND, CacheOffer, RoundOutcome, SeqStart, SpecSource, Speculation
 
 NO_CUT = 2**62  # DraftRunner.rollback's cut for a row whose promoted branch is used whole
 
@@ -148,6 +148,10 @@ class DraftSpeculator:
         # Called on the worker thread after each cache build: (glue seconds, tree seconds, entries
         # put). The draft service feeds its /metrics from it; it must be cheap and must not raise.
         self.on_build: Callable[[float, float, int], None] | None = None
+        # Called on the worker thread after each cache build with every row's entries (tokens
+        # only: for rows whose q the target does not use). The draft service pushes them to the
+        # target, which then looks a hit up itself. None: not collected.
+        self.on_offers: Callable[[list[CacheOffer]], None] | None = None
         # Set when the target ignores q (it does not trust this draft, or the rows are greedy):
         # propose argmax tokens instead of samples (see _draw).
         self.propose_argmax = False
@@ -401,11 +405,13 @@ class DraftSpeculator:
             rollback()
             self._glue()
             t1 = time.perf_counter()
-            built = self._tree()
+            built, offers = self._tree()
         t2 = time.perf_counter()
         self.stats.tree_s += t2 - t0
         if self.on_build is not None:
             self.on_build(t1 - t0, t2 - t1, built)
+        if self.on_offers is not None:
+            self.on_offers(offers)
 
     def _glue(self) -> None:
         """Feed each row's unfed tail of (tokens + spec); fills the missing candidate rows."""
@@ -425,9 +431,9 @@ class DraftSpeculator:
                     r.cand_logits[k] = logits[i, col]
             r.fed = len(streams[i])
 
-    def _tree(self) -> int:
+    def _tree(self) -> tuple[int, list[CacheOffer]]:
         """One batched forward per depth over every predicted outcome (k, t*) of every row; returns
-        how many cache entries it put."""
+        how many cache entries it put, and (when on_offers is set) each row's entries as offers."""
         k_max, rows = self.lookahead, self.rows
         ks, ts = self._candidates()  # [B, N] each
         batch, width = ks.shape
@@ -450,12 +456,16 @@ class DraftSpeculator:
             tokens = d.view(batch, width)
         branch_tokens = torch.stack(drawn, dim=1).tolist()  # [B*N, K]
         ks_l, ts_l = ks.tolist(), ts.tolist()
+        offers = []
         for b, r in enumerate(rows):
             for i in range(width):
                 f = b * width + i
                 key = OutcomeKey(r.seq_id, r.round, ks_l[b][i], ts_l[b][i], self.replica)
                 self.cache.put(key, _Branch(i, branch_tokens[f], out, f))
-        return batch * width
+            if self.on_offers is not None:
+                offers.append(CacheOffer(r.seq_id, r.round, {(ks_l[b][i], ts_l[b][i]): tuple(branch_tokens[b * width + i])
+                                                             for i in range(width)}))
+        return batch * width, offers
 
     def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Bonus candidates per acceptance length: the draft's top tokens at position k+1,

@@ -94,6 +94,22 @@ class Speculation:
     q_trusted: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class CacheOffer:
+    """One sequence's speculation-cache entries after a build: for an outcome of `round` with
+    (num_accepted, bonus_token) = entries' key, the next round's speculated tokens. Pushed by a
+    draft to its target so that a hit needs no round trip; on the target, untrusted input."""
+
+    seq_id: str
+    round: int
+    entries: dict[tuple[int, int], tuple[int, ...]]
+
+    def lookup(self, outcome: "RoundOutcome") -> tuple[int, ...] | None:
+        if outcome.round != self.round:
+            return None
+        return self.entries.get((outcome.num_accepted, outcome.bonus_token))
+
+
 class Speculator(Protocol):
     """What the target side needs from a speculator, in process (DraftSpeculator) or remote.
 

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how sampled rounds' draft probabilities travel: inline protobuf bytes (default) or "
                              "auto: a per-Session channel (gloo on CPU, NCCL between GPUs, CUDA IPC on one GPU; "
                              "plain TCP, so not under TLS), inline when none can be set up")
+    parser.add_argument("--cache-offers", choices=["on", "off"], default="on",
+                        help="on (default): drafts push each finished speculation cache, so a cache hit needs no "
+                             "round trip to the draft; off: wait for every answer (the protocol before)")
     parser.add_argument("--lookahead", type=int, default=None, help="K (default: by batch size)")
     parser.add_argument("--fan-out", type=_int_list, default=(), help="F_0..F_K, e.g. 4,2,1,1,1")
     parser.add_argument("--saguaro-c", type=float, default=1.0)
@@ -105,7 +108,7 @@ def config_from_args(args: argparse.Namespace, gateway: Gateway | None = None) -
     return TargetConfig(
         model=args.model, host=args.host, port=args.port, replica_id=args.replica_id, device=args.device,
         dtype=args.dtype, backend=args.backend, tensor_parallel=args.tensor_parallel, tensor_channel=args.tensor_channel,
-        mode_default=Mode(args.mode_default), lookahead=args.lookahead,
+        cache_offers=args.cache_offers == "on", mode_default=Mode(args.mode_default), lookahead=args.lookahead,
         fan_out=tuple(args.fan_out), saguaro_c=args.saguaro_c, backup=BackupKind(args.backup), policy=policy,
         max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         default_max_tokens=min(128, args.max_tokens), draft_timeout_s=args.draft_timeout_s,

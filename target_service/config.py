@@ -23,6 +23,9 @@ class TargetConfig:
     # "auto": offer each draft Session a tensor channel for sampled rounds' q' (gloo / NCCL / CUDA IPC,
     # ssd_core/wire/channel.py; inline when none can be set up); "inline": q' as protobuf bytes
     tensor_channel: str = "inline"
+    # drafts push their finished speculation caches (SessionOpen.want_offers): a hit is looked up
+    # here, with no round trip; the answer to the round still comes and is dropped
+    cache_offers: bool = True
     mode_default: Mode = Mode.SSD
     lookahead: int | None = None  # None: by batch size (BatchPolicy)
     fan_out: tuple[int, ...] = ()

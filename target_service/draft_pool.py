@@ -13,6 +13,14 @@ the pool need not know which tokens the engine verified). For that round they ge
 SpecSource.NONE and the engine uses its own fast backup. Nothing here raises into the engine;
 output stays exact because the verifier alone decides what is committed.
 
+Cache offers (`want_offers`, on by default): a draft pushes each finished cache build (for every
+sequence, the next speculation per predicted outcome, tokens only). The round's request is still
+sent (the draft advances on it), but when the offers hold every one of an endpoint's outcomes,
+those speculations are taken at once instead of waiting for the answer (which comes later and is
+dropped): a cache hit then costs no round trip. Offers key on the draft's own last speculation,
+so only sequences that were handed it qualify; rounds that want q' (a trusted draft, sampled rows)
+always wait for the answer, which carries it.
+
 No endpoint at all (none registered yet, or all dead): every speculation is NONE, so SD/SSD
 requests still run, exactly, on the engine's fast n-gram backup; we chose this over falling back
 to AR because a draft that registers later is picked up mid-generation (its sequences are added
@@ -56,6 +64,7 @@ class _Track:
     lease_id: str | None = None  # primary endpoint
     synced: bool = False  # the primary holds this sequence's current state
     held: str | None = None  # the lease whose draft holds a row for it (current or stale)
+    drafted: str | None = None  # the lease whose speculation the engine was handed last (its offers key on it)
 
 
 def _start_of(track: _Track, first_round: int) -> SeqStart:
@@ -76,7 +85,7 @@ class PooledSpeculator:
 
     def __init__(self, registry: DraftRegistry, plan: RoundPlan, saguaro_c: float, *, replica_id: str,
                  vocab_size: int, timeout_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None,
-                 trusted: tuple[str, ...] = (), channel_device=None) -> None:
+                 trusted: tuple[str, ...] = (), channel_device=None, want_offers: bool = True) -> None:
         self.fan_out, self.tree, self._backup = plan.fan_out, plan.tree, plan.backup
         self.lookahead = plan.lookahead
         self.saguaro_c = saguaro_c
@@ -84,6 +93,7 @@ class PooledSpeculator:
         self._credentials = credentials
         self._trusted = frozenset(trusted)  # Lease.identity values whose q is used (TargetConfig.trusted_drafts)
         self._channel_device = channel_device  # offer sessions a tensor channel for q' (None: inline only)
+        self._want_offers = want_offers  # sessions push their cache builds; a hit needs no round trip
         self._tracks: dict[str, _Track] = {}
         self._sessions: dict[str, DraftSessionClient] = {}
         self.build_wait_s = 0.0  # the drafts' answers' waits for their cache builds (the planner reads it)
@@ -173,8 +183,10 @@ class PooledSpeculator:
                 track.synced = False
         specs = []
         for o, track in zip(outcomes, tracks):
-            specs.append(answers.get(o.seq_id) or Speculation(o.seq_id, _next_round(o, track), (), None, SpecSource.NONE))
+            answer = answers.get(o.seq_id)
+            specs.append(answer or Speculation(o.seq_id, _next_round(o, track), (), None, SpecSource.NONE))
             track.round = _next_round(o, track)
+            track.drafted = track.held if answer is not None else None
         return specs
 
     # -- internals -------------------------------------------------------------------------------
@@ -217,19 +229,23 @@ class PooledSpeculator:
         start = time.monotonic()
         answers: dict[str, Speculation] = {}
         waited = 0.0  # the longest any endpoint's answer waited for its cache build (it says)
-        for lease_id, (step, prefill_tokens) in sent.items():
+        for lease_id, (step, prefill_tokens, offerable) in sent.items():
             session = self._sessions[lease_id]
             budget = self._timeout_s + PREFILL_S_PER_TOKEN * prefill_tokens
-            reply = session.wait_round(step, start + budget)
+            reply = session.wait_round(step, start + budget, offerable)
             if reply is None:
                 self._kill(lease_id, session.error or f"no answer within {budget:.1f}s")
                 continue
-            # reported by the draft, so bounded by what we saw: it cannot have waited longer than it took
-            waited = max(waited, min(reply.timings.queue_ns / 1e9, time.monotonic() - start))
             failed = session.take_failed()
             for track, o in groups[lease_id]:
                 if track.start.seq_id in failed:
                     track.synced, track.held = False, None
+            if isinstance(reply, dict):  # a hit everywhere, from the offers: no answer awaited
+                waited = max(waited, time.monotonic() - start)  # the build's unhidden part, at most
+                answers.update(self._from_offers(reply, groups[lease_id], failed, session.endpoint))
+                continue
+            # reported by the draft, so bounded by what we saw: it cannot have waited longer than it took
+            waited = max(waited, min(reply.timings.queue_ns / 1e9, time.monotonic() - start))
             trusted = live[lease_id].identity in self._trusted
             answers.update(self._decode(reply.sequences, groups[lease_id], failed, session.endpoint, trusted,
                                         session.take_channel_probs(step)))
@@ -252,7 +268,12 @@ class PooledSpeculator:
         session.add(starts)
         # an untrusted draft's q would be ignored (point-mass verification): do not even ask for it
         want_probs = lease.identity in self._trusted and any(not t.start.params.greedy for t, _ in group)
-        return session.send_round(wire, want_probs), sum(len(x.token_ids) for x in starts)
+        # offers key on the draft's own last speculation and carry no q': usable when every
+        # sequence was handed that speculation (not a first round, not our fast backup's guess)
+        offerable = self._want_offers and not want_probs and not starts and all(
+            t.drafted == lease.lease_id for t, _ in group)
+        return (session.send_round(wire, want_probs), sum(len(x.token_ids) for x in starts),
+                wire if offerable else None)
 
     def _session(self, lease: Lease) -> DraftSessionClient:
         """The open session to this lease's endpoint (opened on first use)."""
@@ -260,7 +281,8 @@ class PooledSpeculator:
         if session is None:
             config = config_to_pb(self.fan_out, self.saguaro_c, self.backup, self.lookahead)
             session = DraftSessionClient(lease.lease_id, lease.endpoint, self._replica, config, self._credentials,
-                                         self._registry.session_metadata, self._channel_device, self._vocab)
+                                         self._registry.session_metadata, self._channel_device, self._vocab,
+                                         want_offers=self._want_offers)
             self._sessions[lease.lease_id] = session
         return session
 
@@ -289,6 +311,28 @@ class PooledSpeculator:
                 continue
             out[o.seq_id] = spec
         return out
+
+    def _from_offers(self, offered: dict[str, tuple[int, ...]], group: list[tuple[_Track, RoundOutcome]],
+                     failed: set[str], endpoint: str) -> dict[str, Speculation]:
+        """Speculations from a session's offers (tokens only: verified against a point mass)."""
+        out: dict[str, Speculation] = {}
+        for track, o in group:
+            tokens = offered.get(o.seq_id)
+            if tokens is None or o.seq_id in failed:
+                continue
+            spec = Speculation(o.seq_id, _next_round(o, track), tokens, None, SpecSource.CACHE_HIT)
+            problem = speculation_problem(spec, o.seq_id, spec.round, self.lookahead, self._vocab)
+            if problem is not None:
+                log.warning("bad cache offer from %s for %s: %s", endpoint, o.seq_id, problem)
+                track.synced = False
+                continue
+            out[o.seq_id] = spec
+        return out
+
+    @property
+    def offer_rounds(self) -> int:
+        """Rounds answered from pushed offers, over the open sessions (tests, logs)."""
+        return sum(s.offer_rounds for s in self._sessions.values())
 
     def _assign(self, track: _Track, live: dict[str, Lease]) -> None:
         if track.lease_id is not None:

@@ -162,7 +162,8 @@ def lane_factory(target: LoadedModel, registry: DraftRegistry, cfg: TargetConfig
     def speculator(plan: RoundPlan, saguaro_c: float) -> PooledSpeculator:
         return PooledSpeculator(registry, plan, saguaro_c, replica_id=replica_id, vocab_size=target.vocab_size,
                                 timeout_s=cfg.draft_timeout_s, credentials=creds, trusted=cfg.trusted_drafts,
-                                channel_device=target.device if cfg.tensor_channel == "auto" else None)
+                                channel_device=target.device if cfg.tensor_channel == "auto" else None,
+                                want_offers=cfg.cache_offers)
 
     # secret per process: drafts get seeds they cannot trace back to the request seed (and so to the
     # target's own noise); a seeded request is reproducible for the life of this replica

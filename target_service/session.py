@@ -20,9 +20,10 @@ from collections.abc import Iterator
 import grpc
 
 from ssd_tls import open_channel
-from ssd_core.types import RoundOutcome, SeqStart
+from ssd_core import metrics
+from ssd_core.types import CacheOffer, RoundOutcome, SeqStart
 from ssd_core.wire.channel import join_channel, make_offer
-from ssd_core.wire.codec import outcome_to_pb, start_to_pb
+from ssd_core.wire.codec import offer_from_pb, outcome_to_pb, start_to_pb
 from ssd_protos.ssd.v1 import speculation_pb2 as spb
 from ssd_protos.ssd.v1 import speculation_pb2_grpc as spb_grpc
 
@@ -37,9 +38,10 @@ class DraftSessionClient:
 
     def __init__(self, lease_id: str, endpoint: str, replica_id: str, config: spb.SessionConfig,
                  credentials: grpc.ChannelCredentials | None = None,
-                 metadata: tuple[tuple[str, str], ...] = (), channel_device=None, vocab_size: int = 0) -> None:
+                 metadata: tuple[tuple[str, str], ...] = (), channel_device=None, vocab_size: int = 0,
+                 want_offers: bool = False) -> None:
         """channel_device: offer a tensor channel for q' (ssd_core.wire.channel) for a target on that
-        device; None: inline only."""
+        device; None: inline only. want_offers: ask the draft to push its cache builds (CacheOffer)."""
         self.lease_id, self.endpoint = lease_id, endpoint
         self.channel = None  # set when the draft answers the open with a channel we can join
         self._channel_device, self._vocab = channel_device, vocab_size
@@ -51,11 +53,15 @@ class DraftSessionClient:
         self._answers: dict[int, spb.Speculations] = {}
         self._failed: set[str] = set()
         self._held: set[str] = set()  # sequences added to this session and not removed
+        self._offers: dict[str, CacheOffer] = {}  # held sequence -> the latest offer pushed for it
+        self._config = config  # bounds what an offer may hold (K, entries)
+        self.offer_rounds = 0  # rounds taken from offers without waiting for the answer
+        self._bad_offers = 0
         self._cond = threading.Condition()
         self._step = 0
         self._closed = False
         opening = spb.SessionOpen(target_replica_id=replica_id, lease_id=lease_id, config=config,
-                                  transport=spb.TRANSPORT_INLINE)
+                                  transport=spb.TRANSPORT_INLINE, want_offers=want_offers)
         if channel_device is not None:
             opening.channel.CopyFrom(make_offer(channel_device))
         self._requests.put(spb.SessionRequest(open=opening))
@@ -72,16 +78,23 @@ class DraftSessionClient:
         if starts:
             with self._cond:
                 self._held.update(s.seq_id for s in starts)
+                for s in starts:
+                    self._offers.pop(s.seq_id, None)
             self._requests.put(spb.SessionRequest(add=spb.AddSequences(sequences=[start_to_pb(s) for s in starts])))
 
     def reconfigure(self, config: spb.SessionConfig) -> None:
         """New K / fan-out / backup from the next round on (the draft keeps the sequences)."""
         if self.alive:
+            with self._cond:
+                self._config = config
+                self._offers.clear()  # built for the old K / fan-out
             self._requests.put(spb.SessionRequest(reconfigure=config))
 
     def remove(self, seq_ids: list[str]) -> None:
         with self._cond:
             self._held.difference_update(seq_ids)
+            for seq_id in seq_ids:
+                self._offers.pop(seq_id, None)
         if seq_ids and self.alive:
             self._requests.put(spb.SessionRequest(remove=spb.RemoveSequences(seq_ids=seq_ids)))
 
@@ -95,10 +108,22 @@ class DraftSessionClient:
         self._requests.put(spb.SessionRequest(round=request))
         return self._step
 
-    def wait_round(self, step: int, deadline: float) -> spb.Speculations | None:
-        """The answer to round `step`, or None on a stream error or past `deadline` (monotonic)."""
+    def wait_round(self, step: int, deadline: float,
+                   offerable: list[RoundOutcome] | None = None) -> spb.Speculations | dict[str, tuple[int, ...]] | None:
+        """The answer to round `step`, or None on a stream error or past `deadline` (monotonic).
+        offerable: the round's outcomes; when pushed offers hold the next speculation of every one
+        (a hit everywhere), those tokens by seq_id, without waiting for the answer (which comes
+        later and is dropped). One outcome an offer for its round misses: the answer is awaited."""
         with self._cond:
             while step not in self._answers and self.error is None:
+                if offerable:
+                    found = self._offered(offerable)
+                    if isinstance(found, dict):
+                        self.offer_rounds += 1
+                        metrics.CACHE_OFFER_ROUNDS.inc()
+                        return found
+                    if found is None:  # a miss: only the answer (JIT drafted) can serve
+                        offerable = None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
@@ -111,6 +136,22 @@ class DraftSessionClient:
             if self.rounds_served == 1:
                 log.info("draft session in use: endpoint=%s lease=%s", self.endpoint, self.lease_id[:8])
         return answer
+
+    def _offered(self, outcomes: list[RoundOutcome]) -> dict[str, tuple[int, ...]] | bool | None:
+        """(Under the lock.) Every outcome's offered tokens; False: an offer has not come yet;
+        None: the offer for some outcome's round has no entry for it (a miss)."""
+        found = {}
+        for o in outcomes:
+            offer = self._offers.get(o.seq_id)
+            if offer is None or offer.round < o.round:
+                return False
+            tokens = offer.lookup(o)
+            if tokens is None:
+                return None
+            found[o.seq_id] = tokens
+        for o in outcomes:
+            del self._offers[o.seq_id]  # used once
+        return found
 
     def take_channel_probs(self, step: int):
         """The q' rows [rows, V] that came over the channel with step's answer (None: none did)."""
@@ -178,6 +219,8 @@ class DraftSessionClient:
                 elif step == self._step:  # one step is in flight at a time; older answers are late: dropped
                     self._answers = {step: response.speculations}
                     self._channel_probs = {step: probs} if probs is not None else {}
+            elif kind == "offer":
+                self._file_offer(response.offer)
             elif kind == "error" and response.error.seq_ids:
                 held = [s for s in response.error.seq_ids if s in self._held]
                 if held:
@@ -191,6 +234,25 @@ class DraftSessionClient:
                 if self._channel_device is not None and self.channel is None and not self._closed:
                     self.channel = join_channel(response.opened.channel, self._channel_device, self._vocab)
             self._cond.notify_all()
+
+    def _file_offer(self, offer: spb.CacheOffer) -> None:
+        """(Under the lock.) Keep the latest valid offer per held sequence; a bad one is dropped
+        (it only costs the draft its own offers: the answers still come)."""
+        k = self._config.lookahead
+        limit = sum(self._config.fan_out) + k + 1
+        for m in offer.sequences:
+            if m.seq_id not in self._held:
+                continue
+            try:
+                decoded = offer_from_pb(m, k, limit, self._vocab)
+            except ValueError as exc:
+                self._bad_offers += 1
+                if self._bad_offers in (1, 100, 10000):
+                    log.warning("draft %s sent a bad cache offer (%d so far): %s", self.endpoint, self._bad_offers, exc)
+                continue
+            old = self._offers.get(m.seq_id)
+            if old is None or decoded.round >= old.round:
+                self._offers[m.seq_id] = decoded
 
     def _fail(self, why: str) -> None:
         with self._cond:

@@ -15,6 +15,7 @@ from conftest import hf_greedy, make_pair
 from draft_service.config import DraftServerConfig, SchedulerConfig
 from draft_service.server import create_server as create_draft
 from exactref import ALPHA, chi_square_pvalue, exact_joint
+from ssd_core import metrics
 from ssd_core.config import Mode
 from target_service.config import TargetConfig
 from target_service.server import create_server as create_target
@@ -81,11 +82,15 @@ VOCAB, NEW, PROMPT = 6, 3, (1, 4, 2)
 
 
 @pytest.mark.slow
-def test_two_targets_one_batched_draft_sampled_matches_the_target():
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted-q", "untrusted-offers"])
+def test_two_targets_one_batched_draft_sampled_matches_the_target(trusted):
+    """Trusted: the draft's q' is used (sampled proposals, the answers). Untrusted: tokens only,
+    verified against a point mass, and hits come from the draft's pushed cache offers."""
     target, draft = make_pair(vocab=VOCAB, draft_kind="perturbed", seed=11, init_std=1.0)
     exact = exact_joint(target.model, PROMPT, NEW, VOCAB)
-    servers, addrs, d = _cluster(target, draft, max_batch=32, max_queue=4096, trusted_drafts=("anonymous@127.0.0.1",
-                                                                                                "shared@127.0.0.1"))
+    trust = ("anonymous@127.0.0.1", "shared@127.0.0.1") if trusted else ()
+    servers, addrs, d = _cluster(target, draft, max_batch=32, max_queue=4096, trusted_drafts=trust)
+    offers0 = metrics.CACHE_OFFER_ROUNDS._value.get()
     n = 1200
     try:
         out: list = [None] * n
@@ -101,6 +106,8 @@ def test_two_targets_one_batched_draft_sampled_matches_the_target():
             c.close()
         assert sum(hits) / len(hits) > 0.2
         assert d.servicer.load().rows_per_step > 1
+        offered = metrics.CACHE_OFFER_ROUNDS._value.get() - offers0
+        assert offered == 0 if trusted else offered > 0  # q' wanted: no offers (they carry none)
         p = chi_square_pvalue(out, exact)
         assert p > ALPHA, f"chi-square p={p:.2e} <= {ALPHA}"
     finally:

@@ -14,7 +14,7 @@ import torch
 
 from ssd_core.config import BackupKind, SamplingParams
 from ssd_core.errors import InvalidParameter
-from ssd_core.types import FIRST_ROUND, RoundOutcome, SeqStart, SpecSource, Speculation
+from ssd_core.types import FIRST_ROUND, CacheOffer, RoundOutcome, SeqStart, SpecSource, Speculation
 from ssd_protos.ssd.v1 import generation_pb2, speculation_pb2
 
 # Wire names (torch / numpy spelling) of the dtypes a Tensor message may carry.
@@ -202,6 +202,28 @@ def speculation_from_pb(m: speculation_pb2.SequenceSpeculation, channel: torch.T
             raise InvalidParameter("draft_probs", list(probs.shape), f"want float [K={len(m.tokens)}, V]")
         probs = probs.float()
     return Speculation(m.seq_id, int(m.round), tuple(m.tokens), probs, source)
+
+
+def offers_to_pb(offers: list[CacheOffer]) -> speculation_pb2.CacheOffer:
+    return speculation_pb2.CacheOffer(sequences=[
+        speculation_pb2.SequenceOffer(seq_id=o.seq_id, round=o.round, entries=[
+            speculation_pb2.OfferEntry(num_accepted=k, bonus_token=t, tokens=list(tokens))
+            for (k, t), tokens in o.entries.items()]) for o in offers])
+
+
+def offer_from_pb(m: speculation_pb2.SequenceOffer, lookahead: int, max_entries: int, vocab_size: int) -> CacheOffer:
+    """One sequence's offer, bounded: at most `max_entries` entries, each of `lookahead` tokens in
+    the vocabulary, for acceptance lengths 0..lookahead (raises ValueError otherwise)."""
+    if len(m.entries) > max_entries:
+        raise InvalidParameter("entries", len(m.entries), f"at most {max_entries} per sequence")
+    entries: dict[tuple[int, int], tuple[int, ...]] = {}
+    for e in m.entries:
+        if e.num_accepted > lookahead or not 0 <= e.bonus_token < vocab_size:
+            raise InvalidParameter("entry", (e.num_accepted, e.bonus_token), f"K={lookahead}, vocab {vocab_size}")
+        if len(e.tokens) != lookahead or any(not 0 <= t < vocab_size for t in e.tokens):
+            raise InvalidParameter("tokens", len(e.tokens), f"want {lookahead} tokens in the vocabulary")
+        entries[(int(e.num_accepted), int(e.bonus_token))] = tuple(e.tokens)
+    return CacheOffer(m.seq_id, int(m.round), entries)
 
 
 # -- session config ----------------------------------------------------------------------------

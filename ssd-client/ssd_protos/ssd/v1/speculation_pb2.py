@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from ssd_protos.ssd.v1 import generation_pb2 as ssd_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ssd/v1/speculation.proto\x12\x06ssd.v1\x1a\x17ssd/v1/generation.proto\"X\n\x0c\x43hannelOffer\x12%\n\ntransports\x18\x01 \x03(\x0e\x32\x11.ssd.v1.Transport\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x03 \x01(\t\"x\n\x0c\x43hannelSetup\x12$\n\ttransport\x18\x01 \x01(\x0e\x32\x11.ssd.v1.Transport\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x12\n\nipc_handle\x18\x04 \x01(\x0c\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xbe\x02\n\tDraftInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x15\n\rproto_version\x18\x05 \x01(\r\x12\x15\n\rmax_lookahead\x18\x06 \x01(\r\x12\x1a\n\x12max_fan_out_budget\x18\x07 \x01(\r\x12\x15\n\rmax_sequences\x18\x08 \x01(\r\x12%\n\ntransports\x18\t \x03(\x0e\x32\x11.ssd.v1.Transport\x12#\n\x07\x62\x61\x63kups\x18\n \x03(\x0e\x32\x12.ssd.v1.BackupKind\x12\x15\n\rstep_fixed_ms\x18\x0b \x01(\x02\x12\x19\n\x11step_ms_per_token\x18\x0c \x01(\x02\"j\n\x0fRegisterRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x10\n\x08\x64raft_id\x18\x02 \x01(\t\x12\x1f\n\x04info\x18\x03 \x01(\x0b\x32\x11.ssd.v1.DraftInfo\x12\x12\n\nauth_token\x18\x04 \x01(\t\"{\n\x10RegisterResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\x04\x12$\n\ttransport\x18\x03 \x01(\x0e\x32\x11.ssd.v1.Transport\x12\x19\n\x11target_replica_id\x18\x04 \x01(\t\"\xd7\x01\n\tDraftLoad\x12\x18\n\x10\x61\x63tive_sequences\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x02 \x01(\r\x12\x13\n\x0butilization\x18\x03 \x01(\x02\x12\x15\n\rrows_per_step\x18\x04 \x01(\x02\x12\x19\n\x11\x62ranches_per_step\x18\x05 \x01(\x02\x12\x0f\n\x07step_ms\x18\x06 \x01(\x02\x12\x15\n\ranswer_p50_ms\x18\x07 \x01(\x02\x12\x15\n\ranswer_p99_ms\x18\x08 \x01(\x02\x12\x11\n\tsaturated\x18\t \x01(\x08\"E\n\x10HeartbeatRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x1f\n\x04load\x18\x02 \x01(\x0b\x32\x11.ssd.v1.DraftLoad\"5\n\x11HeartbeatResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\x04\"5\n\x11\x44\x65registerRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\x10\n\x0eGetInfoRequest\"e\n\x0fGetInfoResponse\x12\x1f\n\x04info\x18\x01 \x01(\x0b\x32\x11.ssd.v1.DraftInfo\x12\x1a\n\x12registered_targets\x18\x02 \x01(\r\x12\x15\n\rknown_targets\x18\x03 \x01(\r\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"j\n\rSessionConfig\x12\x11\n\tlookahead\x18\x01 \x01(\r\x12\x0f\n\x07\x66\x61n_out\x18\x02 \x03(\x05\x12\x11\n\tsaguaro_c\x18\x03 \x01(\x02\x12\"\n\x06\x62\x61\x63kup\x18\x04 \x01(\x0e\x32\x12.ssd.v1.BackupKind\"\xae\x01\n\x0bSessionOpen\x12\x19\n\x11target_replica_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12%\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x15.ssd.v1.SessionConfig\x12$\n\ttransport\x18\x04 \x01(\x0e\x32\x11.ssd.v1.Transport\x12%\n\x07\x63hannel\x18\x05 \x01(\x0b\x32\x14.ssd.v1.ChannelOffer\"V\n\x13\x44raftSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"v\n\rSequenceStart\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.ssd.v1.DraftSamplingParams\x12\x13\n\x0b\x66irst_round\x18\x04 \x01(\x04\"8\n\x0c\x41\x64\x64Sequences\x12(\n\tsequences\x18\x01 \x03(\x0b\x32\x15.ssd.v1.SequenceStart\"n\n\x0fSequenceOutcome\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x14\n\x0cnum_accepted\x18\x03 \x01(\x05\x12\x13\n\x0b\x62onus_token\x18\x04 \x01(\x05\x12\x11\n\tcommitted\x18\x05 \x03(\x05\"}\n\x0cRoundRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12)\n\x08outcomes\x18\x02 \x03(\x0b\x32\x17.ssd.v1.SequenceOutcome\x12\x18\n\x10want_draft_probs\x18\x03 \x01(\x08\x12\x1a\n\x12probs_over_channel\x18\x04 \x01(\x08\"\"\n\x0fRemoveSequences\x12\x0f\n\x07seq_ids\x18\x01 \x03(\t\"\x1e\n\x0cSessionClose\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x8c\x02\n\x0eSessionRequest\x12#\n\x04open\x18\x01 \x01(\x0b\x32\x13.ssd.v1.SessionOpenH\x00\x12#\n\x03\x61\x64\x64\x18\x02 \x01(\x0b\x32\x14.ssd.v1.AddSequencesH\x00\x12%\n\x05round\x18\x03 \x01(\x0b\x32\x14.ssd.v1.RoundRequestH\x00\x12)\n\x06remove\x18\x04 \x01(\x0b\x32\x17.ssd.v1.RemoveSequencesH\x00\x12%\n\x05\x63lose\x18\x05 \x01(\x0b\x32\x14.ssd.v1.SessionCloseH\x00\x12,\n\x0breconfigure\x18\x06 \x01(\x0b\x32\x15.ssd.v1.SessionConfigH\x00\x42\t\n\x07request\"\xb7\x01\n\x13SequenceSpeculation\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12)\n\x06source\x18\x04 \x01(\x0e\x32\x19.ssd.v1.SpeculationSource\x12\x1f\n\x05probs\x18\x05 \x01(\x0b\x32\x0e.ssd.v1.TensorH\x00\x12\x16\n\x0cprobs_handle\x18\x06 \x01(\x04H\x00\x42\r\n\x0b\x64raft_probs\"\x83\x01\n\x12SpeculationTimings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x04\x12\x11\n\tlookup_ns\x18\x02 \x01(\x04\x12\x0e\n\x06jit_ns\x18\x03 \x01(\x04\x12\x11\n\tencode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x12\x13\n\x0bprefetch_ns\x18\x06 \x01(\x04\"\xa0\x01\n\x0cSpeculations\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12.\n\tsequences\x18\x02 \x03(\x0b\x32\x1b.ssd.v1.SequenceSpeculation\x12+\n\x07timings\x18\x03 \x01(\x0b\x32\x1a.ssd.v1.SpeculationTimings\x12%\n\rchannel_probs\x18\x04 \x01(\x0b\x32\x0e.ssd.v1.Tensor\"q\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x15.ssd.v1.SessionConfig\x12%\n\x07\x63hannel\x18\x03 \x01(\x0b\x32\x14.ssd.v1.ChannelSetup\">\n\x0cSessionError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07seq_ids\x18\x03 \x03(\t\"\x9b\x01\n\x0fSessionResponse\x12,\n\x0cspeculations\x18\x01 \x01(\x0b\x32\x14.ssd.v1.SpeculationsH\x00\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.ssd.v1.SessionErrorH\x00\x12\'\n\x06opened\x18\x03 \x01(\x0b\x32\x15.ssd.v1.SessionOpenedH\x00\x42\n\n\x08response*|\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x14\n\x10TRANSPORT_INLINE\x10\x01\x12\x12\n\x0eTRANSPORT_NCCL\x10\x02\x12\x16\n\x12TRANSPORT_CUDA_IPC\x10\x03\x12\x12\n\x0eTRANSPORT_GLOO\x10\x04*\xaf\x01\n\x11SpeculationSource\x12\"\n\x1eSPECULATION_SOURCE_UNSPECIFIED\x10\x00\x12 \n\x1cSPECULATION_SOURCE_CACHE_HIT\x10\x01\x12\x1a\n\x16SPECULATION_SOURCE_JIT\x10\x02\x12\x1b\n\x17SPECULATION_SOURCE_FAST\x10\x03\x12\x1b\n\x17SPECULATION_SOURCE_NONE\x10\x04\x32\xd6\x01\n\x0eTargetRegistry\x12=\n\x08Register\x12\x17.ssd.v1.RegisterRequest\x1a\x18.ssd.v1.RegisterResponse\x12@\n\tHeartbeat\x12\x18.ssd.v1.HeartbeatRequest\x1a\x19.ssd.v1.HeartbeatResponse\x12\x43\n\nDeregister\x12\x19.ssd.v1.DeregisterRequest\x1a\x1a.ssd.v1.DeregisterResponse2\x88\x01\n\nSpeculator\x12:\n\x07GetInfo\x12\x16.ssd.v1.GetInfoRequest\x1a\x17.ssd.v1.GetInfoResponse\x12>\n\x07Session\x12\x16.ssd.v1.SessionRequest\x1a\x17.ssd.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ssd/v1/speculation.proto\x12\x06ssd.v1\x1a\x17ssd/v1/generation.proto\"X\n\x0c\x43hannelOffer\x12%\n\ntransports\x18\x01 \x03(\x0e\x32\x11.ssd.v1.Transport\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x03 \x01(\t\"x\n\x0c\x43hannelSetup\x12$\n\ttransport\x18\x01 \x01(\x0e\x32\x11.ssd.v1.Transport\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x12\n\nipc_handle\x18\x04 \x01(\x0c\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xbe\x02\n\tDraftInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x15\n\rproto_version\x18\x05 \x01(\r\x12\x15\n\rmax_lookahead\x18\x06 \x01(\r\x12\x1a\n\x12max_fan_out_budget\x18\x07 \x01(\r\x12\x15\n\rmax_sequences\x18\x08 \x01(\r\x12%\n\ntransports\x18\t \x03(\x0e\x32\x11.ssd.v1.Transport\x12#\n\x07\x62\x61\x63kups\x18\n \x03(\x0e\x32\x12.ssd.v1.BackupKind\x12\x15\n\rstep_fixed_ms\x18\x0b \x01(\x02\x12\x19\n\x11step_ms_per_token\x18\x0c \x01(\x02\"j\n\x0fRegisterRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x10\n\x08\x64raft_id\x18\x02 \x01(\t\x12\x1f\n\x04info\x18\x03 \x01(\x0b\x32\x11.ssd.v1.DraftInfo\x12\x12\n\nauth_token\x18\x04 \x01(\t\"{\n\x10RegisterResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\x04\x12$\n\ttransport\x18\x03 \x01(\x0e\x32\x11.ssd.v1.Transport\x12\x19\n\x11target_replica_id\x18\x04 \x01(\t\"\xd7\x01\n\tDraftLoad\x12\x18\n\x10\x61\x63tive_sequences\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x02 \x01(\r\x12\x13\n\x0butilization\x18\x03 \x01(\x02\x12\x15\n\rrows_per_step\x18\x04 \x01(\x02\x12\x19\n\x11\x62ranches_per_step\x18\x05 \x01(\x02\x12\x0f\n\x07step_ms\x18\x06 \x01(\x02\x12\x15\n\ranswer_p50_ms\x18\x07 \x01(\x02\x12\x15\n\ranswer_p99_ms\x18\x08 \x01(\x02\x12\x11\n\tsaturated\x18\t \x01(\x08\"E\n\x10HeartbeatRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x1f\n\x04load\x18\x02 \x01(\x0b\x32\x11.ssd.v1.DraftLoad\"5\n\x11HeartbeatResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\x04\"5\n\x11\x44\x65registerRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\x10\n\x0eGetInfoRequest\"e\n\x0fGetInfoResponse\x12\x1f\n\x04info\x18\x01 \x01(\x0b\x32\x11.ssd.v1.DraftInfo\x12\x1a\n\x12registered_targets\x18\x02 \x01(\r\x12\x15\n\rknown_targets\x18\x03 \x01(\r\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"j\n\rSessionConfig\x12\x11\n\tlookahead\x18\x01 \x01(\r\x12\x0f\n\x07\x66\x61n_out\x18\x02 \x03(\x05\x12\x11\n\tsaguaro_c\x18\x03 \x01(\x02\x12\"\n\x06\x62\x61\x63kup\x18\x04 \x01(\x0e\x32\x12.ssd.v1.BackupKind\"\xc3\x01\n\x0bSessionOpen\x12\x19\n\x11target_replica_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12%\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x15.ssd.v1.SessionConfig\x12$\n\ttransport\x18\x04 \x01(\x0e\x32\x11.ssd.v1.Transport\x12%\n\x07\x63hannel\x18\x05 \x01(\x0b\x32\x14.ssd.v1.ChannelOffer\x12\x13\n\x0bwant_offers\x18\x06 \x01(\x08\"V\n\x13\x44raftSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"v\n\rSequenceStart\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.ssd.v1.DraftSamplingParams\x12\x13\n\x0b\x66irst_round\x18\x04 \x01(\x04\"8\n\x0c\x41\x64\x64Sequences\x12(\n\tsequences\x18\x01 \x03(\x0b\x32\x15.ssd.v1.SequenceStart\"n\n\x0fSequenceOutcome\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x14\n\x0cnum_accepted\x18\x03 \x01(\x05\x12\x13\n\x0b\x62onus_token\x18\x04 \x01(\x05\x12\x11\n\tcommitted\x18\x05 \x03(\x05\"}\n\x0cRoundRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12)\n\x08outcomes\x18\x02 \x03(\x0b\x32\x17.ssd.v1.SequenceOutcome\x12\x18\n\x10want_draft_probs\x18\x03 \x01(\x08\x12\x1a\n\x12probs_over_channel\x18\x04 \x01(\x08\"\"\n\x0fRemoveSequences\x12\x0f\n\x07seq_ids\x18\x01 \x03(\t\"\x1e\n\x0cSessionClose\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x8c\x02\n\x0eSessionRequest\x12#\n\x04open\x18\x01 \x01(\x0b\x32\x13.ssd.v1.SessionOpenH\x00\x12#\n\x03\x61\x64\x64\x18\x02 \x01(\x0b\x32\x14.ssd.v1.AddSequencesH\x00\x12%\n\x05round\x18\x03 \x01(\x0b\x32\x14.ssd.v1.RoundRequestH\x00\x12)\n\x06remove\x18\x04 \x01(\x0b\x32\x17.ssd.v1.RemoveSequencesH\x00\x12%\n\x05\x63lose\x18\x05 \x01(\x0b\x32\x14.ssd.v1.SessionCloseH\x00\x12,\n\x0breconfigure\x18\x06 \x01(\x0b\x32\x15.ssd.v1.SessionConfigH\x00\x42\t\n\x07request\"\xb7\x01\n\x13SequenceSpeculation\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12)\n\x06source\x18\x04 \x01(\x0e\x32\x19.ssd.v1.SpeculationSource\x12\x1f\n\x05probs\x18\x05 \x01(\x0b\x32\x0e.ssd.v1.TensorH\x00\x12\x16\n\x0cprobs_handle\x18\x06 \x01(\x04H\x00\x42\r\n\x0b\x64raft_probs\"\x83\x01\n\x12SpeculationTimings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x04\x12\x11\n\tlookup_ns\x18\x02 \x01(\x04\x12\x0e\n\x06jit_ns\x18\x03 \x01(\x04\x12\x11\n\tencode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x12\x13\n\x0bprefetch_ns\x18\x06 \x01(\x04\"\xa0\x01\n\x0cSpeculations\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12.\n\tsequences\x18\x02 \x03(\x0b\x32\x1b.ssd.v1.SequenceSpeculation\x12+\n\x07timings\x18\x03 \x01(\x0b\x32\x1a.ssd.v1.SpeculationTimings\x12%\n\rchannel_probs\x18\x04 \x01(\x0b\x32\x0e.ssd.v1.Tensor\"q\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x15.ssd.v1.SessionConfig\x12%\n\x07\x63hannel\x18\x03 \x01(\x0b\x32\x14.ssd.v1.ChannelSetup\">\n\x0cSessionError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07seq_ids\x18\x03 \x03(\t\"6\n\nCacheOffer\x12(\n\tsequences\x18\x01 \x03(\x0b\x32\x15.ssd.v1.SequenceOffer\"S\n\rSequenceOffer\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12#\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x12.ssd.v1.OfferEntry\"G\n\nOfferEntry\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\r\x12\x13\n\x0b\x62onus_token\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\"\xc0\x01\n\x0fSessionResponse\x12,\n\x0cspeculations\x18\x01 \x01(\x0b\x32\x14.ssd.v1.SpeculationsH\x00\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.ssd.v1.SessionErrorH\x00\x12\'\n\x06opened\x18\x03 \x01(\x0b\x32\x15.ssd.v1.SessionOpenedH\x00\x12#\n\x05offer\x18\x04 \x01(\x0b\x32\x12.ssd.v1.CacheOfferH\x00\x42\n\n\x08response*|\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x14\n\x10TRANSPORT_INLINE\x10\x01\x12\x12\n\x0eTRANSPORT_NCCL\x10\x02\x12\x16\n\x12TRANSPORT_CUDA_IPC\x10\x03\x12\x12\n\x0eTRANSPORT_GLOO\x10\x04*\xaf\x01\n\x11SpeculationSource\x12\"\n\x1eSPECULATION_SOURCE_UNSPECIFIED\x10\x00\x12 \n\x1cSPECULATION_SOURCE_CACHE_HIT\x10\x01\x12\x1a\n\x16SPECULATION_SOURCE_JIT\x10\x02\x12\x1b\n\x17SPECULATION_SOURCE_FAST\x10\x03\x12\x1b\n\x17SPECULATION_SOURCE_NONE\x10\x04\x32\xd6\x01\n\x0eTargetRegistry\x12=\n\x08Register\x12\x17.ssd.v1.RegisterRequest\x1a\x18.ssd.v1.RegisterResponse\x12@\n\tHeartbeat\x12\x18.ssd.v1.HeartbeatRequest\x1a\x19.ssd.v1.HeartbeatResponse\x12\x43\n\nDeregister\x12\x19.ssd.v1.DeregisterRequest\x1a\x1a.ssd.v1.DeregisterResponse2\x88\x01\n\nSpeculator\x12:\n\x07GetInfo\x12\x16.ssd.v1.GetInfoRequest\x1a\x17.ssd.v1.GetInfoResponse\x12>\n\x07Session\x12\x16.ssd.v1.SessionRequest\x1a\x17.ssd.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ssd.v1.speculation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSPORT']._serialized_start=3372
-  _globals['_TRANSPORT']._serialized_end=3496
-  _globals['_SPECULATIONSOURCE']._serialized_start=3499
-  _globals['_SPECULATIONSOURCE']._serialized_end=3674
+  _globals['_TRANSPORT']._serialized_start=3644
+  _globals['_TRANSPORT']._serialized_end=3768
+  _globals['_SPECULATIONSOURCE']._serialized_start=3771
+  _globals['_SPECULATIONSOURCE']._serialized_end=3946
   _globals['_CHANNELOFFER']._serialized_start=61
   _globals['_CHANNELOFFER']._serialized_end=149
   _globals['_CHANNELSETUP']._serialized_start=151
@@ -65,37 +65,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONCONFIG']._serialized_start=1423
   _globals['_SESSIONCONFIG']._serialized_end=1529
   _globals['_SESSIONOPEN']._serialized_start=1532
-  _globals['_SESSIONOPEN']._serialized_end=1706
-  _globals['_DRAFTSAMPLINGPARAMS']._serialized_start=1708
-  _globals['_DRAFTSAMPLINGPARAMS']._serialized_end=1794
-  _globals['_SEQUENCESTART']._serialized_start=1796
-  _globals['_SEQUENCESTART']._serialized_end=1914
-  _globals['_ADDSEQUENCES']._serialized_start=1916
-  _globals['_ADDSEQUENCES']._serialized_end=1972
-  _globals['_SEQUENCEOUTCOME']._serialized_start=1974
-  _globals['_SEQUENCEOUTCOME']._serialized_end=2084
-  _globals['_ROUNDREQUEST']._serialized_start=2086
-  _globals['_ROUNDREQUEST']._serialized_end=2211
-  _globals['_REMOVESEQUENCES']._serialized_start=2213
-  _globals['_REMOVESEQUENCES']._serialized_end=2247
-  _globals['_SESSIONCLOSE']._serialized_start=2249
-  _globals['_SESSIONCLOSE']._serialized_end=2279
-  _globals['_SESSIONREQUEST']._serialized_start=2282
-  _globals['_SESSIONREQUEST']._serialized_end=2550
-  _globals['_SEQUENCESPECULATION']._serialized_start=2553
-  _globals['_SEQUENCESPECULATION']._serialized_end=2736
-  _globals['_SPECULATIONTIMINGS']._serialized_start=2739
-  _globals['_SPECULATIONTIMINGS']._serialized_end=2870
-  _globals['_SPECULATIONS']._serialized_start=2873
-  _globals['_SPECULATIONS']._serialized_end=3033
-  _globals['_SESSIONOPENED']._serialized_start=3035
-  _globals['_SESSIONOPENED']._serialized_end=3148
-  _globals['_SESSIONERROR']._serialized_start=3150
-  _globals['_SESSIONERROR']._serialized_end=3212
-  _globals['_SESSIONRESPONSE']._serialized_start=3215
-  _globals['_SESSIONRESPONSE']._serialized_end=3370
-  _globals['_TARGETREGISTRY']._serialized_start=3677
-  _globals['_TARGETREGISTRY']._serialized_end=3891
-  _globals['_SPECULATOR']._serialized_start=3894
-  _globals['_SPECULATOR']._serialized_end=4030
+  _globals['_SESSIONOPEN']._serialized_end=1727
+  _globals['_DRAFTSAMPLINGPARAMS']._serialized_start=1729
+  _globals['_DRAFTSAMPLINGPARAMS']._serialized_end=1815
+  _globals['_SEQUENCESTART']._serialized_start=1817
+  _globals['_SEQUENCESTART']._serialized_end=1935
+  _globals['_ADDSEQUENCES']._serialized_start=1937
+  _globals['_ADDSEQUENCES']._serialized_end=1993
+  _globals['_SEQUENCEOUTCOME']._serialized_start=1995
+  _globals['_SEQUENCEOUTCOME']._serialized_end=2105
+  _globals['_ROUNDREQUEST']._serialized_start=2107
+  _globals['_ROUNDREQUEST']._serialized_end=2232
+  _globals['_REMOVESEQUENCES']._serialized_start=2234
+  _globals['_REMOVESEQUENCES']._serialized_end=2268
+  _globals['_SESSIONCLOSE']._serialized_start=2270
+  _globals['_SESSIONCLOSE']._serialized_end=2300
+  _globals['_SESSIONREQUEST']._serialized_start=2303
+  _globals['_SESSIONREQUEST']._serialized_end=2571
+  _globals['_SEQUENCESPECULATION']._serialized_start=2574
+  _globals['_SEQUENCESPECULATION']._serialized_end=2757
+  _globals['_SPECULATIONTIMINGS']._serialized_start=2760
+  _globals['_SPECULATIONTIMINGS']._serialized_end=2891
+  _globals['_SPECULATIONS']._serialized_start=2894
+  _globals['_SPECULATIONS']._serialized_end=3054
+  _globals['_SESSIONOPENED']._serialized_start=3056
+  _globals['_SESSIONOPENED']._serialized_end=3169
+  _globals['_SESSIONERROR']._serialized_start=3171
+  _globals['_SESSIONERROR']._serialized_end=3233
+  _globals['_CACHEOFFER']._serialized_start=3235
+  _globals['_CACHEOFFER']._serialized_end=3289
+  _globals['_SEQUENCEOFFER']._serialized_start=3291
+  _globals['_SEQUENCEOFFER']._serialized_end=3374
+  _globals['_OFFERENTRY']._serialized_start=3376
+  _globals['_OFFERENTRY']._serialized_end=3447
+  _globals['_SESSIONRESPONSE']._serialized_start=3450
+  _globals['_SESSIONRESPONSE']._serialized_end=3642
+  _globals['_TARGETREGISTRY']._serialized_start=3949
+  _globals['_TARGETREGISTRY']._serialized_end=4163
+  _globals['_SPECULATOR']._serialized_start=4166
+  _globals['_SPECULATOR']._serialized_end=4302
 # @@protoc_insertion_point(module_scope)

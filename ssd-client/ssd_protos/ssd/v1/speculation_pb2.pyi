@@ -197,18 +197,20 @@ class SessionConfig(_message.Message):
     def __init__(self, lookahead: _Optional[int] = ..., fan_out: _Optional[_Iterable[int]] = ..., saguaro_c: _Optional[float] = ..., backup: _Optional[_Union[_generation_pb2.BackupKind, str]] = ...) -> None: ...
 
 class SessionOpen(_message.Message):
-    __slots__ = ("target_replica_id", "lease_id", "config", "transport", "channel")
+    __slots__ = ("target_replica_id", "lease_id", "config", "transport", "channel", "want_offers")
     TARGET_REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    WANT_OFFERS_FIELD_NUMBER: _ClassVar[int]
     target_replica_id: str
     lease_id: str
     config: SessionConfig
     transport: Transport
     channel: ChannelOffer
-    def __init__(self, target_replica_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., channel: _Optional[_Union[ChannelOffer, _Mapping]] = ...) -> None: ...
+    want_offers: bool
+    def __init__(self, target_replica_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., channel: _Optional[_Union[ChannelOffer, _Mapping]] = ..., want_offers: _Optional[bool] = ...) -> None: ...
 
 class DraftSamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -358,12 +360,40 @@ class SessionError(_message.Message):
     seq_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., seq_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class CacheOffer(_message.Message):
+    __slots__ = ("sequences",)
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    sequences: _containers.RepeatedCompositeFieldContainer[SequenceOffer]
+    def __init__(self, sequences: _Optional[_Iterable[_Union[SequenceOffer, _Mapping]]] = ...) -> None: ...
+
+class SequenceOffer(_message.Message):
+    __slots__ = ("seq_id", "round", "entries")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    seq_id: str
+    round: int
+    entries: _containers.RepeatedCompositeFieldContainer[OfferEntry]
+    def __init__(self, seq_id: _Optional[str] = ..., round: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[OfferEntry, _Mapping]]] = ...) -> None: ...
+
+class OfferEntry(_message.Message):
+    __slots__ = ("num_accepted", "bonus_token", "tokens")
+    NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    BONUS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    num_accepted: int
+    bonus_token: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, num_accepted: _Optional[int] = ..., bonus_token: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class SessionResponse(_message.Message):
-    __slots__ = ("speculations", "error", "opened")
+    __slots__ = ("speculations", "error", "opened", "offer")
     SPECULATIONS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     OPENED_FIELD_NUMBER: _ClassVar[int]
+    OFFER_FIELD_NUMBER: _ClassVar[int]
     speculations: Speculations
     error: SessionError
     opened: SessionOpened
-    def __init__(self, speculations: _Optional[_Union[Speculations, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ...) -> None: ...
+    offer: CacheOffer
+    def __init__(self, speculations: _Optional[_Union[Speculations, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., offer: _Optional[_Union[CacheOffer, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,118 @@
+"""Cache offers (SessionOpen.want_offers): a draft pushes each finished speculation cache, and the
+target takes a hit from it without waiting for the round's answer. Real target and draft servers
+in this process, over gRPC on loopback.
+
+Whatever the offers say, greedy output is the target alone's (HF generate): offers a draft lies
+in are verified like any speculation, and malformed ones are dropped. The sampled path through
+offers (an untrusted draft: point-mass verification) is chi-square tested in
+tests/test_exactness_pool.py.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import pytest
+
+from client import Client
+from conftest import hf_greedy, make_pair
+from draft_service import session as draft_session
+from draft_service.config import DraftServerConfig
+from draft_service.server import create_server as create_draft
+from ssd_core import metrics
+from ssd_core.config import Mode
+from ssd_core.types import CacheOffer
+from ssd_core.wire import codec
+from target_service.config import TargetConfig
+from target_service.server import create_server as create_target
+
+PROMPTS = [[3, 1, 4, 1, 5, 9], [2, 7, 1, 8], [5, 5, 6, 1, 2]]
+_OFFERS_TO_PB = codec.offers_to_pb  # the real encoder (the tampering tests patch the draft's)
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair(draft_kind="perturbed")
+
+
+@pytest.fixture(scope="module")
+def reference(pair):
+    return [hf_greedy(pair[0].model, p, NEW) for p in PROMPTS]
+
+
+def _offer_rounds() -> float:
+    return metrics.CACHE_OFFER_ROUNDS._value.get()
+
+
+def _run(pair, cache_offers: bool = True, batch: bool = False) -> list:
+    """Greedy SSD generations through a real target + draft; (results, offer rounds they used)."""
+    target, draft = pair
+    cfg = TargetConfig(model="in-process", port=0, max_tokens=256, draft_timeout_s=5.0, lease_ttl_s=60.0,
+                       mode_default=Mode.SSD, cache_offers=cache_offers)
+    server, port = create_target(cfg, target=target)
+    addr = f"127.0.0.1:{port}"
+    d, _ = create_draft(DraftServerConfig(port=0, targets=(addr,)), model=draft)
+    d.start()
+    try:
+        d.start_registration().wait_registered(1, 20)
+        before = _offer_rounds()
+        with Client(addr, timeout=120, max_retries=0) as c:
+            if batch:
+                with futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+                    results = list(pool.map(lambda p: c.generate(prompt_ids=p, max_tokens=NEW, ignore_eos=True,
+                                                                 lookahead=3), PROMPTS))
+            else:
+                results = [c.generate(prompt_ids=p, max_tokens=NEW, ignore_eos=True, lookahead=3) for p in PROMPTS]
+        return results, _offer_rounds() - before
+    finally:
+        d.stop(0)
+        server.stop(0)
+
+
+def test_offers_answer_hits_without_the_round_trip_and_output_is_the_targets(pair, reference):
+    results, used = _run(pair)
+    assert [list(r.token_ids) for r in results] == reference
+    assert used > 0  # hits were taken from the pushed caches
+    assert sum(r.stats.cache_hit_rate for r in results) > 0
+
+
+def test_offers_in_a_batch_and_turned_off(pair, reference):
+    results, used = _run(pair, batch=True)
+    assert [list(r.token_ids) for r in results] == reference
+    results, used_off = _run(pair, cache_offers=False)
+    assert [list(r.token_ids) for r in results] == reference
+    assert used_off == 0  # --cache-offers off: the target never asks for offers, none is used
+
+
+def _lying(offers: list[CacheOffer]):
+    """Every entry's tokens replaced by plausible wrong ones (in the vocabulary, right length)."""
+    return _OFFERS_TO_PB([CacheOffer(o.seq_id, o.round, {key: tuple((t + 1 + j) % 64 for j, t in enumerate(tokens))
+                                                              for key, tokens in o.entries.items()}) for o in offers])
+
+
+def _malformed(offers: list[CacheOffer]):
+    """Out-of-vocabulary tokens, wrong lengths and far too many entries: each offer is dropped."""
+    m = _OFFERS_TO_PB(offers)
+    for i, seq in enumerate(m.sequences):
+        kind = i % 3
+        for e in seq.entries:
+            if kind == 0:
+                e.tokens[:] = [10**6] * len(e.tokens)
+            elif kind == 1:
+                e.tokens.append(1)
+        if kind == 2:
+            for n in range(5000):
+                seq.entries.add(num_accepted=0, bonus_token=n % 64, tokens=list(seq.entries[0].tokens))
+    return m
+
+
+@pytest.mark.parametrize("tamper", [_lying, _malformed])
+def test_offers_a_draft_lies_in_or_garbles_never_change_greedy_output(pair, reference, monkeypatch, tamper):
+    monkeypatch.setattr(draft_session.codec, "offers_to_pb", tamper)
+    results, used = _run(pair)
+    assert [list(r.token_ids) for r in results] == reference
+    if tamper is _lying:
+        assert used > 0  # the lies were used (and verified: the output above is still exact)
+    else:
+        assert used == 0  # nothing malformed is ever used
