@@ -235,6 +235,9 @@ class DraftSession:
         t_enc = time.perf_counter_ns()
         for s in res.specs:
             self.handed[s.seq_id] = (s.round, len(s.tokens))
+        if m.answer_not_needed:  # the target took this round from our offers: nothing to encode or send
+            metrics.observe_request((t_enc - t_start) / 1e9, res.wait_s, res.jit_s, res.hits, res.jit, res.fast)
+            return errors
         over = m.want_draft_probs and m.probs_over_channel and self.channel is not None and self.channel.ready(5.0)
         seqs = [codec.speculation_to_pb(s, m.want_draft_probs and not over) for s in res.specs]
         channel_probs = self._send_probs(res.specs, seqs) if over else None

@@ -42,20 +42,23 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--log-dir", default="runs/cache-offers-ab")
+    parser.add_argument("--start-first", choices=list(ARMS), default="offers",
+                        help="which pair starts first (the pairs' start order can favour one; run both ways)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    arms = {args.start_first: ARMS[args.start_first], **{a: v for a, v in ARMS.items() if a != args.start_first}}
     rng = random.Random(0)  # token-id prompts: the comparison is of the protocol, not of the text
     prompts = [[rng.randrange(100, 4000) for _ in range(args.prompt_len)] for _ in range(args.prompts)]
-    cells = [(arm, mode) for arm in ARMS for mode in MODES]
+    cells = [(arm, mode) for arm in arms for mode in MODES]
     rows: dict[tuple[str, str], list[dict]] = {c: [] for c in cells}
     outputs: dict[int, set] = {}
     with contextlib.ExitStack() as stack:
         clients = {}
-        for arm, target_args in ARMS.items():
+        for arm, target_args in arms.items():
             t_addr, _, _ = stack.enter_context(service_pair(
                 Path(args.target), Path(args.draft), Path(args.log_dir) / arm, {0}, {1}, target_args=target_args))
             clients[arm] = stack.enter_context(Client(t_addr, timeout=300, max_retries=0))
-        for arm in ARMS:  # first-use costs (sessions, speculators) outside the cells
+        for arm in arms:  # first-use costs (sessions, speculators) outside the cells
             for mode in MODES:
                 clients[arm].generate(prompt_ids=prompts[0], max_tokens=8, mode=mode, ignore_eos=True)
         for rep in range(args.repeats):

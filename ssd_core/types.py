@@ -104,11 +104,6 @@ class CacheOffer:
     round: int
     entries: dict[tuple[int, int], tuple[int, ...]]
 
-    def lookup(self, outcome: "RoundOutcome") -> tuple[int, ...] | None:
-        if outcome.round != self.round:
-            return None
-        return self.entries.get((outcome.num_accepted, outcome.bonus_token))
-
 
 class Speculator(Protocol):
     """What the target side needs from a speculator, in process (DraftSpeculator) or remote.

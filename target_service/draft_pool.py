@@ -16,8 +16,10 @@ output stays exact because the verifier alone decides what is committed.
 Cache offers (`want_offers`, on by default): a draft pushes each finished cache build (for every
 sequence, the next speculation per predicted outcome, tokens only). The round's request is still
 sent (the draft advances on it), but when the offers hold every one of an endpoint's outcomes,
-those speculations are taken at once instead of waiting for the answer (which comes later and is
-dropped): a cache hit then costs no round trip. Offers key on the draft's own last speculation,
+those speculations are taken at once instead of waiting for the answer: a cache hit then costs
+no round trip. Offers already here when the round is sent make it `answer_not_needed` (the draft
+encodes and sends nothing); one that comes while the target waits answers the round, and the
+draft's answer that follows is dropped like any late answer. Offers key on the draft's own last speculation,
 so only sequences that were handed it qualify; rounds that want q' (a trusted draft, sampled rows)
 always wait for the answer, which carries it.
 
@@ -229,10 +231,10 @@ class PooledSpeculator:
         start = time.monotonic()
         answers: dict[str, Speculation] = {}
         waited = 0.0  # the longest any endpoint's answer waited for its cache build (it says)
-        for lease_id, (step, prefill_tokens, offerable) in sent.items():
+        for lease_id, (step, prefill_tokens, offerable, taken) in sent.items():
             session = self._sessions[lease_id]
             budget = self._timeout_s + PREFILL_S_PER_TOKEN * prefill_tokens
-            reply = session.wait_round(step, start + budget, offerable)
+            reply = taken if taken is not None else session.wait_round(step, start + budget, offerable)
             if reply is None:
                 self._kill(lease_id, session.error or f"no answer within {budget:.1f}s")
                 continue
@@ -241,7 +243,8 @@ class PooledSpeculator:
                 if track.start.seq_id in failed:
                     track.synced, track.held = False, None
             if isinstance(reply, dict):  # a hit everywhere, from the offers: no answer awaited
-                waited = max(waited, time.monotonic() - start)  # the build's unhidden part, at most
+                if taken is None:
+                    waited = max(waited, time.monotonic() - start)  # the build's unhidden part, at most
                 answers.update(self._from_offers(reply, groups[lease_id], failed, session.endpoint))
                 continue
             # reported by the draft, so bounded by what we saw: it cannot have waited longer than it took
@@ -252,8 +255,10 @@ class PooledSpeculator:
         self.build_wait_s += waited
         return answers
 
-    def _send(self, lease: Lease, group: list[tuple[_Track, RoundOutcome]]) -> tuple[int, int]:
-        """Send one endpoint's round (removals, additions, outcomes); (session step, tokens to prefill)."""
+    def _send(self, lease: Lease, group: list[tuple[_Track, RoundOutcome]]):
+        """Send one endpoint's round (removals, additions, outcomes): (session step, tokens to
+        prefill, the outcomes an offer may still answer (None: wait for the answer), the round's
+        speculations when offers already held them all (the draft then sends no answer))."""
         session = self._session(lease)
         stale = [t.start.seq_id for t, _ in group if not t.synced and t.held == lease.lease_id]
         session.remove(stale)  # a resync on the same endpoint: drop the old state first
@@ -272,8 +277,9 @@ class PooledSpeculator:
         # sequence was handed that speculation (not a first round, not our fast backup's guess)
         offerable = self._want_offers and not want_probs and not starts and all(
             t.drafted == lease.lease_id for t, _ in group)
-        return (session.send_round(wire, want_probs), sum(len(x.token_ids) for x in starts),
-                wire if offerable else None)
+        taken = session.take_offers(wire) if offerable else None
+        step = session.send_round(wire, want_probs, answer_not_needed=taken is not None)
+        return step, sum(len(x.token_ids) for x in starts), wire if offerable else None, taken
 
     def _session(self, lease: Lease) -> DraftSessionClient:
         """The open session to this lease's endpoint (opened on first use)."""

@@ -21,9 +21,9 @@ import grpc
 
 from ssd_tls import open_channel
 from ssd_core import metrics
-from ssd_core.types import CacheOffer, RoundOutcome, SeqStart
+from ssd_core.types import RoundOutcome, SeqStart
 from ssd_core.wire.channel import join_channel, make_offer
-from ssd_core.wire.codec import offer_from_pb, outcome_to_pb, start_to_pb
+from ssd_core.wire.codec import outcome_to_pb, start_to_pb
 from ssd_protos.ssd.v1 import speculation_pb2 as spb
 from ssd_protos.ssd.v1 import speculation_pb2_grpc as spb_grpc
 
@@ -53,7 +53,7 @@ class DraftSessionClient:
         self._answers: dict[int, spb.Speculations] = {}
         self._failed: set[str] = set()
         self._held: set[str] = set()  # sequences added to this session and not removed
-        self._offers: dict[str, CacheOffer] = {}  # held sequence -> the latest offer pushed for it
+        self._offers: dict[str, spb.SequenceOffer] = {}  # held sequence -> the latest offer pushed for it
         self._config = config  # bounds what an offer may hold (K, entries)
         self.offer_rounds = 0  # rounds taken from offers without waiting for the answer
         self._bad_offers = 0
@@ -98,13 +98,15 @@ class DraftSessionClient:
         if seq_ids and self.alive:
             self._requests.put(spb.SessionRequest(remove=spb.RemoveSequences(seq_ids=seq_ids)))
 
-    def send_round(self, outcomes: list[RoundOutcome], want_draft_probs: bool) -> int:
-        """Send one RoundRequest; returns its session step number (echoed by the answer)."""
+    def send_round(self, outcomes: list[RoundOutcome], want_draft_probs: bool, answer_not_needed: bool = False) -> int:
+        """Send one RoundRequest; returns its session step number (echoed by the answer).
+        answer_not_needed: the round was taken from offers (take_offers); the draft sends no answer."""
         with self._cond:
             self._step += 1
         over = want_draft_probs and self.channel is not None and self.channel.ready()
         request = spb.RoundRequest(step=self._step, outcomes=[outcome_to_pb(o) for o in outcomes],
-                                   want_draft_probs=want_draft_probs, probs_over_channel=over)
+                                   want_draft_probs=want_draft_probs, probs_over_channel=over,
+                                   answer_not_needed=answer_not_needed)
         self._requests.put(spb.SessionRequest(round=request))
         return self._step
 
@@ -120,7 +122,7 @@ class DraftSessionClient:
                     found = self._offered(offerable)
                     if isinstance(found, dict):
                         self.offer_rounds += 1
-                        metrics.CACHE_OFFER_ROUNDS.inc()
+                        metrics.CACHE_OFFER_ROUNDS.inc()  # a counter's own lock only: fine under ours
                         return found
                     if found is None:  # a miss: only the answer (JIT drafted) can serve
                         offerable = None
@@ -137,15 +139,33 @@ class DraftSessionClient:
                 log.info("draft session in use: endpoint=%s lease=%s", self.endpoint, self.lease_id[:8])
         return answer
 
+    def take_offers(self, outcomes: list[RoundOutcome]) -> dict[str, tuple[int, ...]] | None:
+        """Every outcome's next speculation from the offers already here (tokens by seq_id), or None."""
+        with self._cond:
+            found = self._offered(outcomes)
+            if not isinstance(found, dict):
+                return None
+            self.offer_rounds += 1
+        metrics.CACHE_OFFER_ROUNDS.inc()
+        return found
+
     def _offered(self, outcomes: list[RoundOutcome]) -> dict[str, tuple[int, ...]] | bool | None:
         """(Under the lock.) Every outcome's offered tokens; False: an offer has not come yet;
-        None: the offer for some outcome's round has no entry for it (a miss)."""
-        found = {}
+        None: the offer for some outcome's round has no (valid) entry for it (a miss)."""
+        found, k = {}, self._config.lookahead
         for o in outcomes:
             offer = self._offers.get(o.seq_id)
             if offer is None or offer.round < o.round:
                 return False
-            tokens = offer.lookup(o)
+            tokens = None
+            if offer.round == o.round:
+                entry = next((e for e in offer.entries
+                              if e.num_accepted == o.num_accepted and e.bonus_token == o.bonus_token), None)
+                # validated here, for the one entry used (the reader thread only bounded the message)
+                if entry is not None and len(entry.tokens) == k and all(0 <= t < self._vocab for t in entry.tokens):
+                    tokens = tuple(entry.tokens)
+                elif entry is not None:
+                    self._bad_offer("an entry's tokens are not K ids in the vocabulary")
             if tokens is None:
                 return None
             found[o.seq_id] = tokens
@@ -236,23 +256,25 @@ class DraftSessionClient:
             self._cond.notify_all()
 
     def _file_offer(self, offer: spb.CacheOffer) -> None:
-        """(Under the lock.) Keep the latest valid offer per held sequence; a bad one is dropped
-        (it only costs the draft its own offers: the answers still come)."""
+        """(Under the lock.) Keep the latest offer per held sequence, bounded here (entries and
+        tokens counted, nothing decoded: a lookup validates the one entry it uses); an offer over
+        the bounds is dropped (it only costs the draft its offers: the answers still come)."""
         k = self._config.lookahead
         limit = sum(self._config.fan_out) + k + 1
         for m in offer.sequences:
             if m.seq_id not in self._held:
                 continue
-            try:
-                decoded = offer_from_pb(m, k, limit, self._vocab)
-            except ValueError as exc:
-                self._bad_offers += 1
-                if self._bad_offers in (1, 100, 10000):
-                    log.warning("draft %s sent a bad cache offer (%d so far): %s", self.endpoint, self._bad_offers, exc)
+            if len(m.entries) > limit or sum(len(e.tokens) for e in m.entries) > limit * k:
+                self._bad_offer(f"{len(m.entries)} entries (at most {limit} of {k} tokens)")
                 continue
             old = self._offers.get(m.seq_id)
-            if old is None or decoded.round >= old.round:
-                self._offers[m.seq_id] = decoded
+            if old is None or m.round >= old.round:
+                self._offers[m.seq_id] = m
+
+    def _bad_offer(self, why: str) -> None:
+        self._bad_offers += 1
+        if self._bad_offers in (1, 100, 10000):
+            log.warning("draft %s sent a bad cache offer (%d so far): %s", self.endpoint, self._bad_offers, why)
 
     def _fail(self, why: str) -> None:
         with self._cond:

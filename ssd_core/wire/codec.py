@@ -211,21 +211,6 @@ def offers_to_pb(offers: list[CacheOffer]) -> speculation_pb2.CacheOffer:
             for (k, t), tokens in o.entries.items()]) for o in offers])
 
 
-def offer_from_pb(m: speculation_pb2.SequenceOffer, lookahead: int, max_entries: int, vocab_size: int) -> CacheOffer:
-    """One sequence's offer, bounded: at most `max_entries` entries, each of `lookahead` tokens in
-    the vocabulary, for acceptance lengths 0..lookahead (raises ValueError otherwise)."""
-    if len(m.entries) > max_entries:
-        raise InvalidParameter("entries", len(m.entries), f"at most {max_entries} per sequence")
-    entries: dict[tuple[int, int], tuple[int, ...]] = {}
-    for e in m.entries:
-        if e.num_accepted > lookahead or not 0 <= e.bonus_token < vocab_size:
-            raise InvalidParameter("entry", (e.num_accepted, e.bonus_token), f"K={lookahead}, vocab {vocab_size}")
-        if len(e.tokens) != lookahead or any(not 0 <= t < vocab_size for t in e.tokens):
-            raise InvalidParameter("tokens", len(e.tokens), f"want {lookahead} tokens in the vocabulary")
-        entries[(int(e.num_accepted), int(e.bonus_token))] = tuple(e.tokens)
-    return CacheOffer(m.seq_id, int(m.round), entries)
-
-
 # -- session config ----------------------------------------------------------------------------
 def config_to_pb(fan_out: tuple[int, ...], saguaro_c: float, backup: BackupKind,
                  lookahead: int) -> speculation_pb2.SessionConfig:

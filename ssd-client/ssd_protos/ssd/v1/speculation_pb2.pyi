@@ -257,16 +257,18 @@ class SequenceOutcome(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., bonus_token: _Optional[int] = ..., committed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RoundRequest(_message.Message):
-    __slots__ = ("step", "outcomes", "want_draft_probs", "probs_over_channel")
+    __slots__ = ("step", "outcomes", "want_draft_probs", "probs_over_channel", "answer_not_needed")
     STEP_FIELD_NUMBER: _ClassVar[int]
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     WANT_DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
     PROBS_OVER_CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_NOT_NEEDED_FIELD_NUMBER: _ClassVar[int]
     step: int
     outcomes: _containers.RepeatedCompositeFieldContainer[SequenceOutcome]
     want_draft_probs: bool
     probs_over_channel: bool
-    def __init__(self, step: _Optional[int] = ..., outcomes: _Optional[_Iterable[_Union[SequenceOutcome, _Mapping]]] = ..., want_draft_probs: _Optional[bool] = ..., probs_over_channel: _Optional[bool] = ...) -> None: ...
+    answer_not_needed: bool
+    def __init__(self, step: _Optional[int] = ..., outcomes: _Optional[_Iterable[_Union[SequenceOutcome, _Mapping]]] = ..., want_draft_probs: _Optional[bool] = ..., probs_over_channel: _Optional[bool] = ..., answer_not_needed: _Optional[bool] = ...) -> None: ...
 
 class RemoveSequences(_message.Message):
     __slots__ = ("seq_ids",)
