@@ -24,8 +24,37 @@ from draft_service.session import DraftSession, LoadTracker
 log = logging.getLogger(__name__)
 
 PROTO_VERSION = 1
-_MAX_QUEUED = 64  # responses queued for one stream past which cache offers are dropped
 _END = object()
+
+
+class Outbox:
+    """What one Session stream sends, in order. Answers: the request thread waits for room, so a
+    target that stops reading stops being read (the backpressure a handler that answers inline
+    has). Cache offers: dropped when full, so they never hold anything up or grow memory."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._queue: queue.Queue = queue.Queue(size)
+        self.closed = threading.Event()  # the RPC is over: nothing more is sent
+        self.dropped = 0
+
+    def answer(self, item: object) -> bool:
+        """Queue an answer (or the end), waiting for room; False if the RPC ended first."""
+        while not self.closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def offer(self, item: pb.SessionResponse) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.dropped += 1
+
+    def get(self) -> object:
+        return self._queue.get()
 
 
 def draft_info(model: LoadedModel, limits: DraftLimits) -> pb.DraftInfo:
@@ -103,36 +132,35 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
         session = DraftSession(self.model, self.limits, self.tracker, f"{self._prefix}{next(self._ids)}",
                                self.scheduler, self.channel_host)
         # Requests are handled on a thread of the stream's own, in order; this handler thread sends
-        # what it queues (answers, in order) and what build threads push between them (cache offers).
-        out: queue.SimpleQueue = queue.SimpleQueue()
-
-        def push(offer: pb.SessionResponse) -> None:
-            if out.qsize() < _MAX_QUEUED:  # a target that does not read costs offers, never memory
-                out.put(offer)
+        # what they answer and what build threads push between the answers (cache offers).
+        outbox = Outbox()
 
         def serve() -> None:
             try:
                 for request in request_iterator:
                     for response in session.handle(request):
-                        out.put(response)
+                        outbox.answer(response)
                     if session.done:
                         return
             except grpc.RpcError:  # the target went away or cancelled: the stream is over
                 pass
             except Exception as exc:  # noqa: BLE001 - handed to the handler thread, which fails the RPC
-                out.put(exc)
+                outbox.answer(exc)
             finally:  # stream over (close, error, cancel or target gone): drop all its state
                 session.push = None
                 session.close()
                 log.info("session %s ended", session.session_id)
-                out.put(_END)
+                outbox.answer(_END)
 
-        session.push = push
+        session.push = outbox.offer
         threading.Thread(target=serve, name=f"ssd-draft-session-{session.session_id}", daemon=True).start()
-        while True:
-            item = out.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        try:
+            while True:
+                item = outbox.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # the RPC is over: a request thread waiting for room stops waiting
+            outbox.closed.set()

@@ -18,6 +18,7 @@ from client import Client
 from conftest import hf_greedy, make_pair
 from draft_service import session as draft_session
 from draft_service.config import DraftServerConfig
+from draft_service.servicer import Outbox
 from draft_service.server import create_server as create_draft
 from ssd_core import metrics
 from ssd_core.config import Mode
@@ -116,3 +117,27 @@ def test_offers_a_draft_lies_in_or_garbles_never_change_greedy_output(pair, refe
         assert used > 0  # the lies were used (and verified: the output above is still exact)
     else:
         assert used == 0  # nothing malformed is ever used
+
+
+def test_a_session_outbox_bounds_offers_and_holds_answers_until_there_is_room():
+    import threading
+
+    box = Outbox(size=4)
+    for i in range(10):  # a target that does not read: offers past the bound are dropped
+        box.offer(i)
+    assert box.dropped == 6
+    sent = threading.Event()
+    t = threading.Thread(target=lambda: box.answer("answer") and sent.set())
+    t.start()
+    assert not sent.wait(0.5)  # full: the request thread waits (and so stops reading requests)
+    assert box.get() == 0
+    assert sent.wait(5)  # room again: the answer goes, after the offers queued before it
+    assert [box.get() for _ in range(4)] == [1, 2, 3, "answer"]
+    for i in range(4):
+        box.offer(i)
+    done = []
+    t = threading.Thread(target=lambda: done.append(box.answer("late")))
+    t.start()
+    box.closed.set()  # the RPC ended: a waiting answer gives up instead of blocking for ever
+    t.join(5)
+    assert done == [False]
