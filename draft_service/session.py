@@ -88,10 +88,9 @@ class DraftSession:
         self.handed: dict[str, tuple[int, int] | None] = {}  # seq_id -> (round, K) handed out last
         self.done = False
         self._closed = False
-        # where cache offers go (the servicer's outgoing queue; they may come from build threads);
+        # where cache offers go (the servicer's Outbox; they come from build threads);
         # None: the stream cannot take pushes, or the target did not ask for them
         self.push: Callable[[pb.SessionResponse], None] | None = None
-        self.offers_sent = 0
         # the servicer counted this session in tracker.open_session(); close() gives it back
         self._max_history = min(limits.max_history_tokens, model.max_context or limits.max_history_tokens)
 
@@ -163,7 +162,6 @@ class DraftSession:
         if push is None or self._closed or not offers:
             return
         push(pb.SessionResponse(offer=codec.offers_to_pb(offers)))
-        self.offers_sent += 1
 
     def _reconfigure(self, m: pb.SessionConfig) -> list[pb.SessionResponse]:
         """New K / fan-out / backup for the next rounds; sequences, KV and streams are kept."""

@@ -24,7 +24,7 @@ class TargetConfig:
     # ssd_core/wire/channel.py; inline when none can be set up); "inline": q' as protobuf bytes
     tensor_channel: str = "inline"
     # drafts push their finished speculation caches (SessionOpen.want_offers): a hit is looked up
-    # here, with no round trip; the answer to the round still comes and is dropped
+    # here, with no round trip (target_service/draft_pool.py, "Cache offers")
     cache_offers: bool = True
     mode_default: Mode = Mode.SSD
     lookahead: int | None = None  # None: by batch size (BatchPolicy)

@@ -309,14 +309,18 @@ class PooledSpeculator:
                 log.warning("undecodable speculation from %s for %s: %s", endpoint, o.seq_id, exc)
                 track.synced = False
                 continue
-            problem = speculation_problem(spec, o.seq_id, _next_round(o, track), self.lookahead, self._vocab)
-            if problem is not None:
-                if spec.source is not SpecSource.NONE:
-                    log.warning("bad speculation from %s for %s: %s", endpoint, o.seq_id, problem)
-                    track.synced = False
-                continue
-            out[o.seq_id] = spec
+            if self._usable(spec, o, track, endpoint):
+                out[o.seq_id] = spec
         return out
+
+    def _usable(self, spec: Speculation, o: RoundOutcome, track: _Track, endpoint: str) -> bool:
+        """Whether `spec` can be verified as o's sequence's next speculation; a bad one from the
+        draft (not a NONE it may send) also resyncs the sequence."""
+        problem = speculation_problem(spec, o.seq_id, _next_round(o, track), self.lookahead, self._vocab)
+        if problem is not None and spec.source is not SpecSource.NONE:
+            log.warning("bad speculation from %s for %s: %s", endpoint, o.seq_id, problem)
+            track.synced = False
+        return problem is None
 
     def _from_offers(self, offered: dict[str, tuple[int, ...]], group: list[tuple[_Track, RoundOutcome]],
                      failed: set[str], endpoint: str) -> dict[str, Speculation]:
@@ -327,18 +331,9 @@ class PooledSpeculator:
             if tokens is None or o.seq_id in failed:
                 continue
             spec = Speculation(o.seq_id, _next_round(o, track), tokens, None, SpecSource.CACHE_HIT)
-            problem = speculation_problem(spec, o.seq_id, spec.round, self.lookahead, self._vocab)
-            if problem is not None:
-                log.warning("bad cache offer from %s for %s: %s", endpoint, o.seq_id, problem)
-                track.synced = False
-                continue
-            out[o.seq_id] = spec
+            if self._usable(spec, o, track, endpoint):
+                out[o.seq_id] = spec
         return out
-
-    @property
-    def offer_rounds(self) -> int:
-        """Rounds answered from pushed offers, over the open sessions (tests, logs)."""
-        return sum(s.offer_rounds for s in self._sessions.values())
 
     def _assign(self, track: _Track, live: dict[str, Lease]) -> None:
         if track.lease_id is not None:

@@ -55,7 +55,6 @@ class DraftSessionClient:
         self._held: set[str] = set()  # sequences added to this session and not removed
         self._offers: dict[str, spb.SequenceOffer] = {}  # held sequence -> the latest offer pushed for it
         self._config = config  # bounds what an offer may hold (K, entries)
-        self.offer_rounds = 0  # rounds taken from offers without waiting for the answer
         self._bad_offers = 0
         self._cond = threading.Condition()
         self._step = 0
@@ -121,8 +120,6 @@ class DraftSessionClient:
                 if offerable:
                     found = self._offered(offerable)
                     if isinstance(found, dict):
-                        self.offer_rounds += 1
-                        metrics.CACHE_OFFER_ROUNDS.inc()  # a counter's own lock only: fine under ours
                         return found
                     if found is None:  # a miss: only the answer (JIT drafted) can serve
                         offerable = None
@@ -143,15 +140,12 @@ class DraftSessionClient:
         """Every outcome's next speculation from the offers already here (tokens by seq_id), or None."""
         with self._cond:
             found = self._offered(outcomes)
-            if not isinstance(found, dict):
-                return None
-            self.offer_rounds += 1
-        metrics.CACHE_OFFER_ROUNDS.inc()
-        return found
+        return found if isinstance(found, dict) else None
 
     def _offered(self, outcomes: list[RoundOutcome]) -> dict[str, tuple[int, ...]] | bool | None:
-        """(Under the lock.) Every outcome's offered tokens; False: an offer has not come yet;
-        None: the offer for some outcome's round has no (valid) entry for it (a miss)."""
+        """(Under the lock.) Every outcome's offered tokens (the offers are then used up and the
+        round counted); False: an offer has not come yet; None: the offer for some outcome's
+        round has no (valid) entry for it (a miss)."""
         found, k = {}, self._config.lookahead
         for o in outcomes:
             offer = self._offers.get(o.seq_id)
@@ -171,6 +165,7 @@ class DraftSessionClient:
             found[o.seq_id] = tokens
         for o in outcomes:
             del self._offers[o.seq_id]  # used once
+        metrics.CACHE_OFFER_ROUNDS.inc()  # a counter's own lock only: fine under ours
         return found
 
     def take_channel_probs(self, step: int):
