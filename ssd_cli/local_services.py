@@ -236,13 +236,14 @@ def service_pair(target_dir: Path, draft_dir: Path, log_dir: Path, target_cpus: 
                  draft_cpus: set[int] | None, host: str = "127.0.0.1", target_port: int = 0, draft_port: int = 0,
                  extra_args: tuple[str, ...] = (), openai_port: int = 0,
                  startup_timeout_s: float = 120.0, draft_args: tuple[str, ...] = (),
-                 target_args: tuple[str, ...] = ()) -> Iterator[tuple[str, str, Procs]]:
+                 target_args: tuple[str, ...] = (), cwd: Path | None = None) -> Iterator[tuple[str, str, Procs]]:
     """Start a target and a draft that registers with it; yields (target addr, draft addr, procs)
     once both are ready (see Services) and (openai_port > 0) the target's OpenAI API answers
     /health on that port; stops both on exit. extra_args go to both, draft_args to the draft,
-    target_args to the target."""
+    target_args to the target; cwd: the checkout the services run from (default: the caller's)."""
     # one fresh token per pair (unless the caller set one): registration and Sessions are authenticated
-    services = Services(Path(log_dir), host, env={"SSD_AUTH_TOKEN": os.environ.get("SSD_AUTH_TOKEN", _PAIR_TOKEN)})
+    services = Services(Path(log_dir), host, env={"SSD_AUTH_TOKEN": os.environ.get("SSD_AUTH_TOKEN", _PAIR_TOKEN)},
+                        cwd=cwd)
     try:
         # the draft we start holds the pair's token (identity shared@ITS-ADDRESS): its q is trusted
         trusted = [arg for h in dict.fromkeys((host, "127.0.0.1")) for arg in ("--trusted-draft", f"shared@{h}")]

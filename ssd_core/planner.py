@@ -131,6 +131,14 @@ MISS_PRIOR = 2.0
 MISS_FIT_LOOKUPS = 30  # lookups seen before r is fitted to them (and between two fits)
 HIT_DECAY = 0.99  # per round with lookups: the fit weighs the last ~100 such rounds
 HIT_FORGET = 1e-3  # a fan-out whose decayed lookups fall below this is dropped (not run for ~700 rounds)
+# The tree budgets (branches, in multiples of K + 1) the model chooses among. Not 1 x (K + 1):
+# the model prices a tree branch from a tokens-only fit of the draft's forwards, which charges a
+# wide tree step ~1.3x what it costs here (1 row x 16 branches: 2.26 ms measured, ~2.95 fitted),
+# so it kept picking one branch per depth, whose trials then measured every K below the wider
+# trees. Measured 2026-12-02, served (four pairs on the same cores, c = 1, greedy, interleaved):
+# with the smallest budget allowed SSD ran 164 tok/s at a 0.73 hit rate; without it 182 tok/s at
+# 0.93 (SD 138 / 146 in the same run). 2 x (K + 1) is SpecConfig's default budget.
+TREE_BUDGETS = (2, 3, 4)
 
 
 def plan_class(plan: RoundPlan) -> tuple[int, bool, BackupKind]:
@@ -457,7 +465,7 @@ class Planner:
                                                                                  batch=batch), {})
             if Mode.SD not in best or cand.tokens_per_s > best[Mode.SD].tokens_per_s:
                 best[Mode.SD] = cand
-            for budget in sorted({k + 1, 2 * (k + 1), 3 * (k + 1), 4 * (k + 1)}):
+            for budget in (m * (k + 1) for m in TREE_BUDGETS):
                 fan = plan_fanout(k, budget, a, self.miss_exponent, self.fan_out_cap)
                 p_hit = hit_rate_from_fanout(a, fan, self.miss_exponent, MISS_OFFSET)
                 t = self._times(batch, k, sum(fan), p_hit=p_hit)
