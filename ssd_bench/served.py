@@ -44,6 +44,11 @@ class ServedConfig:
     apis: tuple[str, ...] = APIS
     modes: tuple[str, ...] = SERVED_MODES
     repeats: int = 3
+    # unmeasured passes over every level and mode before the repeats: the target's planner tries
+    # its plans at each batch size on first use (~50 rounds at c = 1), a start-up cost a serving
+    # target pays once and that had fallen on the first measured repeat (run L, 2026-12-02:
+    # OpenAI c = 1 SSD 118 tok/s in repeat 0, 172 / 161 after)
+    warmup_passes: int = 1
     num_requests: int = 8  # per cell: max(this, concurrency) requests, prompts reused in order
     temperature: float = 0.0
     seed: int = 0
@@ -56,6 +61,8 @@ class ServedConfig:
             raise ValueError("--served: at least one CONCURRENCY:TOKENS level is needed")
         if self.repeats < 1:
             raise ValueError(f"invalid --served-repeats {self.repeats}: must be >= 1")
+        if self.warmup_passes < 0:
+            raise ValueError(f"invalid --served-warmup {self.warmup_passes}: must be >= 0")
         bad = [a for a in self.apis if a not in APIS]
         if bad or not self.apis:
             raise ValueError(f"invalid --served-apis {','.join(self.apis)!r}: choose from {', '.join(APIS)}")

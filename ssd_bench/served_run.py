@@ -58,6 +58,12 @@ async def _schedule(grpc_addr: str, openai_url: str, prompts, cfg: ServedConfig)
             for send in senders.values():  # first-use costs (channels, HTTP pool, speculators) outside the cells
                 for mode in cfg.modes:
                     await send(prompts[0], mode, WARMUP_TOKENS, cfg.seed)
+            warm = next(iter(senders.values()))  # the planner is the target's: one API warms it for both
+            for _ in range(cfg.warmup_passes):
+                for level in cfg.levels:
+                    for mode in cfg.modes:
+                        log.info("served warm-up c=%d %s (not measured)", level.concurrency, mode)
+                        await run_cell(warm, prompts, mode, level, cfg)
             turn, n = 0, len(cfg.modes)
             for repeat in range(cfg.repeats):
                 for level in cfg.levels:
@@ -92,7 +98,8 @@ def aggregate(cells: list[dict], cfg: ServedConfig) -> dict:
         results.setdefault(api, {}).setdefault(mode, {})[str(c)] = {
             **med, "max_new_tokens": level.max_new_tokens, "requests": runs[0]["requests"], "repeats": runs}
     return {"config": {"levels": [[lv.concurrency, lv.max_new_tokens] for lv in cfg.levels], "apis": list(cfg.apis),
-                       "modes": list(cfg.modes), "repeats": cfg.repeats, "num_requests": cfg.num_requests,
+                       "modes": list(cfg.modes), "repeats": cfg.repeats,
+                       "warmup_passes": cfg.warmup_passes, "num_requests": cfg.num_requests,
                        "lookahead": cfg.lookahead, "fan_out": list(cfg.fan_out), "saguaro_c": cfg.saguaro_c},
             "results": results, "ratios": _ratios(cells)}
 

@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--served-apis", default=",".join(APIS), help="comma list of openai,grpc")
     p.add_argument("--served-modes", default=",".join(SERVED_MODES), help="comma list of ar,sd,ssd (per request)")
     p.add_argument("--served-repeats", type=int, default=3, help="round-robin repetitions (medians are reported)")
+    p.add_argument("--served-warmup", type=int, default=1,
+                   help="unmeasured passes over every level and mode first (the target's planner tries its plans)")
     p.add_argument("--served-requests", type=int, default=0,
                    help="requests per cell, at least the concurrency (default: --num-prompts)")
     p.add_argument("--draft-capacity", action="store_true",
@@ -146,7 +148,7 @@ def served_config(args: argparse.Namespace):
         return tuple(x.strip() for x in text.split(",") if x.strip())
 
     return ServedConfig(levels=parse_levels(args.served), apis=names(args.served_apis), modes=names(args.served_modes),
-                        repeats=args.served_repeats, num_requests=args.served_requests or args.num_prompts,
+                        repeats=args.served_repeats, warmup_passes=args.served_warmup, num_requests=args.served_requests or args.num_prompts,
                         temperature=args.temperature, seed=args.seed, lookahead=args.lookahead,
                         fan_out=parse_ids(args.fan_out, "fan_out") if args.fan_out else (), saguaro_c=args.saguaro_c)
 

@@ -64,6 +64,7 @@ def test_bench_served_mode_streams_openai_and_grpc_and_outputs_agree(tmp_path, c
     served = rep["served"]
     assert served["outputs_identical"] is True and rep["outputs_identical"] is True, served["problems"]
     assert served["config"]["repeats"] == 2 and served["config"]["levels"] == [[1, 8], [3, 4]]
+    assert served["config"]["warmup_passes"] == 1  # the default: one unmeasured pass first
     for api in ("openai", "grpc"):
         for mode in ("ar", "sd", "ssd"):
             for c, tokens, requests in (("1", 8, 2), ("3", 4, 3)):

@@ -24,6 +24,8 @@ def test_config_refuses_unknown_apis_and_modes():
         ServedConfig(levels=(Level(1, 4),), modes=("ar", "warp"))
     with pytest.raises(ValueError, match="--served-repeats"):
         ServedConfig(levels=(Level(1, 4),), repeats=0)
+    with pytest.raises(ValueError, match="--served-warmup"):
+        ServedConfig(levels=(Level(1, 4),), warmup_passes=-1)
 
 
 def test_percentiles_match_numpy():
