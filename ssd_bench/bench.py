@@ -149,7 +149,7 @@ def run_engine_modes(modes: list[str], target: LoadedModel, draft: LoadedModel, 
             for m, engine in engines.items():
                 if engine.planner is not None:
                     runs[m][b].planner = {"model_best_case_tokens_per_s": engine.planner.best_case(b),
-                                          "measured_plans": engine.planner.measured(b)}
+                                          "measured_plans": engine.planner.measured(b, cfg.temperature > 0)}
         return runs
     finally:
         for engine in engines.values():

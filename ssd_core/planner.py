@@ -139,6 +139,11 @@ HIT_FORGET = 1e-3  # a fan-out whose decayed lookups fall below this is dropped 
 # with the smallest budget allowed SSD ran 164 tok/s at a 0.73 hit rate; without it 182 tok/s at
 # 0.93 (SD 138 / 146 in the same run). 2 x (K + 1) is SpecConfig's default budget.
 TREE_BUDGETS = (2, 3, 4)
+# Sampled rows hit far less (0.2-0.3 on the embedded pair at T = 1), so a wider tree buys fewer
+# hits there, and one branch per depth stays a candidate for batches with a sampled row: with the floor
+# sampled SSD/SD fell from 1.06x / 0.95x (c89e33a) to 0.80x / 0.91x (8bac78a), `ssd bench
+# --temperature 1`, 2026-12-02, the two commits alternated.
+SAMPLED_TREE_BUDGETS = (1, 2, 3, 4)
 
 
 def plan_class(plan: RoundPlan) -> tuple[int, bool, BackupKind]:
@@ -248,7 +253,7 @@ class Planner:
     # are the pooled counts `acceptance` reads)
     _depth: list[list[float]] = field(default_factory=list, init=False)
     _verify_scale: float = field(default=1.0, init=False)  # measured / predicted verify time (EMA)
-    _cache: dict[tuple[Mode, int], PlanChoice] = field(default_factory=dict, init=False)
+    _cache: dict[tuple[Mode, int, bool], PlanChoice] = field(default_factory=dict, init=False)
     _draft_scale: float = field(default=1.0, init=False)  # measured / predicted JIT drafting (EMA)
     # measured / predicted cache build (EMA), apart from the JIT's: a JIT step pays per-call costs a
     # build does not (served: a round trip; in process: the pipe to the draft's process), which read
@@ -258,15 +263,16 @@ class Planner:
     _planned_at: tuple[float, ...] = field(default=(-1.0, 1.0, 1.0, 1.0, 0.0), init=False)  # (a, scales, r)
     _rounds: int = field(default=0, init=False)  # rounds since the plans were last recomputed
     _ar_rounds: int = field(default=0, init=False)  # AR rounds a speculative lane ran since its last probe
-    _previous: dict[tuple[Mode, int], RoundPlan] = field(default_factory=dict, init=False)  # last plan per key
-    _trials: dict[tuple[Mode, int], Trials] = field(default_factory=dict, init=False)
+    _previous: dict[tuple[Mode, int, bool], RoundPlan] = field(default_factory=dict, init=False)  # last plan per key
+    _trials: dict[tuple[Mode, int, bool], Trials] = field(default_factory=dict, init=False)
     # per batch bucket, not per lane: a plan's rounds cost the same whichever lane runs them, so an
     # SSD lane takes the SD and AR plans an SD lane of the same target measured (its own first pass
-    # at batch 8 had 12 plans to try, more rounds than a short burst of traffic lasts)
-    _arms: dict[int, dict[tuple, Arm]] = field(default_factory=dict, init=False)
-    _last_key: tuple[Mode, int] | None = field(default=None, init=False)  # the key of the last choose()
-    _best: dict[tuple[Mode, int], tuple] = field(default_factory=dict, init=False)  # measured best, per key
-    _scored: dict[tuple[Mode, int], list[PlanChoice]] = field(default_factory=dict, init=False)  # all candidates
+    # at batch 8 had 12 plans to try, more rounds than a short burst of traffic lasts); and per
+    # greedy / sampled batches, whose SSD rounds hit at very different rates
+    _arms: dict[tuple[int, bool], dict[tuple, Arm]] = field(default_factory=dict, init=False)
+    _last_key: tuple[Mode, int, bool] | None = field(default=None, init=False)  # the key of the last choose()
+    _best: dict[tuple[Mode, int, bool], tuple] = field(default_factory=dict, init=False)  # measured best, per key
+    _scored: dict[tuple[Mode, int, bool], list[PlanChoice]] = field(default_factory=dict, init=False)  # all candidates
     # decayed (hits, lookups) per fan-out the lane ran, and lookups since r was last fitted
     _hits: dict[tuple[int, ...], list[float]] = field(default_factory=dict, init=False)
     _unfitted: int = field(default=0, init=False)
@@ -346,9 +352,10 @@ class Planner:
             self._cache.clear()  # the estimates moved: plan again (at most every REPLAN_EVERY rounds)
             self._rounds = 0
 
-    def choose(self, mode: Mode, batch: int) -> PlanChoice | None:
+    def choose(self, mode: Mode, batch: int, sampled: bool = False) -> PlanChoice | None:
         """The plan for a lane of `mode` at this batch size (cached until the estimates move);
-        None while the draft's cost is unknown."""
+        None while the draft's cost is unknown. `sampled`: some row samples (its trees may be
+        narrow: see TREE_BUDGETS)."""
         if self.draft_source is not None:
             cost = self.draft_source()
             if cost is None:
@@ -356,13 +363,13 @@ class Planner:
             if cost != self.draft:
                 self.draft = cost
                 self._cache.clear()
-        key = (mode, batch)
+        key = (mode, batch, sampled)
         fresh = key not in self._cache
         if fresh:
             self._planned_at = (self.acceptance, self._verify_scale, self._draft_scale, self._tree_scale,
                                 self.miss_exponent)
             previous = self._previous.get(key)
-            self._cache[key] = choice = self._choose(mode, batch, previous)
+            self._cache[key] = choice = self._choose(mode, batch, previous, sampled)
             # log changes only; under live trials the model only shortlists, the trials log what runs
             level = logging.INFO if previous != choice.plan and not self.trials else logging.DEBUG
             self._previous[key] = choice.plan
@@ -375,7 +382,7 @@ class Planner:
                 metrics.record_plan(mode.value, choice.plan.lookahead, choice.mode.value, batch)
         choice = self._cache[key]
         if self.trials and mode is not Mode.AR:
-            return self._trial(mode, batch, choice, fresh)
+            return self._trial(mode, batch, choice, fresh, sampled)
         if choice.explore is not None:
             self._ar_rounds += 1
             if self._ar_rounds >= EXPLORE_EVERY:
@@ -396,10 +403,10 @@ class Planner:
                                                None, 1.0, batch) for k in ks)
         return {m: round(v, 1) for m, v in out.items()} | {"acceptance": round(a, 3)}
 
-    def measured(self, batch: int = 1) -> dict[str, dict]:
-        """The live trials' measurements at a batch size (every lane's: the arms are shared):
-        tokens/s and rounds per plan kind and K."""
-        arms = self._arms.get(batch_bucket(batch), {})
+    def measured(self, batch: int = 1, sampled: bool = False) -> dict[str, dict]:
+        """The live trials' measurements at a batch size (every lane's: the arms are shared), of
+        greedy or of sampled batches: tokens/s and rounds per plan kind and K."""
+        arms = self._arms.get((batch_bucket(batch), sampled), {})
         return {f"{'ssd' if tree else 'sd' if k else 'ar'}-K{k}-{backup.value}": {
                     "tokens_per_s": round(arm.tokens_per_s, 1), "rounds": arm.rounds}
                 for (k, tree, backup), arm in sorted(arms.items(), key=lambda kv: -kv[1].tokens_per_s) if arm.rounds}
@@ -452,7 +459,7 @@ class Planner:
                               verify_slowdown=1.0 if self.overlap else 1.0 + tree / max(verify, 1e-6),
                               tree_slowdown=1.0)
 
-    def _choose(self, mode: Mode, batch: int, previous: RoundPlan | None = None) -> PlanChoice:
+    def _choose(self, mode: Mode, batch: int, previous: RoundPlan | None = None, sampled: bool = False) -> PlanChoice:
         a = self.acceptance
         scored: dict[RoundPlan, PlanChoice] = {}  # every candidate, for the hysteresis below
         ar_plan = RoundPlan(0, (), False, BackupKind.FAST)
@@ -465,7 +472,7 @@ class Planner:
                                                                                  batch=batch), {})
             if Mode.SD not in best or cand.tokens_per_s > best[Mode.SD].tokens_per_s:
                 best[Mode.SD] = cand
-            for budget in (m * (k + 1) for m in TREE_BUDGETS):
+            for budget in (m * (k + 1) for m in (SAMPLED_TREE_BUDGETS if sampled else TREE_BUDGETS)):
                 fan = plan_fanout(k, budget, a, self.miss_exponent, self.fan_out_cap)
                 p_hit = hit_rate_from_fanout(a, fan, self.miss_exponent, MISS_OFFSET)
                 t = self._times(batch, k, sum(fan), p_hit=p_hit)
@@ -489,7 +496,7 @@ class Planner:
         if kept is not None and kept.mode in allowed and kept.tokens_per_s >= (1 - HYSTERESIS) * pick.tokens_per_s:
             pick = kept  # within the model's error of the best: a change would cost more than it gains
         explore = best[Mode.SD] if pick.mode is Mode.AR and mode is not Mode.AR else None
-        self._scored[(mode, batch)] = [c for c in scored.values() if c.mode in allowed]
+        self._scored[(mode, batch, sampled)] = [c for c in scored.values() if c.mode in allowed]
         return PlanChoice(pick.plan, pick.mode, pick.tokens_per_s, alternatives, explore)
 
     @staticmethod
@@ -527,14 +534,14 @@ class Planner:
         by_k = _best_by_k(candidates, best.mode)
         return [by_k[k] for k in (best.plan.lookahead - 1, best.plan.lookahead + 1) if k in by_k]
 
-    def _measure(self, key: tuple[Mode, int], plan: RoundPlan, tokens: int, round_ms: float, rows: int = 1) -> None:
+    def _measure(self, key: tuple[Mode, int, bool], plan: RoundPlan, tokens: int, round_ms: float, rows: int = 1) -> None:
         t = self._trials.get(key)
         if t is None or t.current is None or plan_class(t.current.plan) != plan_class(plan):
             return
         if t.settle > 0:
             t.settle -= 1
             return
-        self._arms.setdefault(key[1], {}).setdefault(plan_class(plan), Arm()).add(tokens, round_ms, rows)
+        self._arms.setdefault(key[1:], {}).setdefault(plan_class(plan), Arm()).add(tokens, round_ms, rows)
 
     def _rate(self, cls: tuple, arm: Arm) -> float:
         """The live trials' figure for a plan: its measured round time with the tokens every plan of
@@ -549,12 +556,13 @@ class Planner:
             return arm.tokens_per_s
         return arm.rate_at(self.tokens_per_round(k))
 
-    def _trial(self, mode: Mode, batch: int, model_pick: PlanChoice, replanned: bool) -> PlanChoice:
-        key = (mode, batch_bucket(batch))
+    def _trial(self, mode: Mode, batch: int, model_pick: PlanChoice, replanned: bool,
+               sampled: bool = False) -> PlanChoice:
+        key = (mode, batch_bucket(batch), sampled)  # sampled rows hit less: their own stints
         self._last_key = key
         t = self._trials.get(key)
         if t is None or replanned:
-            scored = self._scored.get((mode, batch), [])
+            scored = self._scored.get((mode, batch, sampled), [])
             shortlist = self._shortlist(model_pick, scored)
             if t is None:
                 t = self._trials[key] = Trials(shortlist)
@@ -563,7 +571,7 @@ class Planner:
                 t.shortlist = _unique(shortlist + [c for c in scored if plan_class(c.plan) in before])
                 t.pruned = set()
             t.candidates = scored
-        arms = self._arms.setdefault(key[1], {})
+        arms = self._arms.setdefault(key[1:], {})
         if t.current is not None and t.left > 0 and t.exploiting and t.stint_rate > 0:
             live = arms.get(plan_class(t.current.plan))
             if live is not None and self._rate(plan_class(t.current.plan), live) < PRUNE_BELOW * t.stint_rate:
@@ -596,7 +604,7 @@ class Planner:
             near = self._neighbours(best, t.candidates)  # hill-climb in K from the measured best
             if any(plan_class(c.plan) not in arms for c in near):
                 t.shortlist = _unique(t.shortlist + near)
-                return self._trial(mode, batch, model_pick, False)
+                return self._trial(mode, batch, model_pick, False, sampled)
             if rate(best) < PRUNE_BELOW * t.pruned_at:  # the best got much slower: conditions changed
                 t.pruned, t.pruned_at, t.exploit_len = set(), 0.0, FIRST_EXPLOIT
             cut = {plan_class(c.plan) for c in ranked if rate(c) < PRUNE_BELOW * rate(best)}

@@ -184,7 +184,7 @@ def test_slow_jit_rounds_do_not_make_the_cache_build_look_slow():
     def widest_k3_tree() -> int:
         p._cache.clear()
         p.choose(Mode.SSD, 1)
-        k3 = [c for c in p._scored[(Mode.SSD, 1)] if c.plan.tree and c.plan.lookahead == 3
+        k3 = [c for c in p._scored[(Mode.SSD, 1, False)] if c.plan.tree and c.plan.lookahead == 3
               and c.plan.backup is BackupKind.JIT]
         return sum(max(k3, key=lambda c: c.tokens_per_s).plan.fan_out)
 
@@ -385,3 +385,17 @@ def test_an_ssd_lane_reuses_the_plans_an_sd_lane_of_the_same_target_measured():
     assert ran[(Mode.AR, 0)] == 0 and sum(n for (m, _), n in ran.items() if m is Mode.SD) == 0, ran
     assert sum(n for (m, _), n in ran.items() if m is Mode.SSD) == 40
     assert "ar-K0-fast" in p.measured(1)  # the arms are the target's, not the lane's
+
+
+def test_greedy_batches_plan_trees_of_at_least_two_branches_a_depth_sampled_ones_may_go_narrower():
+    from ssd_core.planner import SAMPLED_TREE_BUDGETS, TREE_BUDGETS
+
+    assert min(TREE_BUDGETS) == 2 and min(SAMPLED_TREE_BUDGETS) == 1
+    p = _planner(8.9, 0.435, 1.0, 0.0765, acceptance_prior=0.85)
+    for sampled in (False, True):
+        p.choose(Mode.SSD, 1, sampled)
+        trees = [c.plan for c in p._scored[(Mode.SSD, 1, sampled)] if c.plan.tree]
+        narrowest = min(sum(t.fan_out) / (t.lookahead + 1) for t in trees)
+        assert narrowest == (1.0 if sampled else 2.0), (sampled, narrowest)
+    # the two kinds of batch are planned apart: neither evicts the other's plan
+    assert {(Mode.SSD, 1, False), (Mode.SSD, 1, True)} <= set(p._cache)
