@@ -37,9 +37,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "ssd-client"))
 
 from client import Client  # noqa: E402
-from ssd_bench.bench import hardware, load_prompts  # noqa: E402
+from ssd_bench.bench import BenchConfig, hardware, load_prompts  # noqa: E402
 from ssd_bench.provenance import provenance  # noqa: E402
 from ssd_cli.local_services import service_pair  # noqa: E402
+from ssd_core.models import load_model  # noqa: E402
 
 KEYS = ("tokens_per_s", "verify_ms_per_round", "wait_ms_per_round", "hit_rate", "lookahead")
 
@@ -75,21 +76,15 @@ def checkout(rev: str | None):
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], check=False)
 
 
-def make_prompts(kind: str, count: int, length: int, tokenizer_dir: Path) -> list[list[int]]:
-    """HumanEval prompts as `ssd bench` encodes them, or random token ids (a protocol comparison)."""
+def make_prompts(kind: str, count: int, length: int, target_dir: Path, max_new_tokens: int) -> list[list[int]]:
+    """HumanEval prompts encoded as `ssd bench` encodes them (its loader, tokenizer and room in the
+    context), or random token ids (a protocol comparison)."""
     if kind == "ids":
         rng = random.Random(0)
         return [[rng.randrange(100, 4000) for _ in range(length)] for _ in range(count)]
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-
-    class Encoder:
-        @staticmethod
-        def encode(text: str) -> list[int]:
-            return tok.encode(text).ids
-
-    return [list(p) for p in load_prompts("humaneval", Encoder(), count, 600, 400)]
+    target, cfg = load_model(target_dir), BenchConfig()
+    room = target.max_context - max_new_tokens - cfg.lookahead - 2
+    return [list(p) for p in load_prompts("humaneval", target.tokenizer, count, cfg.prompt_chars, room)]
 
 
 def run(args: argparse.Namespace, script: str) -> int:
@@ -97,7 +92,7 @@ def run(args: argparse.Namespace, script: str) -> int:
     if len({a.name for a in arms}) != len(arms) or len(arms) < 2:
         raise SystemExit("give at least two --arm, with distinct names")
     modes = tuple(args.modes.split(","))
-    prompts = make_prompts(args.prompt_kind, args.prompts, args.prompt_len, Path(args.target))
+    prompts = make_prompts(args.prompt_kind, args.prompts, args.prompt_len, Path(args.target), args.max_new_tokens)
     cells = [(arm.name, mode) for arm in arms for mode in modes]
     rows: dict[tuple[str, str], list[dict]] = {c: [] for c in cells}
     outputs: dict[int, set] = {}
@@ -128,10 +123,10 @@ def run(args: argparse.Namespace, script: str) -> int:
     med = {f"{name}/{mode}": {key: statistics.median(x[key] for x in rows[(name, mode)]) for key in KEYS}
            for name, mode in cells}
     tps = {c: m["tokens_per_s"] for c, m in med.items()}
-    base = arms[0].name
-    ratios = {f"{name} {a}/{b}": tps[f"{name}/{a}"] / tps[f"{name}/{b}"]
-              for name in (arm.name for arm in arms) for a, b in zip(modes[1:], modes[:1] * len(modes))}
-    ratios |= {f"{mode} {arm.name}/{base}": tps[f"{arm.name}/{mode}"] / tps[f"{base}/{mode}"]
+    base_arm, base_mode = arms[0].name, modes[0]  # each later mode over the first, each later arm over the first
+    ratios = {f"{arm.name} {mode}/{base_mode}": tps[f"{arm.name}/{mode}"] / tps[f"{arm.name}/{base_mode}"]
+              for arm in arms for mode in modes[1:]}
+    ratios |= {f"{mode} {arm.name}/{base_arm}": tps[f"{arm.name}/{mode}"] / tps[f"{base_arm}/{mode}"]
                for arm in arms[1:] for mode in modes}
     identical = all(len(v) == 1 for v in outputs.values())
     for cell, m in med.items():

@@ -227,8 +227,10 @@ class Engine:
 
     # -- phases ------------------------------------------------------------------------------
     def _replan(self) -> RoundPlan:
-        sampled = any(not seq.req.params.greedy for seq in self.seqs)
-        choice = self.planner.choose(self.spec.mode, len(self.seqs), sampled) if self.planner is not None else None
+        choice = None
+        if self.planner is not None:
+            sampled = any(not seq.req.params.greedy for seq in self.seqs)  # its own plans: see SAMPLED_TREE_BUDGETS
+            choice = self.planner.choose(self.spec.mode, len(self.seqs), sampled)
         plan = choice.plan if choice is not None else resolve_plan(self.spec, self.policy, len(self.seqs))
         sp = self._speculator
         if plan.lookahead > 0 and self._factory is not None:

@@ -354,8 +354,8 @@ class Planner:
 
     def choose(self, mode: Mode, batch: int, sampled: bool = False) -> PlanChoice | None:
         """The plan for a lane of `mode` at this batch size (cached until the estimates move);
-        None while the draft's cost is unknown. `sampled`: some row samples (its trees may be
-        narrow: see TREE_BUDGETS)."""
+        None while the draft's cost is unknown. `sampled`: some row samples (planned apart, its
+        trees from SAMPLED_TREE_BUDGETS)."""
         if self.draft_source is not None:
             cost = self.draft_source()
             if cost is None:
