@@ -217,6 +217,26 @@ class Trials:
     candidates: list = field(default_factory=list)  # every plan the model scored (for the hill-climb)
 
 
+@dataclass(slots=True)
+class Scales:
+    """Measured / predicted ratios (EMAs) of one batch bucket, and what they were when its plans
+    were last made. Per bucket, not per lane: a lane's batch moves between 1 and 32 with its
+    traffic, and the calibration's linear fit misses a batch-32 verify by another factor than a
+    batch-1 one, so one scale for all swung with every burst and re-planned the batch-1 plans from
+    batch-32 readings (measured 2026-12-02, served, the OpenAI API at c = 1: SSD/SD 1.30x when
+    c = 1 ran alone, 1.12x with the c = 8 / 32 cells of `ssd bench --served` between its repeats)."""
+
+    verify: float = 1.0  # the target's verify time
+    draft: float = 1.0  # JIT drafting
+    # the cache build, apart from the JIT's: a JIT step pays per-call costs a build does not
+    # (served: a round trip; in process: the pipe to the draft's process), which read into one
+    # scale made 16-branch trees look 1.5x their cost (measured 2026-12-02, in process: JIT
+    # 1.5-1.7x its calibration, the K = 3 / 16-branch build 7.8 ms against 8.0 calibrated)
+    tree: float = 1.0
+    planned_at: tuple[float, ...] = (-1.0, 1.0, 1.0, 1.0, 0.0)  # (a, verify, draft, tree, r)
+    rounds: int = 0  # rounds of this bucket since its plans were last recomputed
+
+
 @dataclass(frozen=True, slots=True)
 class PlanChoice:
     plan: RoundPlan
@@ -252,16 +272,8 @@ class Planner:
     # per draft position j (0-based): [accepted, judged] over the rounds that proposed it (their sums
     # are the pooled counts `acceptance` reads)
     _depth: list[list[float]] = field(default_factory=list, init=False)
-    _verify_scale: float = field(default=1.0, init=False)  # measured / predicted verify time (EMA)
     _cache: dict[tuple[Mode, int, bool], PlanChoice] = field(default_factory=dict, init=False)
-    _draft_scale: float = field(default=1.0, init=False)  # measured / predicted JIT drafting (EMA)
-    # measured / predicted cache build (EMA), apart from the JIT's: a JIT step pays per-call costs a
-    # build does not (served: a round trip; in process: the pipe to the draft's process), which read
-    # into one scale made 16-branch trees look 1.5x their cost (measured 2026-12-02, in process:
-    # JIT 1.5-1.7x its calibration, the K = 3 / 16-branch build 7.8 ms against 8.0 calibrated)
-    _tree_scale: float = field(default=1.0, init=False)
-    _planned_at: tuple[float, ...] = field(default=(-1.0, 1.0, 1.0, 1.0, 0.0), init=False)  # (a, scales, r)
-    _rounds: int = field(default=0, init=False)  # rounds since the plans were last recomputed
+    _scales: dict[int, Scales] = field(default_factory=dict, init=False)  # per batch bucket
     _ar_rounds: int = field(default=0, init=False)  # AR rounds a speculative lane ran since its last probe
     _previous: dict[tuple[Mode, int, bool], RoundPlan] = field(default_factory=dict, init=False)  # last plan per key
     _trials: dict[tuple[Mode, int, bool], Trials] = field(default_factory=dict, init=False)
@@ -327,30 +339,46 @@ class Planner:
                 for j in range(min(n + 1, k)):  # positions 1..n accepted, n + 1 rejected (when n < K)
                     self._depth[j][1] += 1
                     self._depth[j][0] += j < n
+        sc = self.scales(batch)
         predicted = self.target(batch * (k + 1))
         if predicted > 0 and verify_ms > 0:
-            self._verify_scale = _ema(self._verify_scale, verify_ms / predicted)
+            sc.verify = _ema(sc.verify, verify_ms / predicted)
         if k > 0:
             t = self._times(batch, k, sum(plan.fan_out) if plan.tree else 0, unscaled_draft=True)
             if not plan.tree and t.jit > 0:  # SD: the wait is the JIT drafting (plus a round trip)
-                self._draft_scale = _ema(self._draft_scale, max(wait_ms - self.transport_ms, 0.0) / t.jit)
+                sc.draft = _ema(sc.draft, max(wait_ms - self.transport_ms, 0.0) / t.jit)
             elif plan.tree and t.tree_build > 0 and all_hit:
                 hidden = verify_ms + self.commit_ms + self.transport_ms
                 unhidden = wait_ms if build_wait_ms is None else build_wait_ms
                 if unhidden > 0.5:  # the build outlasted the verify: its length shows in the wait
-                    self._tree_scale = _ema(self._tree_scale, (unhidden + hidden) / t.tree_build)
+                    sc.tree = _ema(sc.tree, (unhidden + hidden) / t.tree_build)
                 elif t.tree_build > hidden:  # hidden although predicted longer: it is at most `hidden`
-                    self._tree_scale = _ema(self._tree_scale, min(self._tree_scale, hidden / t.tree_build))
+                    sc.tree = _ema(sc.tree, min(sc.tree, hidden / t.tree_build))
         if plan.tree and lookups > 0:
             self._count_hits(plan.fan_out, lookups, hits)
-        self._rounds += 1
-        a0, s0, d0, b0, r0 = self._planned_at
-        moved = (abs(self.acceptance - a0) > 0.05 or abs(self._verify_scale / s0 - 1.0) > 0.15
-                 or abs(self._draft_scale / d0 - 1.0) > 0.15 or abs(self._tree_scale / b0 - 1.0) > 0.15
+        sc.rounds += 1
+        a0, s0, d0, b0, r0 = sc.planned_at
+        moved = (abs(self.acceptance - a0) > 0.05 or abs(sc.verify / s0 - 1.0) > 0.15
+                 or abs(sc.draft / d0 - 1.0) > 0.15 or abs(sc.tree / b0 - 1.0) > 0.15
                  or abs(self.miss_exponent - r0) > 0.25)
-        if self._cache and moved and self._rounds >= REPLAN_EVERY:
-            self._cache.clear()  # the estimates moved: plan again (at most every REPLAN_EVERY rounds)
-            self._rounds = 0
+        bucket = batch_bucket(batch)
+        planned = [key for key in self._cache if batch_bucket(key[1]) == bucket]
+        if planned and moved and sc.rounds >= REPLAN_EVERY:
+            for key in planned:  # the estimates moved: plan again (at most every REPLAN_EVERY rounds)
+                del self._cache[key]
+            sc.rounds = 0
+
+    def scales(self, batch: int = 1) -> Scales:
+        """The live scales of batch's bucket; a bucket seen for the first time starts from those of
+        the nearest bucket measured (closer to this hardware than the calibration alone)."""
+        bucket = batch_bucket(batch)
+        sc = self._scales.get(bucket)
+        if sc is None:
+            near = min(self._scales, key=lambda b: abs(b.bit_length() - bucket.bit_length()), default=None)
+            sc = Scales() if near is None else Scales(self._scales[near].verify, self._scales[near].draft,
+                                                      self._scales[near].tree)
+            self._scales[bucket] = sc
+        return sc
 
     def choose(self, mode: Mode, batch: int, sampled: bool = False) -> PlanChoice | None:
         """The plan for a lane of `mode` at this batch size (cached until the estimates move);
@@ -366,8 +394,8 @@ class Planner:
         key = (mode, batch, sampled)
         fresh = key not in self._cache
         if fresh:
-            self._planned_at = (self.acceptance, self._verify_scale, self._draft_scale, self._tree_scale,
-                                self.miss_exponent)
+            sc = self.scales(batch)
+            sc.planned_at = (self.acceptance, sc.verify, sc.draft, sc.tree, self.miss_exponent)
             previous = self._previous.get(key)
             self._cache[key] = choice = self._choose(mode, batch, previous, sampled)
             # log changes only; under live trials the model only shortlists, the trials log what runs
@@ -376,8 +404,8 @@ class Planner:
             log.log(level, "plan for %s at batch %d: %s K=%d fan_out=%s backup=%s (predicted %.0f tok/s; best %s; "
                     "a=%.2f, target x%.2f, draft JIT x%.2f, build x%.2f)", mode.value, batch, choice.mode.value,
                     choice.plan.lookahead, choice.plan.fan_out, choice.plan.backup.value, choice.tokens_per_s,
-                    {m: round(v) for m, v in choice.alternatives.items()}, self.acceptance, self._verify_scale,
-                    self._draft_scale, self._tree_scale)
+                    {m: round(v) for m, v in choice.alternatives.items()}, self.acceptance, sc.verify,
+                    sc.draft, sc.tree)
             if not self.trials or mode is Mode.AR:  # under trials the gauge shows the measured best
                 metrics.record_plan(mode.value, choice.plan.lookahead, choice.mode.value, batch)
         choice = self._cache[key]
@@ -447,10 +475,11 @@ class Planner:
     def _times(self, batch: int, k: int, branches: int, unscaled_draft: bool = False,
                p_hit: float | None = None) -> ComponentTimes:
         """p_hit (SSD): the hit rate, which sets how many rows a round's JIT backup drafts for."""
-        ds, bs = (1.0, 1.0) if unscaled_draft else (self._draft_scale, self._tree_scale)
-        verify = self.target(batch * (k + 1)) * self._verify_scale
+        sc = self.scales(batch)
+        ds, bs = (1.0, 1.0) if unscaled_draft else (sc.draft, sc.tree)
+        verify = self.target(batch * (k + 1)) * sc.verify
         tree = (self.draft(batch * (k + 1)) + k * self.draft(batch * branches)) * bs if branches else 0.0
-        return ComponentTimes(lookahead=k, ar_step=self.target(batch) * self._verify_scale + self.commit_ms,
+        return ComponentTimes(lookahead=k, ar_step=self.target(batch) * sc.verify + self.commit_ms,
                               verify=verify, commit=self.commit_ms, jit=k * self.draft(batch) * ds + self.answer_ms,
                               answer=self.answer_ms, tree_build=tree, transport=self.transport_ms,
                               fast_backup=self.answer_ms,
