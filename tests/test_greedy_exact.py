@@ -156,3 +156,95 @@ def test_draft_in_a_child_process_is_exact():
         assert [list(r.token_ids) for r in results] == REFS["perturbed"][:4]
         if mode is Mode.SSD:
             assert stats.hits > 0  # the child really built a speculation cache
+
+
+@pytest.mark.slow
+def test_a_child_process_draft_answers_hits_from_its_offers_exactly():
+    """Rounds whose every row hits the child's pushed cache are answered without its reply; the
+    child's own answers to those rounds (read later) are the same tokens, and output is exact."""
+    from ssd_core.proc_speculator import process_factory
+
+    target, draft = PAIRS["perturbed"]
+    engine = Engine(target, draft, SpecConfig(mode=Mode.SSD, lookahead=3, fan_out=(3, 3, 2, 2), budget=10),
+                    speculator_factory=process_factory(draft))
+    try:
+        alone = [engine.generate([Request(tuple(p), SamplingParams(max_new_tokens=NEW))])[0] for p in PROMPTS[:2]]
+        batch = engine.generate([Request(tuple(p), SamplingParams(max_new_tokens=NEW)) for p in PROMPTS[:4]])
+        sp = engine._speculator
+        sp.stats  # reads every reply still unread
+        rounds, mismatches = sp.offer_rounds, sp.offer_mismatches
+    finally:
+        engine.close()
+    assert [list(r.token_ids) for r in alone] == REFS["perturbed"][:2]
+    assert [list(r.token_ids) for r in batch] == REFS["perturbed"][:4]
+    assert mismatches == 0, (rounds, mismatches)  # how many rounds took offers depends on timing: below
+
+
+@pytest.mark.slow
+def test_a_child_process_draft_answers_a_round_from_its_offers_as_it_would_itself():
+    """Driven round by round, each round waiting for the child's offer: the round is answered from
+    it, and the child's own answer (read at the next call) is the same speculation."""
+    import time
+
+    from ssd_core.proc_speculator import ProcessSpeculator
+    from ssd_core.types import RoundOutcome, SeqStart
+
+    _, draft = PAIRS["perturbed"]
+    sp = ProcessSpeculator(draft, (3, 3, 2, 2))
+    try:
+        sp.add([SeqStart(sid, tuple(p), SamplingParams(), 0) for sid, p in (("a", PROMPTS[0]), ("b", PROMPTS[4]))])
+        specs = sp.propose([RoundOutcome.first("a"), RoundOutcome.first("b")])
+        for _ in range(6):
+            deadline = time.monotonic() + 30
+            while not all(s.seq_id in sp._offers and sp._offers[s.seq_id].round == s.round for s in specs):
+                assert time.monotonic() < deadline, "no offer came"
+                time.sleep(0.005)
+                sp._drain_offers()
+            outcomes = []
+            for s in specs:  # an outcome the tree predicted (the smallest key), as the target commits it
+                k, t = min(sp._offers[s.seq_id].entries)
+                outcomes.append(RoundOutcome(s.seq_id, s.round, k, t, tuple(s.tokens[:k]) + (t,)))
+            before = sp.offer_rounds
+            specs = sp.propose(outcomes)
+            assert sp.offer_rounds == before + 1
+            assert [(s.seq_id, s.round, len(s.tokens)) for s in specs] == [(o.seq_id, o.round + 1, 3) for o in outcomes]
+        sp.stats  # reads the last reply
+        assert sp.offer_mismatches == 0
+    finally:
+        sp.close()
+
+
+@pytest.mark.slow
+def test_a_child_process_draft_never_blocks_on_an_offer_nobody_reads():
+    """The child's build thread sends each offer on a pipe of its own; with that pipe shrunk to one
+    page, an offer blocks the build until the parent reads it, so the parent must read offers
+    while it waits for any reply (a sequence's removal waits for the build), or both wait forever."""
+    import fcntl
+    import threading
+
+    from ssd_core.proc_speculator import process_factory
+
+    target, draft = PAIRS["perturbed"]
+    # 12 rows x 36 outcomes: an offer of ~8.5 KB, over the page
+    engine = Engine(target, draft, SpecConfig(mode=Mode.SSD, lookahead=5, fan_out=(6,) * 6, budget=36),
+                    speculator_factory=process_factory(draft))
+    lengths = [NEW - 2 * (i % 5) for i in range(12)]  # sequences finish (are removed) mid-batch
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
+    out = {}
+    try:
+        engine.generate([Request(tuple(PROMPTS[0]), SamplingParams(max_new_tokens=4))])  # the child is up
+        sp = engine._speculator
+        fcntl.fcntl(sp._offer_conn.fileno(), 1031, 4096)  # F_SETPIPE_SZ: one page
+        worker = threading.Thread(target=lambda: out.update(results=engine.generate(
+            [Request(tuple(p), SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, lengths)])), daemon=True)
+        worker.start()
+        worker.join(60)
+        hung = worker.is_alive()
+        if hung:
+            sp._proc.kill()  # unblock the parent so the test can end
+            worker.join(10)
+        assert not hung, "the parent and the child process waited on each other"
+    finally:
+        engine.close()
+    for p, n, r in zip(prompts, lengths, out["results"]):
+        assert list(r.token_ids) == REFS["perturbed"][PROMPTS.index(p)][:n]
