@@ -172,10 +172,10 @@ class ProcessSpeculator:
         answered from the offers, whose reply says what the child itself proposed)."""
         while self._unanswered:
             name = self._unanswered.popleft()
+            ours = self._answered.popleft() if name == "propose" else {}  # before a reply that may raise
             value = self._reply(name)
             if name == "propose":
                 specs, self.build_wait_s = value
-                ours = self._answered.popleft()
                 self.offer_mismatches += any(ours.get(sp.seq_id) != tuple(sp.tokens) for sp in specs)
                 self._last.update((sp.seq_id, tuple(sp.tokens)) for sp in specs)
 
