@@ -16,13 +16,13 @@ target verified the child's own last speculation, the condition of the child's o
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
-import collections
 import pickle
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,6 @@ class ProcessSpeculator:
         self._unanswered: collections.deque[str] = collections.deque()  # calls sent whose replies are not read yet
         self.fan_out, self.tree, self._backup = tuple(fan_out), tree and sum(fan_out) > 0, backup
         self.build_wait_s = 0.0  # the child's rounds' waits for its cache builds (each propose reports it)
-        self._greedy: dict[str, bool] = {}  # seq_id -> its rows take argmax (offers serve those only)
         self._last: dict[str, tuple[int, ...]] = {}  # seq_id -> the child's last answer's tokens
         self._offers: dict[str, CacheOffer] = {}  # seq_id -> the newest offer from the child
         self.offer_rounds = 0  # rounds answered from the offers (tests, benchmarks)
@@ -80,7 +79,6 @@ class ProcessSpeculator:
         send_message(self._conn, ("add", (starts,)))
         self._unanswered.append("add")
         for st in starts:
-            self._greedy[st.seq_id] = st.params.greedy
             self._last.pop(st.seq_id, None)
             self._offers.pop(st.seq_id, None)
 
@@ -94,15 +92,13 @@ class ProcessSpeculator:
             self._answered.append({sp.seq_id: sp.tokens for sp in specs})
             self.offer_rounds += 1
             return specs
-        send_message(self._conn, ("propose", (outcomes, lookahead)))
-        specs, self.build_wait_s = self._reply("propose")
+        specs, self.build_wait_s = self._call("propose", outcomes, lookahead)
         self._last.update((sp.seq_id, tuple(sp.tokens)) for sp in specs)
         return specs
 
     def remove(self, seq_ids: list[str]) -> None:
         self._call("remove", seq_ids)
         for seq_id in seq_ids:
-            self._greedy.pop(seq_id, None)
             self._last.pop(seq_id, None)
             self._offers.pop(seq_id, None)
 
@@ -114,7 +110,8 @@ class ProcessSpeculator:
         specs = []
         for o in outcomes:
             offer, last = self._offers.get(o.seq_id), self._last.get(o.seq_id)
-            if (o.num_accepted == FIRST_ROUND or not self._greedy.get(o.seq_id) or offer is None
+            # (the child offers a build only when every row is greedy: an offer carries no q')
+            if (o.num_accepted == FIRST_ROUND or offer is None
                     or offer.round != o.round or last is None or not 0 <= o.num_accepted <= len(last)):
                 return None
             # the child's cache is keyed on its own speculation: a hit only if the target verified it
@@ -242,7 +239,7 @@ def _child_main(conn, offer_conn, draft, fan_out, saguaro_c, backup, tree, threa
     model = apply_weights(model, weights)  # here, in the process that runs it
     spec = DraftSpeculator(model, fan_out, saguaro_c, backup, tree=tree)
 
-    greedy: dict[str, bool] = {}  # seq_id -> argmax rows (the parent takes offers for all-greedy rounds only)
+    greedy: dict[str, bool] = {}  # seq_id -> argmax rows: a build is offered only when all are (no q' in an offer)
 
     def offer(offers) -> None:  # from the build thread, on a pipe of its own
         if not offers or not all(greedy.get(o.seq_id, False) for o in offers):

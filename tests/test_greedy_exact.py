@@ -215,6 +215,29 @@ def test_a_child_process_draft_answers_a_round_from_its_offers_as_it_would_itsel
 
 
 @pytest.mark.slow
+def test_a_child_process_draft_offers_nothing_for_a_batch_with_a_sampled_row():
+    """An offer carries no q': a build over a sampled row is never offered, so such rounds wait
+    for the child's answer (which carries it)."""
+    from ssd_core.proc_speculator import ProcessSpeculator
+    from ssd_core.types import RoundOutcome, SeqStart
+
+    _, draft = PAIRS["perturbed"]
+    sp = ProcessSpeculator(draft, (3, 3, 2, 2))
+    try:
+        sp.add([SeqStart("g", tuple(PROMPTS[0]), SamplingParams(), 0),
+                SeqStart("s", tuple(PROMPTS[4]), SamplingParams(temperature=1.0, seed=3), 0)])
+        specs = sp.propose([RoundOutcome.first("g"), RoundOutcome.first("s")])
+        sp.stats  # the child's build is done (its offer, had it made one, sent before this reply)
+        sp._drain_offers()
+        assert sp._offers == {}
+        outcomes = [RoundOutcome(s.seq_id, s.round, 0, 1, (1,)) for s in specs]
+        sp.propose(outcomes)
+        assert sp.offer_rounds == 0
+    finally:
+        sp.close()
+
+
+@pytest.mark.slow
 def test_a_child_process_draft_never_blocks_on_an_offer_nobody_reads():
     """The child's build thread sends each offer on a pipe of its own; with that pipe shrunk to one
     page, an offer blocks the build until the parent reads it, so the parent must read offers
