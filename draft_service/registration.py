@@ -97,6 +97,16 @@ class Registrar:
         with self._lock:
             return len(self._leases)
 
+    def check_now(self) -> None:
+        """Heartbeat every registered lease at the loop's next pass instead of at ttl/3. Called when a
+        Session ends: a target that found this draft too slow once (an answer past its budget) drops
+        the lease and closes the session, and would otherwise wait for the next heartbeat (20 s at
+        a 60 s lease) to see it again. A lease in backoff keeps its backoff."""
+        with self._lock:
+            for lease in self._leases.values():
+                if lease.lease_id and not lease.failures:
+                    lease.next_at = 0.0
+
     def wait_registered(self, n: int | None, timeout_s: float) -> bool:
         """Block until n targets (None: every known one) hold a lease (startup log, tests)."""
         deadline = time.monotonic() + timeout_s

@@ -61,6 +61,7 @@ class DraftServer:
         registrar = self.registrar
         metrics.bind_targets(lambda: len(registrar.registered()), registrar.known)
         self.servicer.registration = lambda: (len(registrar.registered()), registrar.known())
+        self.servicer.on_session_end = registrar.check_now  # a dropped lease comes back at once
         return self.registrar
 
     def stop(self, grace_s: float | None = None) -> None:

@@ -88,6 +88,8 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
         self._prefix = f"{os.getpid()}-"
         # (registered, known) targets, for GetInfo; bound by the server once registration starts
         self.registration: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        # called when a Session ends (the registrar's check_now, once registration starts)
+        self.on_session_end: Callable[[], None] = lambda: None
         self.channel_host = "127.0.0.1"  # the advertised host: sessions' tensor channels listen there
 
     def set_model(self, model: LoadedModel) -> None:
@@ -151,6 +153,7 @@ class SpeculatorServicer(speculation_pb2_grpc.SpeculatorServicer):
                 session.close()
                 log.info("session %s ended", session.session_id)
                 outbox.answer(_END)
+                self.on_session_end()
 
         session.push = outbox.offer
         threading.Thread(target=serve, name=f"ssd-draft-session-{session.session_id}", daemon=True).start()

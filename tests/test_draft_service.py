@@ -266,8 +266,8 @@ class _FakeRegistry(speculation_pb2_grpc.TargetRegistryServicer):
             return sum(1 for c in self.calls if c[0] == kind)
 
 
-def _start_registry(name: str, port: int = 0) -> tuple[grpc.Server, int, _FakeRegistry]:
-    fake = _FakeRegistry(name)
+def _start_registry(name: str, port: int = 0, kind: type = _FakeRegistry) -> tuple[grpc.Server, int, _FakeRegistry]:
+    fake = kind(name)
     srv = grpc.server(futures.ThreadPoolExecutor(4))
     speculation_pb2_grpc.add_TargetRegistryServicer_to_server(fake, srv)
     bound = srv.add_insecure_port(f"127.0.0.1:{port}")
@@ -304,6 +304,43 @@ def test_registers_with_every_target_and_again_after_a_restart(draft) -> None:
     assert fake_a.count("deregister") == 1 and fake_b.count("deregister") == 1
     srv_a.stop(0)
     srv_b.stop(0)
+
+
+class _LongLeaseRegistry(_FakeRegistry):
+    """A target with 60 s leases (a heartbeat every 20 s) that can drop a lease, as a target's pool
+    does when a draft answers past its budget (target_service/draft_pool.py, _kill)."""
+
+    def Register(self, request, context):
+        resp = super().Register(request, context)
+        resp.lease_ttl_ms = 60_000
+        return resp
+
+    def Heartbeat(self, request, context):
+        resp = super().Heartbeat(request, context)
+        resp.lease_ttl_ms = 60_000
+        return resp
+
+
+def test_a_dropped_lease_comes_back_when_the_target_ends_the_session(draft) -> None:
+    srv, port, fake = _start_registry("t", kind=_LongLeaseRegistry)
+    draft_srv, draft_port = create_server(DraftServerConfig(port=0, targets=(f"127.0.0.1:{port}",)), model=draft)
+    draft_srv.start()
+    registrar = draft_srv.start_registration()
+    try:
+        assert registrar.wait_registered(1, 10) and fake.count("register") == 1
+        with fake.lock:
+            fake.leases.clear()  # the target's pool drops the lease ...
+        with grpc.insecure_channel(f"127.0.0.1:{draft_port}") as channel:
+            stream = _Stream(channel)  # ... and closes the session it had on this draft
+            stream.open()
+            stream.end()
+            assert list(stream.responses) == []
+        # the draft heartbeats at once, learns the lease is gone and registers again: not 20 s later
+        assert _wait_for(lambda: fake.count("register") == 2, timeout=5.0), fake.calls
+        assert registrar.wait_registered(1, 5)
+    finally:
+        draft_srv.stop(0)
+        srv.stop(0)
 
 
 def test_resolve_and_exit_codes(tmp_path, model_dir) -> None:
