@@ -59,9 +59,13 @@ class _Lease:
     lease_id: str = ""
     ttl_s: float = _DEFAULT_TTL_S
     next_at: float = 0.0
+    renewed_at: float = 0.0  # the last successful Register / Heartbeat
     backoff_s: float = 0.0
     replica: str = ""
     failures: int = 0
+
+
+_MIN_CHECK_S = 1.0  # Registrar.check_now: at most one extra heartbeat a second per target
 
 
 class Registrar:
@@ -101,11 +105,14 @@ class Registrar:
         """Heartbeat every registered lease at the loop's next pass instead of at ttl/3. Called when a
         Session ends: a target that found this draft too slow once (an answer past its budget) drops
         the lease and closes the session, and would otherwise wait for the next heartbeat (20 s at
-        a 60 s lease) to see it again. A lease in backoff keeps its backoff."""
+        a 60 s lease) to see it again. A lease in backoff keeps its backoff, and a lease is never
+        heartbeaten this way within _MIN_CHECK_S of its last heartbeat (a caller opening and closing
+        Sessions cannot make this draft flood its targets)."""
+        now = time.monotonic()
         with self._lock:
             for lease in self._leases.values():
                 if lease.lease_id and not lease.failures:
-                    lease.next_at = 0.0
+                    lease.next_at = min(lease.next_at, max(now, lease.renewed_at + _MIN_CHECK_S))
 
     def wait_registered(self, n: int | None, timeout_s: float) -> bool:
         """Block until n targets (None: every known one) hold a lease (startup log, tests)."""
@@ -198,7 +205,8 @@ class Registrar:
 
     def _renewed(self, lease: _Lease, ttl_ms: int) -> None:
         lease.ttl_s = ttl_ms / 1000 if ttl_ms else _DEFAULT_TTL_S
-        lease.next_at = time.monotonic() + lease.ttl_s / 3
+        lease.renewed_at = time.monotonic()
+        lease.next_at = lease.renewed_at + lease.ttl_s / 3
         lease.backoff_s, lease.failures = 0.0, 0
 
     def _failed(self, lease: _Lease, what: str, exc: grpc.RpcError) -> None:

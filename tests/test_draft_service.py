@@ -343,6 +343,32 @@ def test_a_dropped_lease_comes_back_when_the_target_ends_the_session(draft) -> N
         srv.stop(0)
 
 
+def test_session_ends_cannot_make_a_draft_flood_its_targets_with_heartbeats(draft) -> None:
+    srv, port, fake = _start_registry("t", kind=_LongLeaseRegistry)
+    draft_srv, _ = create_server(DraftServerConfig(port=0, targets=(f"127.0.0.1:{port}",)), model=draft)
+    draft_srv.start()
+    registrar = draft_srv.start_registration()
+    try:
+        assert registrar.wait_registered(1, 10)
+        registered_at = time.monotonic()
+        end = registered_at + 0.6
+        while time.monotonic() < end:  # sessions ending over and over, right after a renewal
+            registrar.check_now()
+            time.sleep(0.01)
+        assert fake.count("heartbeat") == 0
+        time.sleep(max(0.0, registered_at + 1.2 - time.monotonic()))
+        registrar.check_now()  # a second after the renewal: one heartbeat
+        assert _wait_for(lambda: fake.count("heartbeat") == 1, timeout=5.0)
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            registrar.check_now()
+            time.sleep(0.01)
+        assert fake.count("heartbeat") == 1, fake.calls
+    finally:
+        draft_srv.stop(0)
+        srv.stop(0)
+
+
 def test_resolve_and_exit_codes(tmp_path, model_dir) -> None:
     assert resolve_target("localhost:1234") == ["127.0.0.1:1234"]
     busy, port = create_server(DraftServerConfig(port=0))
