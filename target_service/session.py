@@ -56,6 +56,8 @@ class DraftSessionClient:
         self._offers: dict[str, spb.SequenceOffer] = {}  # held sequence -> the latest offer pushed for it
         self._config = config  # bounds what an offer may hold (K, entries)
         self._bad_offers = 0
+        self.stale_offers = 0  # offers built for the K / fan-out before a reconfigure: dropped quietly
+        self._stale_before = 0  # after a reconfigure: the first step whose answer proves the draft has it
         self._cond = threading.Condition()
         self._step = 0
         self._closed = False
@@ -87,6 +89,9 @@ class DraftSessionClient:
             with self._cond:
                 self._config = config
                 self._offers.clear()  # built for the old K / fan-out
+                # offers still in flight were built for the old shape: until the draft answers a round
+                # sent after this, one over the new bounds is stale, not bad (a K change is routine)
+                self._stale_before = self._step + 1
             self._requests.put(spb.SessionRequest(reconfigure=config))
 
     def remove(self, seq_ids: list[str]) -> None:
@@ -228,6 +233,8 @@ class DraftSessionClient:
         with self._cond:
             if kind == "speculations":
                 step = response.speculations.step
+                if self._stale_before and self._stale_before <= step <= self._step:
+                    self._stale_before = 0  # the draft has the new shape: its offers are held to it
                 if step > self._step:  # not asked yet: a broken or hostile draft; never filed
                     self._fail_locked(f"answered step {step} before it was asked (current step {self._step})")
                     self._call.cancel()
@@ -258,6 +265,9 @@ class DraftSessionClient:
         limit = sum(self._config.fan_out) + k + 1
         for m in offer.sequences:
             if m.seq_id not in self._held:
+                continue
+            if self._stale_before and any(len(e.tokens) != k for e in m.entries):
+                self.stale_offers += 1  # built for the old K: dropped without a warning
                 continue
             if len(m.entries) > limit or sum(len(e.tokens) for e in m.entries) > limit * k:
                 self._bad_offer(f"{len(m.entries)} entries (at most {limit} of {k} tokens)")

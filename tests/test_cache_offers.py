@@ -141,3 +141,71 @@ def test_a_session_outbox_bounds_offers_and_holds_answers_until_there_is_room():
     box.closed.set()  # the RPC ended: a waiting answer gives up instead of blocking for ever
     t.join(5)
     assert done == [False]
+
+
+class _ReshapingDraft:  # duck-typed Speculator servicer (GetInfo unused)
+    """A Speculator that pushes an offer built for K = 3 right after a reconfigure to K = 2 (as a
+    build in flight does), answers the next round, then pushes a K = 3 offer over the K = 2 bounds
+    (now bad)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.done = threading.Event()
+
+    def GetInfo(self, request, context):
+        raise NotImplementedError
+
+    def Session(self, request_iterator, context):
+        from ssd_protos.ssd.v1 import speculation_pb2 as spb
+
+        def old_k_offer(round_: int, n: int = 1):
+            entries = [spb.OfferEntry(num_accepted=0, bonus_token=b, tokens=[1, 2, 3]) for b in range(n)]
+            return spb.SessionResponse(offer=spb.CacheOffer(sequences=[spb.SequenceOffer(seq_id="s", round=round_,
+                                                                                          entries=entries)]))
+
+        for request in request_iterator:
+            kind = request.WhichOneof("request")
+            if kind == "open":
+                yield spb.SessionResponse(opened=spb.SessionOpened(session_id="x", config=request.open.config))
+            elif kind == "reconfigure":
+                yield old_k_offer(1)
+            elif kind == "round":
+                yield spb.SessionResponse(speculations=spb.Speculations(step=request.round.step, sequences=[
+                    spb.SequenceSpeculation(seq_id="s", round=1, tokens=[1, 2])]))
+                yield old_k_offer(2, 7)  # over the K = 2 bounds (at most 6 entries)
+                self.done.set()
+
+
+def test_offers_built_before_a_reconfigure_are_stale_not_bad():
+    import grpc
+
+    from ssd_core.config import BackupKind, SamplingParams
+    from ssd_core.types import RoundOutcome, SeqStart
+    from ssd_protos.ssd.v1 import speculation_pb2_grpc as spb_grpc
+    from target_service.session import DraftSessionClient
+
+    fake = _ReshapingDraft()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    spb_grpc.add_SpeculatorServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = DraftSessionClient("lease", f"127.0.0.1:{port}", "t0", codec.config_to_pb((1, 1, 1, 1), 1.0, BackupKind.JIT, 3),
+                                vocab_size=8, want_offers=True)
+    try:
+        client.add([SeqStart("s", (1, 2), SamplingParams(), 3)])
+        client.reconfigure(codec.config_to_pb((1, 1, 1), 1.0, BackupKind.JIT, 2))
+        step = client.send_round([RoundOutcome.first("s")], want_draft_probs=False)
+        import time
+
+        assert client.wait_round(step, time.monotonic() + 10) is not None
+        assert fake.done.wait(10)
+        deadline = time.monotonic() + 5
+        while client._bad_offers == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # the offer in flight at the reconfigure is stale (quiet); one after the draft answered at
+        # the new K is bad (counted, and warned about at the 1st, 100th, ...)
+        assert (client.stale_offers, client._bad_offers) == (1, 1)
+    finally:
+        client.close("test over")
+        server.stop(0)
