@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -321,13 +322,24 @@ class _LongLeaseRegistry(_FakeRegistry):
         return resp
 
 
-def test_a_dropped_lease_comes_back_when_the_target_ends_the_session(draft) -> None:
+@contextlib.contextmanager
+def _long_lease_draft(draft):
+    """A draft registered with a _LongLeaseRegistry: yields (registry, registrar, draft port)."""
     srv, port, fake = _start_registry("t", kind=_LongLeaseRegistry)
     draft_srv, draft_port = create_server(DraftServerConfig(port=0, targets=(f"127.0.0.1:{port}",)), model=draft)
     draft_srv.start()
     registrar = draft_srv.start_registration()
     try:
-        assert registrar.wait_registered(1, 10) and fake.count("register") == 1
+        assert registrar.wait_registered(1, 10)
+        yield fake, registrar, draft_port
+    finally:
+        draft_srv.stop(0)
+        srv.stop(0)
+
+
+def test_a_dropped_lease_comes_back_when_the_target_ends_the_session(draft) -> None:
+    with _long_lease_draft(draft) as (fake, registrar, draft_port):
+        assert fake.count("register") == 1
         with fake.lock:
             fake.leases.clear()  # the target's pool drops the lease ...
         with grpc.insecure_channel(f"127.0.0.1:{draft_port}") as channel:
@@ -338,18 +350,10 @@ def test_a_dropped_lease_comes_back_when_the_target_ends_the_session(draft) -> N
         # the draft heartbeats at once, learns the lease is gone and registers again: not 20 s later
         assert _wait_for(lambda: fake.count("register") == 2, timeout=5.0), fake.calls
         assert registrar.wait_registered(1, 5)
-    finally:
-        draft_srv.stop(0)
-        srv.stop(0)
 
 
 def test_session_ends_cannot_make_a_draft_flood_its_targets_with_heartbeats(draft) -> None:
-    srv, port, fake = _start_registry("t", kind=_LongLeaseRegistry)
-    draft_srv, _ = create_server(DraftServerConfig(port=0, targets=(f"127.0.0.1:{port}",)), model=draft)
-    draft_srv.start()
-    registrar = draft_srv.start_registration()
-    try:
-        assert registrar.wait_registered(1, 10)
+    with _long_lease_draft(draft) as (fake, registrar, _):
         registered_at = time.monotonic()
         end = registered_at + 0.6
         while time.monotonic() < end:  # sessions ending over and over, right after a renewal
@@ -364,9 +368,6 @@ def test_session_ends_cannot_make_a_draft_flood_its_targets_with_heartbeats(draf
             registrar.check_now()
             time.sleep(0.01)
         assert fake.count("heartbeat") == 1, fake.calls
-    finally:
-        draft_srv.stop(0)
-        srv.stop(0)
 
 
 def test_resolve_and_exit_codes(tmp_path, model_dir) -> None:
