@@ -10,8 +10,11 @@ tests/test_exactness_pool.py.
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent import futures
 
+import grpc
 import pytest
 
 from client import Client
@@ -21,11 +24,14 @@ from draft_service.config import DraftServerConfig
 from draft_service.servicer import Outbox
 from draft_service.server import create_server as create_draft
 from ssd_core import metrics
-from ssd_core.config import Mode
-from ssd_core.types import CacheOffer
+from ssd_core.config import BackupKind, Mode, SamplingParams
+from ssd_core.types import CacheOffer, RoundOutcome, SeqStart
 from ssd_core.wire import codec
+from ssd_protos.ssd.v1 import speculation_pb2 as spb
+from ssd_protos.ssd.v1 import speculation_pb2_grpc as spb_grpc
 from target_service.config import TargetConfig
 from target_service.server import create_server as create_target
+from target_service.session import DraftSessionClient
 
 PROMPTS = [[3, 1, 4, 1, 5, 9], [2, 7, 1, 8], [5, 5, 6, 1, 2]]
 _OFFERS_TO_PB = codec.offers_to_pb  # the real encoder (the tampering tests patch the draft's)
@@ -120,8 +126,6 @@ def test_offers_a_draft_lies_in_or_garbles_never_change_greedy_output(pair, refe
 
 
 def test_a_session_outbox_bounds_offers_and_holds_answers_until_there_is_room():
-    import threading
-
     box = Outbox(size=4)
     for i in range(10):  # a target that does not read: offers past the bound are dropped
         box.offer(i)
@@ -143,22 +147,15 @@ def test_a_session_outbox_bounds_offers_and_holds_answers_until_there_is_room():
     assert done == [False]
 
 
-class _ReshapingDraft:  # duck-typed Speculator servicer (GetInfo unused)
+class _ReshapingDraft(spb_grpc.SpeculatorServicer):
     """A Speculator that pushes an offer built for K = 3 right after a reconfigure to K = 2 (as a
     build in flight does), answers the next round, then pushes a K = 3 offer over the K = 2 bounds
     (now bad)."""
 
     def __init__(self) -> None:
-        import threading
-
         self.done = threading.Event()
 
-    def GetInfo(self, request, context):
-        raise NotImplementedError
-
     def Session(self, request_iterator, context):
-        from ssd_protos.ssd.v1 import speculation_pb2 as spb
-
         def old_k_offer(round_: int, n: int = 1):
             entries = [spb.OfferEntry(num_accepted=0, bonus_token=b, tokens=[1, 2, 3]) for b in range(n)]
             return spb.SessionResponse(offer=spb.CacheOffer(sequences=[spb.SequenceOffer(seq_id="s", round=round_,
@@ -178,13 +175,6 @@ class _ReshapingDraft:  # duck-typed Speculator servicer (GetInfo unused)
 
 
 def test_offers_built_before_a_reconfigure_are_stale_not_bad():
-    import grpc
-
-    from ssd_core.config import BackupKind, SamplingParams
-    from ssd_core.types import RoundOutcome, SeqStart
-    from ssd_protos.ssd.v1 import speculation_pb2_grpc as spb_grpc
-    from target_service.session import DraftSessionClient
-
     fake = _ReshapingDraft()
     server = grpc.server(futures.ThreadPoolExecutor(4))
     spb_grpc.add_SpeculatorServicer_to_server(fake, server)
@@ -196,8 +186,6 @@ def test_offers_built_before_a_reconfigure_are_stale_not_bad():
         client.add([SeqStart("s", (1, 2), SamplingParams(), 3)])
         client.reconfigure(codec.config_to_pb((1, 1, 1), 1.0, BackupKind.JIT, 2))
         step = client.send_round([RoundOutcome.first("s")], want_draft_probs=False)
-        import time
-
         assert client.wait_round(step, time.monotonic() + 10) is not None
         assert fake.done.wait(10)
         deadline = time.monotonic() + 5
