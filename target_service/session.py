@@ -56,7 +56,7 @@ class DraftSessionClient:
         self._offers: dict[str, spb.SequenceOffer] = {}  # held sequence -> the latest offer pushed for it
         self._config = config  # bounds what an offer may hold (K, entries)
         self._bad_offers = 0
-        self.stale_offers = 0  # offers built for the K / fan-out before a reconfigure: dropped quietly
+        self.stale_offers = 0  # offers built for the K before a reconfigure: dropped quietly
         self._stale_before = 0  # after a reconfigure: the first step whose answer proves the draft has it
         self._cond = threading.Condition()
         self._step = 0
@@ -90,7 +90,8 @@ class DraftSessionClient:
                 self._config = config
                 self._offers.clear()  # built for the old K / fan-out
                 # offers still in flight were built for the old shape: until the draft answers a round
-                # sent after this, one over the new bounds is stale, not bad (a K change is routine)
+                # sent after this, one whose entries are not K tokens is stale, not bad (a K change is
+                # routine); after a fan-out-only change old offers meet the bounds like any other
                 self._stale_before = self._step + 1
             self._requests.put(spb.SessionRequest(reconfigure=config))
 
