@@ -101,6 +101,11 @@ def expected_answer_ms(report: DraftLoadReport | None, step_cost: tuple[float, f
     return base + per_row * (unreported + 1)
 
 
+def _measured(report: DraftLoadReport | None) -> bool:
+    """Whether a report carries answer latencies measured on traffic (an idle draft's does not)."""
+    return report is not None and report.answer_p50_ms > 0 and report.rows_per_step > 0 and report.step_ms > 0
+
+
 def _step_cost(info: spb.DraftInfo) -> tuple[float, float]:
     """A draft's self-reported forward cost, clamped to sane values (untrusted: it only steers
     the target's choice of K, never its output)."""
@@ -252,6 +257,16 @@ class DraftRegistry:
         ours = self._load.get(lease_id, 0)
         # unreported: what we assigned since its report (before any report: all of ours)
         unreported = max(0, ours - ours_then) if report is not None else ours
+        if not _measured(report):
+            # An idle (or new) draft has no answer latency of its own yet. Priced at its announced
+            # forward cost it lost to every busy peer whose answers are cache hits (sub-ms), so a
+            # restarted or added draft got no sequences at light load. A draft of the same model
+            # with nothing to do answers at least as fast as one that is busy: price it like the
+            # best-measured peer of its model, with its own unreported load.
+            peers = [r for x, (r, _) in self._reports.items() if x != lease_id and _measured(r)
+                     and x in self._leases and self._leases[x].model_id == lease.model_id]
+            if peers:
+                report = min(peers, key=lambda r: expected_answer_ms(r, (0.0, 0.0), 0))
         return expected_answer_ms(report, lease.step_cost, unreported)
 
     def draft_model_ids(self) -> list[str]:

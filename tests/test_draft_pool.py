@@ -147,6 +147,36 @@ def test_registry_routes_by_expected_answer_latency_and_skips_saturated_drafts(t
     assert reg.pick(ids) is None  # all full: the fast backup instead of a queue
 
 
+def test_an_idle_draft_is_priced_like_its_best_measured_peer_not_its_forward_cost(target_identity_info):
+    """A draft with no traffic yet (restarted, added) reports no answer latency. Priced at its
+    announced forward cost it lost every pick to a busy peer answering from its cache in under
+    a millisecond, so at light load it never got a sequence (seen in the e2e cluster's tests)."""
+    from ssd_protos.ssd.v1 import speculation_pb2 as spb
+    from target_service.registry import DraftRegistry
+
+    identity, base = target_identity_info
+    info = spb.DraftInfo()
+    info.CopyFrom(base)
+    info.model_id, info.step_fixed_ms, info.step_ms_per_token = "draft-a", 1.0, 0.3
+    reg = DraftRegistry(identity, ttl_s=60)
+    busy = reg.register("127.0.0.1:1", "busy", info)
+    fresh = reg.register("127.0.0.1:2", "fresh", info)
+    other_info = spb.DraftInfo()
+    other_info.CopyFrom(info)
+    other_info.model_id = "draft-b"
+    other = reg.register("127.0.0.1:3", "other-model", other_info)
+    reg.heartbeat(busy.lease_id, load=spb.DraftLoad(answer_p50_ms=0.5, step_ms=3, rows_per_step=6, active_sequences=6))
+    reg.heartbeat(fresh.lease_id, load=spb.DraftLoad())  # alive, idle: nothing measured
+    assert reg.expected_ms(busy.lease_id) == pytest.approx(0.5 + 0.5)
+    assert reg.expected_ms(fresh.lease_id) == pytest.approx(0.5 + 0.5)  # not 1.0 + 0.3 (its forward cost)
+    assert reg.expected_ms(other.lease_id) == pytest.approx(1.3)  # another model's numbers are not borrowed
+    picks = [reg.pick([busy.lease_id, fresh.lease_id]) for _ in range(4)]
+    assert picks.count(fresh.lease_id) == 2 and picks.count(busy.lease_id) == 2  # the load spreads
+    assert reg.expected_ms(fresh.lease_id) == pytest.approx(0.5 + 0.5 * 3)  # its own unreported load counts
+    reg.heartbeat(fresh.lease_id, load=spb.DraftLoad(answer_p50_ms=9, step_ms=8, rows_per_step=2))
+    assert reg.expected_ms(fresh.lease_id) == pytest.approx(9 + 4)  # measured: its own numbers from then on
+
+
 @pytest.fixture()
 def target_identity_info():
     from ssd_core.models import tokenizer_fingerprint
