@@ -231,6 +231,7 @@ class DraftScheduler:
         self.on_evict: Callable[[], None] | None = None  # /metrics counter
         self.evictions = 0  # sessions dropped from a step for missing the window (tests, /metrics)
         self.steps = 0
+        self.rows_stepped = 0  # rows over all steps (tests: rows_stepped / steps > 1 = sessions batched)
 
     # -- session-facing (each session calls these from its own thread, one call at a time) ---------
     def open(self, sid: str, plan: SessionPlan, offers: Callable[[list[CacheOffer]], None] | None = None) -> None:
@@ -552,6 +553,7 @@ class DraftScheduler:
             rows += len(outcomes)
             self._shard_step(g, shard, starts, outcomes, shard_tickets, t0)
         self.steps += 1
+        self.rows_stepped += rows
 
     def _shard_step(self, g: _Group, shard: _Shard, starts: list[SeqStart], outcomes: list[RoundOutcome],
                     tickets: list[_Ticket], t0: float) -> None:

@@ -85,7 +85,12 @@ VOCAB, NEW, PROMPT = 6, 3, (1, 4, 2)
 @pytest.mark.parametrize("trusted", [True, False], ids=["trusted-q", "untrusted-offers"])
 def test_two_targets_one_batched_draft_sampled_matches_the_target(trusted):
     """Trusted: the draft's q' is used (sampled proposals, the answers). Untrusted: tokens only,
-    verified against a point mass, and hits come from the draft's pushed cache offers."""
+    verified against a point mass, and hits come from the draft's pushed cache offers.
+
+    A round is answered from offers only when every row of the target's batch has its offer in
+    (DraftSessionClient.take_offers); at 24 in flight (~12 rows a batch) that was 1 round in 1200
+    requests on an idle machine and none under the suite's load, so the untrusted run keeps
+    fewer in flight (~4 rows a batch: ~50 offer rounds idle) for its chi-square to cover them."""
     target, draft = make_pair(vocab=VOCAB, draft_kind="perturbed", seed=11, init_std=1.0)
     exact = exact_joint(target.model, PROMPT, NEW, VOCAB)
     trust = ("anonymous@127.0.0.1", "shared@127.0.0.1") if trusted else ()
@@ -95,7 +100,7 @@ def test_two_targets_one_batched_draft_sampled_matches_the_target(trusted):
     try:
         out: list = [None] * n
         clients = [Client(a, timeout=120, max_retries=0) for a in addrs]
-        with futures.ThreadPoolExecutor(24) as pool:
+        with futures.ThreadPoolExecutor(24 if trusted else 8) as pool:
             jobs = {pool.submit(clients[i % 2].generate, prompt_ids=PROMPT, max_tokens=NEW, temperature=1.0, seed=i,
                                 ignore_eos=True, lookahead=2, saguaro_c=0.5): i for i in range(n)}
             hits = []
@@ -104,8 +109,11 @@ def test_two_targets_one_batched_draft_sampled_matches_the_target(trusted):
                 hits.append(job.result().stats.cache_hit_rate)
         for c in clients:
             c.close()
-        assert sum(hits) / len(hits) > 0.2
-        assert d.servicer.load().rows_per_step > 1
+        assert sum(hits) / len(hits) > 0.05  # used (the rate depends on the machine's load: 0.2-0.5 idle)
+        # rows batched in the draft's steps over the whole run (the load meter's 10 s window can
+        # be empty by now: a draft slowed by a loaded machine reports saturation and is bypassed)
+        sched = d.servicer.scheduler
+        assert sched.steps > 0 and sched.rows_stepped / sched.steps > 1
         offered = metrics.CACHE_OFFER_ROUNDS._value.get() - offers0
         assert offered == 0 if trusted else offered > 0  # q' wanted: no offers (they carry none)
         p = chi_square_pvalue(out, exact)
