@@ -90,8 +90,8 @@ class DraftSessionClient:
                 self._config = config
                 self._offers.clear()  # built for the old K / fan-out
                 # offers still in flight were built for the old shape: until the draft answers a round
-                # sent after this, one whose entries are not K tokens is stale, not bad (a K change is
-                # routine); after a fan-out-only change old offers meet the bounds like any other
+                # sent after this, one whose entries are not K tokens, or more than the new fan-out
+                # allows, is stale, not bad (a re-plan is routine); dropped either way
                 self._stale_before = self._step + 1
             self._requests.put(spb.SessionRequest(reconfigure=config))
 
@@ -267,10 +267,11 @@ class DraftSessionClient:
         for m in offer.sequences:
             if m.seq_id not in self._held:
                 continue
-            if self._stale_before and any(len(e.tokens) != k for e in m.entries):
-                self.stale_offers += 1  # built for the old K: dropped without a warning
+            over = len(m.entries) > limit or sum(len(e.tokens) for e in m.entries) > limit * k
+            if self._stale_before and (over or any(len(e.tokens) != k for e in m.entries)):
+                self.stale_offers += 1  # built for the old K or a bigger fan-out: dropped without a warning
                 continue
-            if len(m.entries) > limit or sum(len(e.tokens) for e in m.entries) > limit * k:
+            if over:
                 self._bad_offer(f"{len(m.entries)} entries (at most {limit} of {k} tokens)")
                 continue
             old = self._offers.get(m.seq_id)

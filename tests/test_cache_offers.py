@@ -148,16 +148,19 @@ def test_a_session_outbox_bounds_offers_and_holds_answers_until_there_is_room():
 
 
 class _ReshapingDraft(spb_grpc.SpeculatorServicer):
-    """A Speculator that pushes an offer built for K = 3 right after a reconfigure to K = 2 (as a
-    build in flight does), answers the next round, then pushes a K = 3 offer over the K = 2 bounds
-    (now bad)."""
+    """A Speculator that pushes an offer of the old shape right after a reconfigure (as a build in
+    flight does: `old_entries` entries of `old_k` tokens), answers the next round with `new_k`
+    tokens, then pushes an offer of `late_entries` entries of `old_k` tokens (over the new bounds:
+    now bad)."""
 
-    def __init__(self) -> None:
+    def __init__(self, old_k: int = 3, new_k: int = 2, old_entries: int = 1, late_entries: int = 7) -> None:
         self.done = threading.Event()
+        self.old_k, self.new_k, self.old_entries, self.late_entries = old_k, new_k, old_entries, late_entries
 
     def Session(self, request_iterator, context):
-        def old_k_offer(round_: int, n: int = 1):
-            entries = [spb.OfferEntry(num_accepted=0, bonus_token=b, tokens=[1, 2, 3]) for b in range(n)]
+        def old_offer(round_: int, n: int):
+            entries = [spb.OfferEntry(num_accepted=0, bonus_token=b, tokens=list(range(1, self.old_k + 1)))
+                       for b in range(n)]
             return spb.SessionResponse(offer=spb.CacheOffer(sequences=[spb.SequenceOffer(seq_id="s", round=round_,
                                                                                           entries=entries)]))
 
@@ -166,25 +169,31 @@ class _ReshapingDraft(spb_grpc.SpeculatorServicer):
             if kind == "open":
                 yield spb.SessionResponse(opened=spb.SessionOpened(session_id="x", config=request.open.config))
             elif kind == "reconfigure":
-                yield old_k_offer(1)
+                yield old_offer(1, self.old_entries)
             elif kind == "round":
                 yield spb.SessionResponse(speculations=spb.Speculations(step=request.round.step, sequences=[
-                    spb.SequenceSpeculation(seq_id="s", round=1, tokens=[1, 2])]))
-                yield old_k_offer(2, 7)  # over the K = 2 bounds (at most 6 entries)
+                    spb.SequenceSpeculation(seq_id="s", round=1, tokens=list(range(1, self.new_k + 1)))]))
+                yield old_offer(2, self.late_entries)
                 self.done.set()
 
 
-def test_offers_built_before_a_reconfigure_are_stale_not_bad():
-    fake = _ReshapingDraft()
+@pytest.mark.parametrize("old_fan_out,new_fan_out,fake", [
+    ((1, 1, 1, 1), (1, 1, 1), lambda: _ReshapingDraft()),  # K 3 -> 2: 7 entries > 6 = 3 + 2 + 1
+    # fan-out only (K stays 3): 10 entries fit the old bound (8 + 3 + 1), not the new (4 + 3 + 1)
+    ((2, 2, 2, 2), (1, 1, 1, 1), lambda: _ReshapingDraft(old_k=3, new_k=3, old_entries=10, late_entries=10)),
+], ids=["k-change", "fan-out-change"])
+def test_offers_built_before_a_reconfigure_are_stale_not_bad(old_fan_out, new_fan_out, fake):
+    fake = fake()
     server = grpc.server(futures.ThreadPoolExecutor(4))
     spb_grpc.add_SpeculatorServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    client = DraftSessionClient("lease", f"127.0.0.1:{port}", "t0", codec.config_to_pb((1, 1, 1, 1), 1.0, BackupKind.JIT, 3),
+    client = DraftSessionClient("lease", f"127.0.0.1:{port}", "t0",
+                                codec.config_to_pb(old_fan_out, 1.0, BackupKind.JIT, len(old_fan_out) - 1),
                                 vocab_size=8, want_offers=True)
     try:
         client.add([SeqStart("s", (1, 2), SamplingParams(), 3)])
-        client.reconfigure(codec.config_to_pb((1, 1, 1), 1.0, BackupKind.JIT, 2))
+        client.reconfigure(codec.config_to_pb(new_fan_out, 1.0, BackupKind.JIT, len(new_fan_out) - 1))
         step = client.send_round([RoundOutcome.first("s")], want_draft_probs=False)
         assert client.wait_round(step, time.monotonic() + 10) is not None
         assert fake.done.wait(10)
