@@ -77,10 +77,14 @@ def _sample(addr: str, n: int, mode: str, during=None, workers: int = 32, **kw) 
     return out  # type: ignore[return-value]
 
 
-def _wait_live(server, count: int) -> None:
-    deadline = time.monotonic() + 10
-    while len(server.app.registry.live()) < count:
-        assert time.monotonic() < deadline, "drafts did not register"
+def _wait_live(server, count: int | None = None, identities: list[str] | None = None, timeout_s: float = 10) -> None:
+    """Until at least `count` drafts are live, or exactly the drafts `identities` (in order)."""
+    def ok(live) -> bool:
+        return [x.identity for x in live] == identities if identities is not None else len(live) >= count
+
+    deadline = time.monotonic() + timeout_s
+    while not ok(live := server.app.registry.live()):
+        assert time.monotonic() < deadline, f"live drafts {[x.identity for x in live]}: wanted {identities or count}"
         time.sleep(0.02)
 
 
@@ -107,10 +111,7 @@ def test_sampled_ssd_with_trusted_drafts_and_a_draft_kill_matches_the_target():
         assert killed.is_set() and sum(HIT_RATES) / len(HIT_RATES) > 0.05
         # draft-a's lease is gone and draft-b's is live; under load the pool may have dropped draft-b
         # for one late answer, and draft-b then registers again at once (Registrar.check_now)
-        deadline = time.monotonic() + 5
-        while [x.identity for x in server.app.registry.live()] != ["draft-b"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert [x.identity for x in server.app.registry.live()] == ["draft-b"]
+        _wait_live(server, identities=["draft-b"], timeout_s=5)
         p = chi_square_pvalue(samples, EXACT)
         assert p > ALPHA, f"chi-square p={p:.2e} <= {ALPHA}"
     finally:
