@@ -56,7 +56,7 @@ class DraftSessionClient:
         self._offers: dict[str, spb.SequenceOffer] = {}  # held sequence -> the latest offer pushed for it
         self._config = config  # bounds what an offer may hold (K, entries)
         self._bad_offers = 0
-        self.stale_offers = 0  # offers built for the K before a reconfigure: dropped quietly
+        self.stale_offers = 0  # offers built for the shape before a reconfigure (K, fan-out): dropped quietly
         self._stale_before = 0  # after a reconfigure: the first step whose answer proves the draft has it
         self._cond = threading.Condition()
         self._step = 0

@@ -177,13 +177,13 @@ class _ReshapingDraft(spb_grpc.SpeculatorServicer):
                 self.done.set()
 
 
-@pytest.mark.parametrize("old_fan_out,new_fan_out,fake", [
-    ((1, 1, 1, 1), (1, 1, 1), lambda: _ReshapingDraft()),  # K 3 -> 2: 7 entries > 6 = 3 + 2 + 1
+@pytest.mark.parametrize("old_fan_out,new_fan_out,shape", [
+    ((1, 1, 1, 1), (1, 1, 1), {}),  # K 3 -> 2: 7 entries > 6 = 3 + 2 + 1
     # fan-out only (K stays 3): 10 entries fit the old bound (8 + 3 + 1), not the new (4 + 3 + 1)
-    ((2, 2, 2, 2), (1, 1, 1, 1), lambda: _ReshapingDraft(old_k=3, new_k=3, old_entries=10, late_entries=10)),
+    ((2, 2, 2, 2), (1, 1, 1, 1), dict(old_k=3, new_k=3, old_entries=10, late_entries=10)),
 ], ids=["k-change", "fan-out-change"])
-def test_offers_built_before_a_reconfigure_are_stale_not_bad(old_fan_out, new_fan_out, fake):
-    fake = fake()
+def test_offers_built_before_a_reconfigure_are_stale_not_bad(old_fan_out, new_fan_out, shape):
+    fake = _ReshapingDraft(**shape)
     server = grpc.server(futures.ThreadPoolExecutor(4))
     spb_grpc.add_SpeculatorServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -200,8 +200,8 @@ def test_offers_built_before_a_reconfigure_are_stale_not_bad(old_fan_out, new_fa
         deadline = time.monotonic() + 5
         while client._bad_offers == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        # the offer in flight at the reconfigure is stale (quiet); one after the draft answered at
-        # the new K is bad (counted, and warned about at the 1st, 100th, ...)
+        # the offer in flight at the reconfigure is stale (quiet); one of the old shape after the
+        # draft answered a round of the new one is bad (counted, and warned about at the 1st, 100th, ...)
         assert (client.stale_offers, client._bad_offers) == (1, 1)
     finally:
         client.close("test over")
