@@ -340,10 +340,12 @@ def run_bench(target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig
     hw = hardware()  # before pinning, so it reports the machine's cores
     target_cpus, draft_cpus = split_cpus()
     hw.update(target_cpus=sorted(target_cpus), draft_cpus=sorted(draft_cpus))
-    with pinned(target_cpus):
-        results = _run_modes(target, draft, prompts, cfg, grpc_runner, target_cpus, draft_cpus)
-        problems = check_identical(results, cfg.temperature)
-        served = served_runner(prompts, target_cpus, draft_cpus, _reference(results)) if served_runner else None
+    # The in-process modes pin this process to the target's cores; the service runners start their
+    # children unpinned (each child pins itself with --cpus, which must be a subset of the mask it
+    # inherits) and pin only their load generator.
+    results = _run_modes(target, draft, prompts, cfg, grpc_runner, target_cpus, draft_cpus)
+    problems = check_identical(results, cfg.temperature)
+    served = served_runner(prompts, target_cpus, draft_cpus, _reference(results)) if served_runner else None
     rep = report(results, cfg, problems, hw, header)
     if served is not None:
         rep["served"] = served
@@ -362,14 +364,16 @@ def _reference(results: dict[str, dict[int, ModeRun]]) -> list[tuple[int, ...]] 
 
 def _run_modes(target, draft, prompts, cfg: BenchConfig, grpc_runner, target_cpus, draft_cpus) -> dict[str, dict[int, ModeRun]]:
     engine_modes = [m for m in cfg.modes if m in ("ar", "sd", "ssd")]
-    interleaved = run_engine_modes(engine_modes, target, draft, prompts, cfg, draft_cpus) if engine_modes else {}
+    with pinned(target_cpus):
+        interleaved = run_engine_modes(engine_modes, target, draft, prompts, cfg, draft_cpus) if engine_modes else {}
     results: dict[str, dict[int, ModeRun]] = {}
     for mode in cfg.modes:
         log.info("bench mode %s", mode)
         if mode in interleaved:
             results[mode] = interleaved[mode]
         elif mode == "hf-assisted":
-            results[mode] = run_hf_assisted(target, draft, prompts, cfg)
+            with pinned(target_cpus):
+                results[mode] = run_hf_assisted(target, draft, prompts, cfg)
         elif mode == "ssd-grpc":
             if grpc_runner is None:
                 raise ValueError("mode ssd-grpc needs the services (target_service / draft_service)")

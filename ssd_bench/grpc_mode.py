@@ -19,12 +19,13 @@ def make_grpc_runner(target_dir: Path, draft_dir: Path, service_pair: Callable[.
     def run(prompts, cfg, target_cpus, draft_cpus):
         from client import Client
         from ssd_bench.bench import ModeRun
+        from ssd_core.proc_speculator import pinned
 
         runs = {}
         pair = service_pair(Path(target_dir), Path(draft_dir), log_dir, target_cpus, draft_cpus,
                             extra_args=service_args, draft_args=draft_args)
         with pair as (target_addr, _, _):
-            with Client(target_addr, timeout=600) as client:
+            with pinned(target_cpus), Client(target_addr, timeout=600) as client:  # the load, on the target's cores
                 for b in cfg.batch_sizes:
                     run = ModeRun()
                     for start in range(0, len(prompts) - b + 1, b):

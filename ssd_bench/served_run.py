@@ -11,6 +11,7 @@ from typing import Any
 
 from ssd_bench.latency import PERCENTILES
 from ssd_bench.served import ServedConfig, grpc_sender, openai_sender, run_cell, summarize
+from ssd_core.proc_speculator import pinned
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def make_served_runner(target_dir: Path, draft_dir: Path, service_pair: Callable
         http_port = free_port()
         pair = service_pair(Path(target_dir), Path(draft_dir), log_dir, target_cpus, draft_cpus,
                             extra_args=service_args, openai_port=http_port, draft_args=draft_args)
-        with pair as (target_addr, _, _):
+        with pair as (target_addr, _, _), pinned(target_cpus):  # services pin themselves; the load goes here
             cells = asyncio.run(_schedule(target_addr, f"http://127.0.0.1:{http_port}/v1", prompts, cfg))
         section = aggregate(cells, cfg)
         section["problems"] = check_outputs(cells, len(prompts), reference, cfg.temperature)

@@ -147,13 +147,15 @@ class Services:
         threads = str(len(svc.cpus)) if svc.cpus else "1"
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1",
                **self.env, **svc.env}
-        cmd = [sys.executable, "-m", "ssd_cli.main", "--log-level", "INFO", *svc.argv, "--host", self.host,
+        # The child pins itself (`--cpus`), never a preexec_fn: a preexec_fn makes CPython fork()
+        # rather than vfork(), and grpcio >= 1.80's post-fork handler then restarts its poller in
+        # the child, which dies of EBADF ("epoll_wait error: Bad file descriptor") once close_fds
+        # closes the poller's fd, when this process holds live channels (grpc/grpc#43055).
+        pin = ["--cpus", ",".join(map(str, sorted(svc.cpus)))] if svc.cpus else []
+        cmd = [sys.executable, "-m", "ssd_cli.main", "--log-level", "INFO", *svc.argv, *pin, "--host", self.host,
                "--port", str(svc.port)]
         out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        cpus = svc.cpus
-        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus and hasattr(os, "sched_setaffinity") else None
-        self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=pin,
-                                            cwd=self.cwd)
+        self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
         out.close()  # the child holds its own copy
         log.info("started %s (pid %d): %s", name, self.procs[name].pid, " ".join(cmd))
         return self.addr(name)
