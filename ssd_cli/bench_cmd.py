@@ -26,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "or N CPU processes (gloo); this process is rank 0 and starts the others")
     p.add_argument("--prompts", default="humaneval", help="humaneval | FILE.jsonl (one {\"prompt\": ...} a line)")
     p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--warmup-prompts", type=int, default=None,
+                   help="in-process AR / SD / SSD: prompts (the ones after the measured ones) each engine runs "
+                        "unmeasured first, so the planner's start-up trials are not timed (default: --num-prompts; "
+                        "0: cold engines)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--modes", default="ar,sd,ssd,hf-assisted", help="comma list of ar,sd,ssd,ssd-grpc,hf-assisted")
     p.add_argument("--batch-sizes", default="1", help="comma list, e.g. 1,2,4,8,16")
@@ -97,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
                       fan_out=parse_ids(args.fan_out, "fan_out") if args.fan_out else (), budget=args.budget,
                       saguaro_c=1.0 if args.saguaro_c is None else args.saguaro_c, backup=args.backup,
                       temperature=args.temperature, seed=args.seed, draft_placement=args.draft_placement,
-                      planner="table" if args.lookahead is not None or args.fan_out else args.planner)
+                      planner="table" if args.lookahead is not None or args.fan_out else args.planner,
+                      warmup_prompts=args.num_prompts if args.warmup_prompts is None else args.warmup_prompts)
+    if cfg.warmup_prompts < 0:
+        raise ValueError(f"--warmup-prompts {cfg.warmup_prompts}: give 0 or more")
     if args.target is None or args.draft is None:
         from ssd_train.train_pair import default_pair_dirs
 
@@ -112,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.target} has no tokenizer: the bench encodes text prompts")
     room = target.max_context - cfg.max_new_tokens - cfg.lookahead - 2
     prompts = load_prompts(args.prompts, target.tokenizer, args.num_prompts, cfg.prompt_chars, room)
+    warmup = load_prompts(args.prompts, target.tokenizer, cfg.warmup_prompts, cfg.prompt_chars, room,
+                          offset=args.num_prompts) if cfg.warmup_prompts > 0 else []
     grpc_runner = served_runner = None
     service_args = ("--device", args.device, "--dtype", args.dtype) + (("--backend", cfg.backend) if cfg.backend else ())
     draft_args = ("--weights", args.draft_weights)  # the draft service's own flag
@@ -128,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         served_runner = make_served_runner(args.target, args.draft, service_pair, free_port, service_args, log_dir,
                                            served_config(args), draft_args)
     command = "ssd " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
-    rep = run_bench(target, draft, prompts, cfg, grpc_runner, served_runner, command)
+    rep = run_bench(target, draft, prompts, cfg, grpc_runner, served_runner, command, warmup)
     print(format_table(rep))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,31 @@ def test_bench_runs_all_in_process_modes_and_outputs_agree(tmp_path, capsys):
         m = rep["modes"][mode]
         assert m["tokens_per_s"] > 0 and "round_breakdown_ms" in m and "cache_hit_rate" in m
     assert set(rep["modes"]["ssd"]["by_batch"]) == {"1", "2"}
+    # the warm-up pass (default: as many prompts as are measured) ran first, unmeasured, at each size
+    assert rep["config"]["warmup_prompts"] == 2
+    for mode in ("ar", "sd", "ssd"):
+        for b, prompts in (("1", 2), ("2", 2)):
+            warm = rep["modes"][mode]["by_batch"][b]["warmup"]
+            assert warm["prompts"] == prompts and warm["rounds"] > 0 and warm["tokens_per_s"] > 0
+    assert "warmup" not in rep["modes"]["hf-assisted"]
     assert rep["hardware"]["cores"] >= 1 and rep["date"] and rep["config"]["lookahead"] == 3
     assert (tmp_path / "plots" / "tokens_per_s_by_mode.png").stat().st_size > 0
     assert "ssd/sd" in rep["ratios"]
+
+
+def test_load_prompts_offset_gives_the_next_prompts_and_cycles(tmp_path):
+    from ssd_bench.bench import load_prompts
+
+    class Chars:  # a tokenizer: one id per character
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ("a", "b", "c")))
+    ids = lambda ps: ["".join(map(chr, p)) for p in ps]  # noqa: E731
+    assert ids(load_prompts(str(src), Chars(), 2, 100, 100)) == ["a", "b"]
+    assert ids(load_prompts(str(src), Chars(), 2, 100, 100, offset=2)) == ["c", "a"]  # warm-up: after the measured
+    assert ids(load_prompts(str(src), Chars(), 1, 100, 100, offset=1)) == ["b"]
 
 
 def test_bench_rejects_unknown_modes(tmp_path, capsys):
